@@ -1,0 +1,1 @@
+"""Step 2 of RLHF: reward-model training on DeepSpeed."""

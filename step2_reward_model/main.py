@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""Step 2 of RLHF: train a reward model with DeepSpeed.
+
+The flags are DeepSpeed-Chat's step-2 flags (same names, defaults and meaning), so its launch
+scripts run unchanged; added flags (`--loss`, `--dtype fp32`, `--dry_run`, ...) default to the
+old behaviour. Run from the repository root:
+
+    deepspeed step2_reward_model/main.py --model_name_or_path facebook/opt-350m --output_dir out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data.distributed import DistributedSampler  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import SchedulerType, get_scheduler  # noqa: E402
+
+from step2_reward_model.checkpoint import save_reward_model  # noqa: E402
+from step2_reward_model.lora import apply_lora, merge_lora  # noqa: E402
+from step2_reward_model.losses import LOSSES  # noqa: E402
+from step2_reward_model.model import create_reward_model  # noqa: E402
+from utils.data.build import create_reward_datasets  # noqa: E402
+from utils.data.collate import EvalShard, PairCollator  # noqa: E402
+from utils.ds_utils import get_train_ds_config, merge_user_config  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.utils import (  # noqa: E402
+    END_OF_CONVERSATION_TOKEN,
+    get_optimizer_grouped_parameters,
+    init_single_process_env,
+    load_hf_tokenizer,
+    print_rank_0,
+    set_random_seed,
+    to_device,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train a reward model (RLHF step 2) with DeepSpeed.")
+    p.add_argument("--data_path", nargs="*", default=["Dahoas/rm-static"],
+                   help="One or more sources: a known hub id, any hub id org/name, local/jsonfile, "
+                        "or a local .json/.jsonl/.parquet/.csv file or folder.")
+    p.add_argument("--data_split", type=str, default="2,4,4",
+                   help="Proportions of each split for phases 1, 2, 3; the reward model takes phase 2.")
+    p.add_argument("--data_output_path", type=str, default="/tmp/data_files/",
+                   help="Where split indices and tokenised data are cached.")
+    p.add_argument("--model_name_or_path", type=str, required=True,
+                   help="Path or hub id of the (SFT) causal LM to start from.")
+    p.add_argument("--num_padding_at_beginning", type=int, default=1,
+                   help="Accepted for compatibility; the scored token comes from the attention mask.")
+    p.add_argument("--per_device_train_batch_size", type=int, default=16, help="Pairs per device per step.")
+    p.add_argument("--per_device_eval_batch_size", type=int, default=16, help="Pairs per device in evaluation.")
+    p.add_argument("--max_seq_len", type=int, default=512, help="Longest sequence, prompt + response.")
+    p.add_argument("--learning_rate", type=float, default=5e-5, help="Peak learning rate.")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases, norms).")
+    p.add_argument("--num_train_epochs", type=int, default=1)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine",
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                            "constant_with_warmup"])
+    p.add_argument("--num_warmup_steps", type=int, default=0)
+    p.add_argument("--output_dir", type=str, default=None, help="Where the trained model is saved.")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher.")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--dropout", type=float, default=None, help="Override the model's dropout rates.")
+    p.add_argument("--disable_dropout", action="store_true", help="Older DeepSpeed-Chat spelling of --dropout 0.0.")
+    p.add_argument("--offload", action="store_true", help="ZeRO-Offload of optimizer state (and params at stage 3).")
+    p.add_argument("--dtype", type=str, default="fp16", choices=["fp16", "bf16", "fp32"],
+                   help="Training precision; fp16 on a machine without a GPU falls back to fp32.")
+    p.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
+    p.add_argument("--lora_dim", type=int, default=0, help="If > 0, add LoRA adapters of this rank.")
+    p.add_argument("--lora_module_name", type=str, default="decoder.layers.",
+                   help="LoRA goes on linear layers whose name contains this.")
+    p.add_argument("--only_optimize_lora", action="store_true", help="Train only the adapters and the value head.")
+    p.add_argument("--lora_learning_rate", type=float, default=5e-4)
+    p.add_argument("--compute_fp32_loss", action="store_true", help="Compute the loss in fp32.")
+    p.add_argument("--no_bf16_to_fp32_loss", action="store_false", dest="bf16_to_fp32_loss",
+                   help="With bf16, compute the loss in bf16 (default: fp32).")
+    p.add_argument("--eval_interval", type=int, default=0, help="If > 0, evaluate every this many steps.")
+    p.add_argument("--eval_iters", type=int, default=100, help="Most evaluation batches per evaluation.")
+    p.add_argument("--enable_tensorboard", action="store_true")
+    p.add_argument("--tensorboard_path", type=str, default="step2_tensorboard")
+    p.add_argument("--add_eot_token", action="store_true",
+                   help=f"Add {END_OF_CONVERSATION_TOKEN} to the tokenizer as a special token.")
+    p.add_argument("--print_loss", action="store_true", help="Print the loss at every logging interval.")
+    p.add_argument("--no_fused_kernels", action="store_true", help="Use torch's AdamW instead of FusedAdam.")
+    p.add_argument("--loss", type=str, default="per_token", choices=LOSSES,
+                   help="per_token: DeepSpeed-Chat's loss over the tokens where the answers differ; "
+                        "end_token: Bradley-Terry on the end scores.")
+    p.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the checkpoint.")
+    p.add_argument("--dry_run", action="store_true",
+                   help="Print the resolved configuration and exit, loading no model or data.")
+    p = deepspeed.add_config_arguments(p)
+    args = p.parse_args(argv)
+    if args.disable_dropout:
+        args.dropout = 0.0
+    return args
+
+
+def resolve_dtype(args: argparse.Namespace) -> None:
+    """fp16 needs a GPU: on DeepSpeed's CPU accelerator, train in fp32 and say so."""
+    if args.dtype == "fp16" and get_accelerator().device_name() == "cpu":
+        print_rank_0("warning: --dtype fp16 needs a GPU; training in fp32 on the CPU")
+        args.dtype = "fp32"
+
+
+def build_ds_config(args: argparse.Namespace, world_size: int) -> dict:
+    config = get_train_ds_config(offload=args.offload, dtype=args.dtype, stage=args.zero_stage,
+                                 enable_tensorboard=args.enable_tensorboard,
+                                 tb_path=args.tensorboard_path, tb_name="step2_model")
+    config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    config["train_batch_size"] = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
+    return merge_user_config(config, getattr(args, "deepspeed_config", None))
+
+
+def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
+    groups = get_optimizer_grouped_parameters(model, args.weight_decay, args.lora_learning_rate)
+    if args.offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam as optimizer_class
+    elif args.no_fused_kernels or get_accelerator().device_name() == "cpu":
+        optimizer_class = torch.optim.AdamW
+    else:
+        from deepspeed.ops.adam import FusedAdam as optimizer_class
+    print_rank_0(f"optimizer: {optimizer_class.__name__}")
+    return optimizer_class(groups, lr=args.learning_rate, betas=(0.9, 0.95))
+
+
+@torch.no_grad()
+def evaluate(engine, loader: DataLoader, eval_iters: int, device: torch.device) -> dict[str, float]:
+    """Accuracy and mean end scores over the eval set, summed over ranks (each pair counted once)."""
+    engine.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    for step, batch in enumerate(loader):
+        if step == eval_iters:
+            break
+        weight = batch.pop("is_real").to(device).double()
+        out = engine(**to_device(batch, device))
+        chosen, rejected = out["chosen_mean_scores"].double(), out["rejected_mean_scores"].double()
+        totals += torch.stack([((chosen > rejected).double() * weight).sum(), weight.sum(),
+                               (chosen * weight).sum(), (rejected * weight).sum()])
+    dist.all_reduce(totals)
+    engine.train()
+    correct, count, chosen_sum, rejected_sum = totals.tolist()
+    count = max(count, 1.0)
+    return {"accuracy": correct / count, "chosen": chosen_sum / count, "rejected": rejected_sum / count,
+            "difference": (chosen_sum - rejected_sum) / count}
+
+
+def report(label: str, metrics: dict[str, float], writer, step: int) -> None:
+    print_rank_0(f"{label}: chosen_last_scores (higher is better) : {metrics['chosen']:.4f}, "
+                 f"rejected_last_scores (lower is better) : {metrics['rejected']:.4f}, "
+                 f"diff : {metrics['difference']:.4f}, acc (higher is better) : {metrics['accuracy']:.4f}")
+    if writer:
+        for name, value in metrics.items():
+            writer.add_scalar(f"eval/{name}", value, step)
+        writer.flush()
+
+
+def train(args: argparse.Namespace) -> None:
+    init_single_process_env()
+    deepspeed.init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(local_rank)
+    device = torch.device(accelerator.device_name(), local_rank) if accelerator.device_name() != "cpu" \
+        else torch.device("cpu")
+    ds_config = build_ds_config(args, world_size)
+    args.deepspeed_config = None  # merged into ds_config, which deepspeed.initialize gets below
+    set_random_seed(args.seed)
+
+    tokenizer = load_hf_tokenizer(args.model_name_or_path, args.add_eot_token, args.trust_remote_code)
+    compute_fp32_loss = args.compute_fp32_loss or (args.dtype == "bf16" and args.bf16_to_fp32_loss)
+    model = create_reward_model(args.model_name_or_path, tokenizer, ds_config, dropout=args.dropout,
+                                loss=args.loss, compute_fp32_loss=compute_fp32_loss,
+                                trust_remote_code=args.trust_remote_code)
+    if args.lora_dim > 0:
+        apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
+
+    train_set, eval_set = create_reward_datasets(
+        args.data_path, args.data_split, args.data_output_path, args.seed, tokenizer, args.max_seq_len,
+        END_OF_CONVERSATION_TOKEN, REPO_ROOT, local_rank=local_rank, log=print_rank_0)
+    collator = PairCollator(tokenizer.pad_token_id)
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, sampler=sampler,
+                              collate_fn=collator)
+    eval_loader = DataLoader(EvalShard(eval_set, rank, world_size), batch_size=args.per_device_eval_batch_size,
+                             collate_fn=collator)
+
+    optimizer = make_optimizer(args, model)
+    updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
+                              num_training_steps=args.num_train_epochs * updates_per_epoch)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, args=args, config=ds_config,
+                                      lr_scheduler=scheduler, dist_init_required=True)
+    if args.gradient_checkpointing:
+        engine.module.gradient_checkpointing_enable()
+
+    writer = None
+    if args.enable_tensorboard and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(args.tensorboard_path, "step2_tensorboard"))
+
+    print_rank_0(f"***** Running training: {len(train_set)} train pairs, {len(eval_set)} eval pairs, "
+                 f"{world_size} rank(s), dtype {args.dtype}, ZeRO stage {args.zero_stage} *****")
+    report("Epoch 0 (before training)", evaluate(engine, eval_loader, args.eval_iters, device), writer, 0)
+    steps_per_print = ds_config.get("steps_per_print", 10)
+    micro_steps = 0
+    for epoch in range(args.num_train_epochs):
+        sampler.set_epoch(epoch)
+        epoch_loss = torch.zeros((), device=device)
+        window_loss = torch.zeros((), device=device)
+        started = time.time()
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", disable=rank != 0,
+                   mininterval=1.0, dynamic_ncols=True)
+        for step, batch in enumerate(bar):
+            loss = engine(**to_device(batch, device))["loss"]
+            engine.backward(loss)
+            engine.step()
+            epoch_loss += loss.detach().float()
+            window_loss += loss.detach().float()
+            micro_steps += 1
+            at_boundary = micro_steps % args.gradient_accumulation_steps == 0
+            update = micro_steps // args.gradient_accumulation_steps
+            if micro_steps % steps_per_print == 0:
+                mean = window_loss.item() / steps_per_print
+                window_loss.zero_()
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if args.print_loss:
+                    print_rank_0(f"epoch {epoch + 1} step {step + 1}: loss {mean:.4f}")
+                if writer:
+                    writer.add_scalar("train/loss", mean, update)
+                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], update)
+            if args.eval_interval and at_boundary and update % args.eval_interval == 0:
+                report(f"Iter {update}", evaluate(engine, eval_loader, args.eval_iters, device), writer, update)
+        bar.close()
+        print_rank_0(f"Epoch {epoch + 1}/{args.num_train_epochs} with loss "
+                     f"{epoch_loss.item() / max(len(train_loader), 1):.4f} "
+                     f"({len(train_loader) / (time.time() - started):.2f} steps/s)")
+        report(f"Epoch {epoch + 1}/{args.num_train_epochs}", evaluate(engine, eval_loader, args.eval_iters, device),
+               writer, micro_steps // args.gradient_accumulation_steps)
+
+    if args.output_dir:
+        print_rank_0(f"saving the reward model to {args.output_dir}")
+        if args.lora_dim > 0:
+            merge_lora(engine.module, args.zero_stage)
+        meta = {"base_model": args.model_name_or_path, "end_of_conversation_token": END_OF_CONVERSATION_TOKEN,
+                "add_eot_token": args.add_eot_token, "max_seq_len": args.max_seq_len, "loss": args.loss,
+                "scored_token": "last token of the attention mask", "padding_side": "right"}
+        save_reward_model(engine.module, tokenizer, args.output_dir, args.zero_stage, rank, meta)
+    if writer:
+        writer.close()
+
+
+def dry_run(args: argparse.Namespace) -> None:
+    """What a launch would use, without touching the model or the data (to check a script's flags)."""
+    resolve_dtype(args)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    resolved = {"args": {k: (v.value if isinstance(v, SchedulerType) else v) for k, v in vars(args).items()},
+                "world_size": world_size, "deepspeed_config": build_ds_config(args, world_size)}
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(resolved, indent=2, default=str), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.dry_run:
+            dry_run(args)
+        else:
+            resolve_dtype(args)
+            train(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The reward model: a causal-LM backbone and a linear value head on its last hidden states.
+
+The reward of a sequence is the value at its last real token, located from the attention mask,
+so left padding (as in the PPO step), right padding (as in training) and tokenizers whose pad id
+equals eos or bos (OPT) all score the same token. Positions are derived from the mask too, so a
+sequence scores the same whatever padding surrounds it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+
+import torch
+from torch import nn
+
+from step2_reward_model.losses import bradley_terry_loss, end_index, per_token_loss
+from utils.errors import UserError
+
+WEIGHTS_NAME = "pytorch_model.bin"
+
+
+def value_head_width(config) -> int:
+    """OPT's last hidden states have `word_embed_proj_dim` features; other models `hidden_size`."""
+    return getattr(config, "word_embed_proj_dim", None) or config.hidden_size
+
+
+class RewardModel(nn.Module):
+    def __init__(self, backbone: nn.Module, loss: str = "per_token", compute_fp32_loss: bool = False):
+        super().__init__()
+        self.config = backbone.config
+        self.v_head = nn.Linear(value_head_width(self.config), 1, bias=False)
+        self.rwtransformer = backbone
+        self.loss = loss
+        self.compute_fp32_loss = compute_fp32_loss
+        self._takes_positions = "position_ids" in inspect.signature(backbone.forward).parameters
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.rwtransformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.rwtransformer.gradient_checkpointing_disable()
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One value per token, `[batch, seq]`."""
+        extra = {}
+        if self._takes_positions:
+            extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.rwtransformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                    **extra).last_hidden_state
+        return self.v_head(hidden).squeeze(-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A batch of chosen rows followed by as many rejected rows -> loss and end scores."""
+        values = self.values(input_ids, attention_mask)
+        if self.compute_fp32_loss:
+            values = values.float()
+        pairs = input_ids.shape[0] // 2
+        scores = values.gather(-1, end_index(attention_mask)[:, None]).squeeze(-1)
+        chosen, rejected = scores[:pairs], scores[pairs:]
+        if self.loss == "end_token":
+            loss = bradley_terry_loss(chosen, rejected)
+        else:
+            loss = per_token_loss(values[:pairs], values[pairs:], input_ids[:pairs], input_ids[pairs:],
+                                  attention_mask[:pairs], attention_mask[pairs:])
+        return {"loss": loss, "chosen_mean_scores": chosen, "rejected_mean_scores": rejected}
+
+    def forward_value(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      return_value_only: bool = False, prompt_length: int = 0,
+                      use_cache: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The PPO step's call: per-token values, and the end score of each sequence.
+
+        `prompt_length` and `use_cache` are accepted for the step-3 call signature; the end is
+        found from the mask, which already excludes left-padded prompt and right-padded answer."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        values = self.values(input_ids, attention_mask)
+        if return_value_only:
+            return values
+        end_scores = values.gather(-1, end_index(attention_mask)[:, None]).squeeze(-1)
+        return {"values": values, "chosen_end_scores": end_scores}
+
+
+def configure_dropout(config, dropout: float | None) -> None:
+    if dropout is None:
+        return
+    for key in ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "resid_pdrop",
+                "embd_pdrop", "attn_pdrop", "attention_probs_dropout_prob", "hidden_dropout_prob"):
+        if hasattr(config, key):
+            setattr(config, key, dropout)
+
+
+def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | None = None,
+                        dropout: float | None = None, loss: str = "per_token",
+                        compute_fp32_loss: bool = False, trust_remote_code: bool = False) -> RewardModel:
+    """A reward model on pretrained weights, with DeepSpeed-Chat's embedding size (a multiple of 8
+    of the tokenizer's length) so that its step 3 can load the checkpoint as it is."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.integrations import HfDeepSpeedConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:300]
+        raise UserError(f"--model_name_or_path '{model_name_or_path}': {reason}") from None
+    configure_dropout(config, dropout)
+    zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
+    keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None  # makes from_pretrained partition
+    backbone = AutoModel.from_pretrained(model_name_or_path, config=config, dtype=torch.float32,
+                                         trust_remote_code=trust_remote_code)
+    del keep_alive
+    backbone.config.end_token_id = tokenizer.eos_token_id
+    backbone.config.pad_token_id = backbone.config.eos_token_id
+    backbone.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
+    return RewardModel(backbone, loss=loss, compute_fp32_loss=compute_fp32_loss)
+
+
+def load_reward_model(path: str, trust_remote_code: bool = False) -> RewardModel:
+    """Rebuild a saved reward model from its `config.json` alone and load `pytorch_model.bin`
+    (tensors only). Missing or unexpected keys are an error, never a silently random head."""
+    from transformers import AutoConfig, AutoModel
+
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isdir(path):
+        raise UserError(f"--model_path {path}: no such folder")
+    if not os.path.isfile(weights):
+        raise UserError(f"{path}: no {WEIGHTS_NAME} (not a step-2 output folder?)")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = RewardModel(AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code))
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{weights}: does not match {os.path.join(path, 'config.json')} "
+                        f"(missing keys: {', '.join(missing[:5]) or 'none'}; "
+                        f"unexpected keys: {', '.join(unexpected[:5]) or 'none'})")
+    return model.eval()

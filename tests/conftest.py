@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny models, tokenizers and data built by the tests themselves, offline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(REPO_ROOT))
+
+from utils.data.synthetic import make_pairs, write_dataset  # noqa: E402
+from utils.tiny import save_tiny_model, train_tokenizer  # noqa: E402
+
+FAMILIES = ("opt", "gpt2", "gpt_neox", "llama")
+
+
+def corpus() -> list[str]:
+    return [" ".join(row.values()) for row in make_pairs(600, seed=0)]
+
+
+@pytest.fixture(scope="session")
+def tokenizers() -> dict:
+    """A trained tokenizer per model family (OPT's `</s>` prefix, GPT-2's pad-less eos, ...)."""
+    texts = corpus()
+    return {family: train_tokenizer(texts, family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, str]:
+    """A saved tiny random model folder per family, loadable by `--model_name_or_path`."""
+    root = tmp_path_factory.mktemp("models")
+    texts = corpus()
+    dirs = {}
+    for family in FAMILIES:
+        dirs[family] = str(root / family)
+        save_tiny_model(dirs[family], texts, family=family, hidden=64, layers=2)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("synthetic")
+    write_dataset(str(folder), train=3000, evaluation=300)
+    return str(folder)
+
+
+def run_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command from the repository root, as a user would, and capture its output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+                **(env or {})}
+    return subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def needs_shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} not present (the shared sample data is only beside the repository)")
+    return path

@@ -1,0 +1,1 @@
+"""Shared by the RLHF steps: data, DeepSpeed configuration, small helpers."""

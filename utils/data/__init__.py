@@ -1,0 +1,1 @@
+"""The data module: sources -> clean examples -> phase split -> tokens -> batches."""

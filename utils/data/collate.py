@@ -1,0 +1,75 @@
+"""Tokenised examples -> model batches: chosen rows, then rejected rows, padded to the batch's longest.
+
+Padding goes on the right, to the longest sequence of the batch rounded up to a multiple of 8
+(never to `--max_seq_len`). The pad id's value does not matter: the attention mask says which
+tokens are real and the model scores the last real one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from utils.data.tokenize import TokenizedExamples
+
+
+class PairDataset(Dataset):
+    """One item per example: its prompt ids and its response ids (best first)."""
+
+    def __init__(self, tokenized: TokenizedExamples):
+        self.data = tokenized
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"prompt": self.data.prompts[index], "responses": self.data.responses[index],
+                "source": self.data.sources[index]}
+
+
+class EvalShard(Dataset):
+    """Rank `rank`'s share of an eval set, padded with repeats so every rank runs as many batches
+    (ZeRO-3 forwards are collective); repeats are flagged so metrics count every row once."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int):
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+        self.length = math.ceil(len(dataset) / world_size)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        position = index * self.world_size + self.rank
+        item = dict(self.dataset[position % len(self.dataset)])
+        item["is_real"] = position < len(self.dataset)
+        return item
+
+
+def round_up(length: int, multiple: int) -> int:
+    return multiple * math.ceil(length / multiple)
+
+
+class PairCollator:
+    """Stacks every example's response `k` as row block `k`: [all chosen; all rejected]."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        num_responses = len(items[0]["responses"])
+        rows = [np.concatenate([item["prompt"], item["responses"][k]])
+                for k in range(num_responses) for item in items]
+        width = round_up(max(len(row) for row in rows), self.multiple)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, :len(row)] = torch.from_numpy(row.astype(np.int64))
+            attention_mask[i, :len(row)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "is_real" in items[0]:
+            batch["is_real"] = torch.tensor([item["is_real"] for item in items])
+        return batch

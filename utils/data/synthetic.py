@@ -1,0 +1,89 @@
+"""A synthetic preference data set that a tiny model learns in minutes, for the offline demo and tests.
+
+Rows are split into train and held-out by a hash of the whole row, so no evaluation pair is ever
+a training pair. Three kinds of prompt, each with a better and a worse answer that differ in one learnable way:
+- arithmetic: the right sum vs a wrong one;
+- topic: an answer about the asked-for topic vs one about another topic;
+- manners: a polite answer vs a rude one with the same content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import zlib
+
+TOPICS = {
+    "cats": ["whiskers", "purr", "kitten", "mouse", "fur"],
+    "boats": ["sail", "harbor", "anchor", "waves", "deck"],
+    "music": ["melody", "guitar", "rhythm", "song", "drums"],
+    "cooking": ["oven", "recipe", "spices", "bread", "soup"],
+    "space": ["planet", "rocket", "stars", "orbit", "moon"],
+    "trees": ["leaves", "roots", "forest", "branch", "bark"],
+}
+POLITE = ["Sure, happy to help.", "Of course, thank you for asking.", "Gladly, here you go.",
+          "Good question, let me help."]
+RUDE = ["Ugh, figure it out yourself.", "That is a stupid question.", "Stop bothering me.",
+        "Whatever, not my problem."]
+REQUESTS = ["How do I reset my password?", "Can you suggest a name for my dog?",
+            "What should I pack for a trip?", "How do I boil an egg?", "Where can I learn to swim?"]
+CONTENT = ["Open the settings page.", "Try a short and friendly name.", "Take warm clothes.",
+           "Put it in hot water for ten minutes.", "Ask at the local pool."]
+
+
+def _arithmetic(rng: random.Random) -> dict:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+    wrong = wrong if wrong >= 0 else a + b + 1
+    return {"prompt": f"\n\nHuman: What is {a} plus {b}?\n\nAssistant:",
+            "chosen": f" {a} plus {b} is {a + b}.", "rejected": f" {a} plus {b} is {wrong}."}
+
+
+def _topic(rng: random.Random) -> dict:
+    asked, other = rng.sample(sorted(TOPICS), 2)
+
+    def answer(topic: str) -> str:
+        words = rng.sample(TOPICS[topic], 3)
+        return f" Here is a fact: {words[0]} and {words[1]} go with {words[2]}."
+
+    return {"prompt": f"\n\nHuman: Tell me something about {asked}.\n\nAssistant:",
+            "chosen": answer(asked), "rejected": answer(other)}
+
+
+def _manners(rng: random.Random) -> dict:
+    i = rng.randrange(len(REQUESTS))
+    return {"prompt": f"\n\nHuman: {REQUESTS[i]}\n\nAssistant:",
+            "chosen": f" {rng.choice(POLITE)} {CONTENT[i]}", "rejected": f" {rng.choice(RUDE)} {CONTENT[i]}"}
+
+
+KINDS = (_arithmetic, _topic, _manners)
+
+
+def is_held_out(row: dict) -> bool:
+    """One row in ten, decided by the row's text alone: the evaluation side of the split."""
+    return zlib.crc32(json.dumps(row, sort_keys=True).encode()) % 10 == 0
+
+
+def make_pairs(count: int, seed: int, held_out: bool = False) -> list[dict]:
+    """`count` prompt/chosen/rejected rows of the train (or held-out) side, the kinds in turn."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    while len(rows) < count:
+        row = KINDS[len(rows) % len(KINDS)](rng)
+        if is_held_out(row) == held_out:
+            rows.append(row)
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def write_dataset(folder: str, train: int = 3000, evaluation: int = 300, seed: int = 0) -> None:
+    """A folder the data module reads as one source: `train.jsonl` and a held-out `eval.jsonl`."""
+    write_jsonl(make_pairs(train, seed), os.path.join(folder, "train.jsonl"))
+    write_jsonl(make_pairs(evaluation, seed + 1, held_out=True), os.path.join(folder, "eval.jsonl"))

@@ -1,0 +1,98 @@
+"""Small helpers shared by the RLHF steps: ranks, seeds, tokenizer loading, optimizer groups."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from utils.errors import UserError
+
+END_OF_CONVERSATION_TOKEN = "<|endoftext|>"
+NO_DECAY_NAMES = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight",
+                  "ln_1.weight", "ln_2.weight")
+LORA_NAMES = ("lora_A", "lora_B")
+
+
+def global_rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def print_rank_0(message: str, rank: int | None = None) -> None:
+    if (global_rank() if rank is None else rank) <= 0:
+        print(message, flush=True)
+
+
+def set_random_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def load_hf_tokenizer(model_name_or_path: str, add_eot_token: bool = False,
+                      trust_remote_code: bool = False):
+    """The tokenizer with DeepSpeed-Chat's conventions, so step 3 sees the same vocabulary size:
+    right padding; pad = eos, except Llama paths, which get a `[PAD]` token when they have none;
+    `<|endoftext|>` added as a special token with `--add_eot_token`."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, use_fast=True,
+                                                  trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--model_name_or_path '{model_name_or_path}': cannot load a tokenizer "
+                        f"(not a local model folder, or the hub is unreachable): "
+                        f"{str(err).strip().splitlines()[0][:300]}") from None
+    if "llama" in model_name_or_path.lower():
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    else:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if add_eot_token:
+        tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CONVERSATION_TOKEN]})
+    return tokenizer
+
+
+def get_optimizer_grouped_parameters(model: torch.nn.Module, weight_decay: float,
+                                     lora_learning_rate: float) -> list[dict]:
+    """Weight decay on matrices but not on biases and norms; LoRA factors at their own rate."""
+    groups = {"decay": [], "lora": [], "no_decay": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if any(part in name for part in NO_DECAY_NAMES):
+            groups["no_decay"].append(param)
+        elif any(part in name for part in LORA_NAMES):
+            groups["lora"].append(param)
+        else:
+            groups["decay"].append(param)
+    result = [{"params": groups["decay"], "weight_decay": weight_decay},
+              {"params": groups["lora"], "weight_decay": weight_decay, "lr": lora_learning_rate},
+              {"params": groups["no_decay"], "weight_decay": 0.0}]
+    return [group for group in result if group["params"]]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_single_process_env() -> None:
+    """Let `python main.py` (no launcher) start a one-rank process group."""
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(free_port())})
