@@ -158,13 +158,14 @@ def evaluate(engine, loader: DataLoader, eval_iters: int, device: torch.device) 
     correct, count, chosen_sum, rejected_sum = totals.tolist()
     count = max(count, 1.0)
     return {"accuracy": correct / count, "chosen": chosen_sum / count, "rejected": rejected_sum / count,
-            "difference": (chosen_sum - rejected_sum) / count}
+            "difference": (chosen_sum - rejected_sum) / count, "pairs": count}
 
 
 def report(label: str, metrics: dict[str, float], writer, step: int) -> None:
     print_rank_0(f"{label}: chosen_last_scores (higher is better) : {metrics['chosen']:.4f}, "
                  f"rejected_last_scores (lower is better) : {metrics['rejected']:.4f}, "
-                 f"diff : {metrics['difference']:.4f}, acc (higher is better) : {metrics['accuracy']:.4f}")
+                 f"diff : {metrics['difference']:.4f}, acc (higher is better) : {metrics['accuracy']:.4f} "
+                 f"({metrics['pairs']:.0f} held-out pairs)")
     if writer:
         for name, value in metrics.items():
             writer.add_scalar(f"eval/{name}", value, step)
@@ -254,8 +255,10 @@ def train(args: argparse.Namespace) -> None:
         print_rank_0(f"Epoch {epoch + 1}/{args.num_train_epochs} with loss "
                      f"{epoch_loss.item() / max(len(train_loader), 1):.4f} "
                      f"({len(train_loader) / (time.time() - started):.2f} steps/s)")
-        report(f"Epoch {epoch + 1}/{args.num_train_epochs}", evaluate(engine, eval_loader, args.eval_iters, device),
-               writer, micro_steps // args.gradient_accumulation_steps)
+        metrics = evaluate(engine, eval_loader, args.eval_iters, device)
+        report(f"Epoch {epoch + 1}/{args.num_train_epochs}", metrics, writer,
+               micro_steps // args.gradient_accumulation_steps)
+    print_rank_0(f"final held-out accuracy: {metrics['accuracy']:.4f} on {metrics['pairs']:.0f} pairs")
 
     if args.output_dir:
         print_rank_0(f"saving the reward model to {args.output_dir}")
@@ -263,7 +266,8 @@ def train(args: argparse.Namespace) -> None:
             merge_lora(engine.module, args.zero_stage)
         meta = {"base_model": args.model_name_or_path, "end_of_conversation_token": END_OF_CONVERSATION_TOKEN,
                 "add_eot_token": args.add_eot_token, "max_seq_len": args.max_seq_len, "loss": args.loss,
-                "scored_token": "last token of the attention mask", "padding_side": "right"}
+                "scored_token": "last token of the attention mask", "padding_side": "right",
+                "final_eval": metrics}
         save_reward_model(engine.module, tokenizer, args.output_dir, args.zero_stage, rank, meta)
     if writer:
         writer.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import pickle
 
 import torch
 from torch import nn
@@ -106,13 +107,15 @@ def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | No
         raise UserError(f"--model_name_or_path '{model_name_or_path}': {reason}") from None
     configure_dropout(config, dropout)
     zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
-    keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None  # makes from_pretrained partition
+    # While this object lives, transformers partitions weights as it loads them (ZeRO-3) and
+    # gathers them where it needs whole tensors (the embedding resize).
+    zero3_context = HfDeepSpeedConfig(ds_config) if zero3 else None
     backbone = AutoModel.from_pretrained(model_name_or_path, config=config, dtype=torch.float32,
                                          trust_remote_code=trust_remote_code)
-    del keep_alive
     backbone.config.end_token_id = tokenizer.eos_token_id
     backbone.config.pad_token_id = backbone.config.eos_token_id
     backbone.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
+    del zero3_context
     return RewardModel(backbone, loss=loss, compute_fp32_loss=compute_fp32_loss)
 
 
@@ -126,12 +129,24 @@ def load_reward_model(path: str, trust_remote_code: bool = False) -> RewardModel
         raise UserError(f"--model_path {path}: no such folder")
     if not os.path.isfile(weights):
         raise UserError(f"{path}: no {WEIGHTS_NAME} (not a step-2 output folder?)")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise UserError(f"{path}: no config.json beside {WEIGHTS_NAME}")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = RewardModel(AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code))
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{weights}: does not match {os.path.join(path, 'config.json')} "
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0][:200]
+        raise UserError(f"{weights}: refused, it holds more than tensors ({first})") from None
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    resized = [key for key in expected if key in state and state[key].shape != expected[key].shape]
+    if missing or unexpected or resized:
+        raise UserError(f"{weights}: does not match {config_file} "
                         f"(missing keys: {', '.join(missing[:5]) or 'none'}; "
-                        f"unexpected keys: {', '.join(unexpected[:5]) or 'none'})")
+                        f"unexpected keys: {', '.join(unexpected[:5]) or 'none'}; "
+                        f"other shapes: {', '.join(resized[:5]) or 'none'})")
+    model.load_state_dict(state)
     return model.eval()

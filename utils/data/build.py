@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from utils.data.collate import PairDataset
 from utils.data.examples import Example, clean_source
-from utils.data.sources import load_source
+from utils.data.sources import load_source, local_path
 from utils.data.split import parse_split, phase_indices, shuffle_order
 from utils.data.tokenize import TokenizedExamples, load_tokenized, save_tokenized, tokenize_examples
 from utils.errors import UserError
@@ -44,8 +44,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(data_paths: list[str], data_split: str, phase: int, seed: int, max_seq_len: int,
-              end_of_conversation_token: str, tokenizer) -> str:
-    spec = {"format": CACHE_FORMAT, "paths": data_paths, "stamps": [_file_stamps(p) for p in data_paths],
+              end_of_conversation_token: str, tokenizer, repo_root: str) -> str:
+    stamps = [_file_stamps(local_path(p, repo_root)) for p in data_paths]
+    spec = {"format": CACHE_FORMAT, "paths": data_paths, "stamps": stamps,
             "split": data_split, "phase": phase, "seed": seed, "max_seq_len": max_seq_len,
             "eot": end_of_conversation_token, "tokenizer": tokenizer_fingerprint(tokenizer)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -103,7 +104,8 @@ def create_reward_datasets(data_paths: list[str], data_split: str, data_output_p
                            repo_root: str, local_rank: int = 0, phase: int = 2,
                            log: Callable[[str], None] = print) -> tuple[PairDataset, PairDataset]:
     """Train and eval sets for `phase` (2: reward model), built once per node and cached."""
-    key = cache_key(data_paths, data_split, phase, seed, max_seq_len, end_of_conversation_token, tokenizer)
+    key = cache_key(data_paths, data_split, phase, seed, max_seq_len, end_of_conversation_token, tokenizer,
+                    repo_root)
     paths = {split: os.path.join(data_output_path, f"reward_{split}_{key}.npz") for split in ("train", "eval")}
     if local_rank <= 0 and not all(os.path.isfile(p) for p in paths.values()):
         os.makedirs(data_output_path, exist_ok=True)

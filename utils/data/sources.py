@@ -110,7 +110,7 @@ class RawSplits:
 
 
 def _read_json_lines(path: str, text: str) -> Iterator[tuple[str, Any]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 is valid in JSON
         if line.strip():
             try:
                 yield f"{path}:line {number}", json.loads(line)
@@ -207,12 +207,17 @@ def _load_hub(name: str, source: Source) -> RawSplits:
     return RawSplits(name, source.adapter, train, eval_rows)
 
 
+def local_path(path: str, repo_root: str) -> str:
+    """The file or folder a `--data_path` entry reads from disk (`local/jsonfile` is `repo_root/data`)."""
+    return os.path.join(repo_root, "data") if path == "local/jsonfile" else path
+
+
 def load_source(path: str, repo_root: str) -> RawSplits:
     """Raw rows of one `--data_path` entry: a known id, `local/jsonfile`, a local path, or a hub id."""
     if path in SOURCES:
         return _load_hub(path, SOURCES[path])
     if path == "local/jsonfile":
-        folder = os.path.join(repo_root, "data")
+        folder = local_path(path, repo_root)
         for split in ("train", "eval"):
             if not os.path.isfile(os.path.join(folder, f"{split}.json")):
                 raise UserError(f"local/jsonfile: {os.path.join(folder, split + '.json')} not found")

@@ -45,11 +45,13 @@ class TokenizedExamples:
 
 def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int,
                       end_of_conversation_token: str) -> TokenizedExamples:
+    out = TokenizedExamples()
+    if not examples:
+        return out
     prefix, suffix = special_affixes(tokenizer)
     prompt_ids = tokenizer([ex["prompt"] for ex in examples], add_special_tokens=False)["input_ids"]
     flat = [resp + end_of_conversation_token for ex in examples for resp in ex["responses"]]
-    flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
-    out = TokenizedExamples()
+    flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"])
     names: dict[str, int] = {}
     for example, prompt in zip(examples, prompt_ids, strict=True):
         responses = [next(flat_ids) + suffix for _ in example["responses"]]

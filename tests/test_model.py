@@ -1,0 +1,392 @@
+"""The reward model on tiny random backbones of each family: value-head width, scoring position,
+padding invariance, the PPO-step `forward_value`, and saving/loading. No training, no launcher."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from step2_reward_model.model import WEIGHTS_NAME, RewardModel, create_reward_model, load_reward_model
+from utils.data.synthetic import make_pairs
+from utils.errors import UserError
+from utils.tiny import tiny_config
+from utils.utils import load_hf_tokenizer
+
+FAMILIES = ("opt", "gpt2", "gpt_neox", "llama")
+HIDDEN = 64
+OPT_PROJ = 32  # OPT-350m style: word_embed_proj_dim (512) differs from hidden_size (1024)
+ATOL = 1e-5
+
+
+def build_backbone(family: str, tokenizer, seed: int = 0):
+    config = tiny_config(family, tokenizer, hidden=HIDDEN, layers=2)
+    if family == "opt":
+        config.word_embed_proj_dim = OPT_PROJ  # adds project_in/project_out, as in facebook/opt-350m
+    torch.manual_seed(seed)
+    return AutoModel.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def reward_models(tokenizers) -> dict[str, RewardModel]:
+    models = {}
+    for family in FAMILIES:
+        model = RewardModel(build_backbone(family, tokenizers[family]))
+        torch.nn.init.normal_(model.v_head.weight, std=1.0)  # scores of order 1, so differences show
+        models[family] = model.eval()
+    return models
+
+
+def pair_sequences(tokenizer, count: int = 3) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`count` chosen and `count` rejected token sequences, all of different lengths."""
+    rows = make_pairs(count, seed=1)
+    chosen_lengths, rejected_lengths = [9, 17, 12], [14, 7, 20]
+    chosen, rejected = [], []
+    for i, row in enumerate(rows):
+        c = tokenizer(row["prompt"] + row["chosen"])["input_ids"]
+        r = tokenizer(row["prompt"] + row["rejected"])["input_ids"]
+        assert len(c) >= chosen_lengths[i] and len(r) >= rejected_lengths[i]
+        chosen.append(torch.tensor(c[:chosen_lengths[i]]))
+        rejected.append(torch.tensor(r[:rejected_lengths[i]]))
+    return chosen, rejected
+
+
+def pad(sequences: list[torch.Tensor], pad_id: int, side: str = "right",
+        extra: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded batch, `extra` columns wider than the longest row, with its attention mask."""
+    width = max(len(s) for s in sequences) + extra
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[i, span] = seq
+        mask[i, span] = 1
+    return ids, mask
+
+
+def pad_id_of(tokenizer) -> int:
+    """DeepSpeed-Chat's convention: pad with eos (the test tokenizers for GPT-2/NeoX/Llama have no pad)."""
+    return tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def score_alone(model: RewardModel, sequence: torch.Tensor) -> torch.Tensor:
+    """The end score of one sequence, with no padding at all and no mask."""
+    return model.forward_value(sequence[None])["chosen_end_scores"][0]
+
+
+# --------------------------------------------------------------------------- value head
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_value_head_width(family, reward_models):
+    model = reward_models[family]
+    config = model.config
+    expected = config.word_embed_proj_dim if family == "opt" else config.hidden_size
+    if family == "opt":
+        assert config.word_embed_proj_dim == OPT_PROJ != config.hidden_size
+    assert model.v_head.in_features == expected
+    assert model.v_head.out_features == 1
+    assert model.v_head.bias is None
+
+
+# --------------------------------------------------------------------------- forward / forward_value
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("loss", ["per_token", "end_token"])
+@torch.no_grad()
+def test_forward_scores_match_unpadded_sequences(family, loss, reward_models, tokenizers):
+    model, tokenizer = reward_models[family], tokenizers[family]
+    model.loss = loss
+    try:
+        chosen, rejected = pair_sequences(tokenizer)
+        ids, mask = pad(chosen + rejected, pad_id_of(tokenizer), side="right")
+        out = model(input_ids=ids, attention_mask=mask)
+    finally:
+        model.loss = "per_token"
+    assert out["loss"].dim() == 0 and torch.isfinite(out["loss"])
+    assert out["chosen_mean_scores"].shape == (3,) and out["rejected_mean_scores"].shape == (3,)
+    expected_chosen = torch.stack([score_alone(model, s) for s in chosen])
+    expected_rejected = torch.stack([score_alone(model, s) for s in rejected])
+    torch.testing.assert_close(out["chosen_mean_scores"], expected_chosen, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out["rejected_mean_scores"], expected_rejected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_forward_value_left_and_right_padding_agree(family, reward_models, tokenizers):
+    model, tokenizer = reward_models[family], tokenizers[family]
+    chosen, rejected = pair_sequences(tokenizer)
+    sequences = chosen + rejected
+    right = model.forward_value(*pad(sequences, pad_id_of(tokenizer), side="right"))["chosen_end_scores"]
+    left = model.forward_value(*pad(sequences, pad_id_of(tokenizer), side="left"))["chosen_end_scores"]
+    alone = torch.stack([score_alone(model, s) for s in sequences])
+    assert right.shape == left.shape == (6,)
+    torch.testing.assert_close(left, right, atol=ATOL, rtol=0)
+    torch.testing.assert_close(left, alone, atol=ATOL, rtol=0)
+    # The pad id itself is irrelevant: only the mask says where a row ends.
+    other_pad = model.forward_value(*pad(sequences, 7, side="left"))["chosen_end_scores"]
+    torch.testing.assert_close(other_pad, left, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_forward_value_return_value_only(family, reward_models, tokenizers):
+    model, tokenizer = reward_models[family], tokenizers[family]
+    chosen, rejected = pair_sequences(tokenizer)
+    ids, mask = pad(chosen + rejected, pad_id_of(tokenizer), side="right")
+    values = model.forward_value(ids, mask, return_value_only=True)
+    assert torch.is_tensor(values)
+    assert values.shape == ids.shape
+    full = model.forward_value(ids, mask)
+    assert set(full) == {"values", "chosen_end_scores"}
+    torch.testing.assert_close(full["values"], values)
+    lengths = mask.sum(-1)
+    torch.testing.assert_close(full["chosen_end_scores"], values[torch.arange(len(ids)), lengths - 1])
+    # prompt_length and use_cache, as step 3 passes them, change nothing.
+    step3 = model.forward_value(ids, mask, prompt_length=4, use_cache=True)
+    torch.testing.assert_close(step3["chosen_end_scores"], full["chosen_end_scores"])
+
+
+# --------------------------------------------------------------------------- scoring position quirks
+
+
+@torch.no_grad()
+def test_opt_scores_last_real_token_when_pad_is_eos_and_bos(model_dirs):
+    """OPT after load_hf_tokenizer: `</s>` is bos, eos and pad; every text starts with it and is padded
+    with it. A search for the pad id would find position 0 (or the first pad); the mask gives len-1."""
+    tokenizer = load_hf_tokenizer(model_dirs["opt"])
+    pad_id = tokenizer.pad_token_id
+    assert pad_id == tokenizer.eos_token_id == tokenizer.bos_token_id
+    assert tokenizer.convert_ids_to_tokens(pad_id) == "</s>"
+    rows = make_pairs(4, seed=3)
+    texts = [rows[0]["prompt"], rows[1]["prompt"] + rows[1]["chosen"], rows[2]["prompt"] + rows[2]["rejected"],
+             rows[3]["prompt"][:12]]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert (ids[:, 0] == pad_id).all(), "OPT texts start with </s>"
+    lengths = mask.sum(-1)
+    assert len(set(lengths.tolist())) == len(texts) and lengths.max() == ids.shape[1]
+    for i, length in enumerate(lengths.tolist()):
+        assert (ids[i, length:] == pad_id).all(), "right-padded with </s>"
+
+    model = create_reward_model(model_dirs["opt"], tokenizer).eval()
+    torch.nn.init.normal_(model.v_head.weight, std=1.0)
+    values = model.forward_value(ids, mask, return_value_only=True)
+    end = model.forward_value(ids, mask)["chosen_end_scores"]
+    rows_ = torch.arange(len(texts))
+    torch.testing.assert_close(end, values[rows_, lengths - 1], atol=0, rtol=0)
+    # Make sure the check can fail: the first pad-id occurrence (the leading </s>) scores differently.
+    first_pad = (ids == pad_id).int().argmax(-1)
+    assert (first_pad == 0).all()
+    assert not torch.allclose(end, values[rows_, first_pad], atol=1e-3)
+    # ... and each end score is the score of the sequence on its own.
+    for i, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(end[i], score_alone(model, ids[i, :length]), atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_gpt2_scores_final_eos_when_pad_is_eos(model_dirs):
+    """GPT-2 style pad == eos: a sequence ending in eos, right-padded with eos, is scored at its eos."""
+    tokenizer = load_hf_tokenizer(model_dirs["gpt2"])
+    eos = tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == eos
+    rows = make_pairs(3, seed=5)
+    sequences = [torch.tensor(tokenizer(row["prompt"] + row["chosen"])["input_ids"][:n] + [eos])
+                 for row, n in zip(rows, (6, 11, 15), strict=True)]
+    ids, mask = pad(sequences, eos, side="right", extra=4)
+    lengths = mask.sum(-1)
+    assert (ids[torch.arange(3), lengths - 1] == eos).all()
+    assert (ids[torch.arange(3), lengths] == eos).all()
+
+    model = create_reward_model(model_dirs["gpt2"], tokenizer).eval()
+    torch.nn.init.normal_(model.v_head.weight, std=1.0)
+    values = model.forward_value(ids, mask, return_value_only=True)
+    end = model.forward_value(ids, mask)["chosen_end_scores"]
+    rows_ = torch.arange(3)
+    torch.testing.assert_close(end, values[rows_, lengths - 1], atol=0, rtol=0)
+    assert not torch.allclose(end, values[rows_, lengths - 2], atol=1e-3), "scored the token before eos"
+    train_out = model(input_ids=torch.cat([ids, ids]), attention_mask=torch.cat([mask, mask]))
+    torch.testing.assert_close(train_out["chosen_mean_scores"], end, atol=ATOL, rtol=0)
+    for i, seq in enumerate(sequences):
+        torch.testing.assert_close(end[i], score_alone(model, seq), atol=ATOL, rtol=0)
+
+
+# --------------------------------------------------------------------------- load_reward_model
+
+
+def save_by_hand(model: RewardModel, folder, state: dict | None = None) -> None:
+    os.makedirs(folder, exist_ok=True)
+    torch.save(model.state_dict() if state is None else state, os.path.join(folder, WEIGHTS_NAME))
+    model.config.save_pretrained(folder)
+
+
+def assert_one_line_user_error(excinfo, *fragments: str) -> None:
+    message = str(excinfo.value)
+    assert message and "\n" not in message, f"not a one-line message: {message!r}"
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_load_reward_model_round_trip(family, reward_models, tokenizers, tmp_path):
+    model, tokenizer = reward_models[family], tokenizers[family]
+    save_by_hand(model, tmp_path)
+    loaded = load_reward_model(str(tmp_path))
+    assert isinstance(loaded, RewardModel) and not loaded.training
+    assert loaded.v_head.in_features == model.v_head.in_features
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    chosen, rejected = pair_sequences(tokenizer)
+    ids, mask = pad(chosen + rejected, pad_id_of(tokenizer))
+    expected, got = model.forward_value(ids, mask), loaded.forward_value(ids, mask)
+    assert torch.equal(got["chosen_end_scores"], expected["chosen_end_scores"])
+    assert torch.equal(got["values"], expected["values"])
+    assert torch.equal(loaded(ids, mask)["loss"], model(ids, mask)["loss"])
+
+
+def test_load_reward_model_missing_folder(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(UserError) as excinfo:
+        load_reward_model(str(missing))
+    assert_one_line_user_error(excinfo, str(missing))
+
+
+def test_load_reward_model_folder_without_weights(reward_models, tmp_path):
+    reward_models["gpt2"].config.save_pretrained(tmp_path)
+    with pytest.raises(UserError) as excinfo:
+        load_reward_model(str(tmp_path))
+    assert_one_line_user_error(excinfo, WEIGHTS_NAME)
+
+
+def test_load_reward_model_missing_key(reward_models, tmp_path):
+    model = reward_models["gpt2"]
+    state = dict(model.state_dict())
+    del state["v_head.weight"]
+    save_by_hand(model, tmp_path, state)
+    with pytest.raises(UserError) as excinfo:
+        load_reward_model(str(tmp_path))
+    assert_one_line_user_error(excinfo, "v_head.weight")
+
+
+def test_load_reward_model_extra_key(reward_models, tmp_path):
+    model = reward_models["llama"]
+    state = dict(model.state_dict())
+    state["v_head.bias"] = torch.zeros(1)
+    save_by_hand(model, tmp_path, state)
+    with pytest.raises(UserError) as excinfo:
+        load_reward_model(str(tmp_path))
+    assert_one_line_user_error(excinfo, "v_head.bias")
+
+
+MARKER_ENV = "REWARD_TEST_PICKLE_MARKER"
+
+
+def _side_effect(path: str) -> dict:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("executed")
+    return {}
+
+
+class _Payload:
+    """Unpickling this calls `_side_effect`: code execution, which weights_only must refuse."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_side_effect, (self.marker,))
+
+
+@pytest.mark.parametrize("payload", ["object", "function"])
+def test_load_reward_model_refuses_pickled_code(payload, reward_models, tmp_path):
+    model = reward_models["gpt2"]
+    marker = tmp_path / "executed.txt"
+    state = dict(model.state_dict())
+    state["evil"] = _Payload(str(marker)) if payload == "object" else _side_effect
+    folder = tmp_path / "model"
+    save_by_hand(model, folder, state)
+    with pytest.raises(UserError) as excinfo:
+        load_reward_model(str(folder))
+    assert not marker.exists(), "the pickle's code ran: torch.load without weights_only=True"
+    assert_one_line_user_error(excinfo, "refused")
+
+
+# --------------------------------------------------------------------------- create_reward_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("add_eot_token", [False, True])
+def test_create_reward_model_embeddings_and_pad(family, add_eot_token, model_dirs):
+    tokenizer = load_hf_tokenizer(model_dirs[family], add_eot_token=add_eot_token)
+    model = create_reward_model(model_dirs[family], tokenizer)
+    rows = model.rwtransformer.get_input_embeddings().weight.shape[0]
+    assert rows == 8 * math.ceil(len(tokenizer) / 8)
+    assert rows >= len(tokenizer) and rows % 8 == 0
+    if family == "llama" or (add_eot_token and family == "opt"):  # [PAD] / <|endoftext|> added: 513 -> 520 rows
+        assert len(tokenizer) % 8 != 0 and rows > len(tokenizer)
+    assert model.config.vocab_size == rows
+    assert model.config.pad_token_id == model.config.eos_token_id == tokenizer.eos_token_id
+    assert model.config.end_token_id == tokenizer.eos_token_id
+    assert model.v_head.in_features == model.config.hidden_size
+
+
+def test_create_then_load_round_trip(model_dirs, tmp_path):
+    """What step 2 saves (resized embeddings, pad = eos) is what load_reward_model rebuilds."""
+    tokenizer = load_hf_tokenizer(model_dirs["llama"])
+    model = create_reward_model(model_dirs["llama"], tokenizer).eval()
+    save_by_hand(model, tmp_path)
+    loaded = load_reward_model(str(tmp_path))
+    ids = torch.tensor([tokenizer("Human: What is 2 plus 2?")["input_ids"] + [tokenizer.pad_token_id]])
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_value(ids, mask)["chosen_end_scores"],
+                           model.forward_value(ids, mask)["chosen_end_scores"])
+
+
+def test_create_reward_model_dropout(model_dirs):
+    tokenizer = load_hf_tokenizer(model_dirs["opt"])
+    model = create_reward_model(model_dirs["opt"], tokenizer, dropout=0.25)
+    assert model.config.dropout == 0.25 and model.config.attention_dropout == 0.25
+
+
+def test_create_reward_model_nonexistent_path(tokenizers, tmp_path):
+    missing = tmp_path / "no" / "such-model"
+    with pytest.raises(UserError) as excinfo:
+        create_reward_model(str(missing), tokenizers["gpt2"])
+    assert_one_line_user_error(excinfo, "--model_name_or_path", str(missing))
+
+
+def test_load_hf_tokenizer_nonexistent_path(tmp_path):
+    missing = tmp_path / "no" / "such-model"
+    with pytest.raises(UserError) as excinfo:
+        load_hf_tokenizer(str(missing))
+    assert_one_line_user_error(excinfo, "--model_name_or_path", str(missing))
+
+
+# A broken folder is a one-line UserError, which rw_eval.py prints as `error: ...`.
+
+
+def test_load_reward_model_shape_mismatch_is_user_error(tokenizers, tmp_path):
+    """Weights of a model of another size under this config.json (same keys, other shapes)."""
+    small = RewardModel(AutoModel.from_config(tiny_config("gpt2", tokenizers["gpt2"], hidden=32)))
+    big = RewardModel(AutoModel.from_config(tiny_config("gpt2", tokenizers["gpt2"], hidden=64)))
+    save_by_hand(big, tmp_path, small.state_dict())
+    with pytest.raises(UserError) as excinfo:
+        load_reward_model(str(tmp_path))
+    assert_one_line_user_error(excinfo, "v_head.weight")
+
+
+def test_load_reward_model_without_config_is_user_error(reward_models, tmp_path):
+    """A folder with pytorch_model.bin but no config.json."""
+    torch.save(reward_models["gpt2"].state_dict(), tmp_path / WEIGHTS_NAME)
+    with pytest.raises(UserError) as excinfo:
+        load_reward_model(str(tmp_path))
+    assert_one_line_user_error(excinfo, "config.json")

@@ -1,0 +1,207 @@
+"""Training end to end through DeepSpeed on the CPU, as a user runs it: learn the synthetic task to a
+held-out accuracy well above chance, save, reload from disk alone and reproduce the scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT, run_cli
+from torch.utils.data import DataLoader
+
+from step2_reward_model.model import load_reward_model
+from utils.data.build import create_reward_datasets
+from utils.data.collate import EvalShard, PairCollator
+from utils.utils import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
+
+VENV_BIN = os.path.dirname(sys.executable)
+COMMON = ["--data_split", "0,1,0", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
+          "--max_seq_len", "128", "--learning_rate", "1e-3", "--num_warmup_steps", "10", "--eval_iters", "1000",
+          "--num_train_epochs", "1", "--weight_decay", "0.1", "--deepspeed"]
+# Chance is 0.5; after one epoch the tiny model gets the topic and manners kinds (two thirds of the
+# pairs) nearly always right. The demo's longer recipe reaches >= 0.90.
+MIN_ACCURACY = 0.72
+
+
+def train(tmp_path, model_dir: str, data_dir: str, *extra: str, ranks: int | None = None):
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", model_dir, "--data_path", data_dir, "--data_output_path",
+            str(tmp_path / "cache"), "--output_dir", str(out), *COMMON, *extra]
+    if ranks:
+        command = [os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", str(ranks), "step2_reward_model/main.py", *args]
+    else:
+        command = [sys.executable, "step2_reward_model/main.py", *args]
+    result = run_cli(command, env={"PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(out / "reward_model.json") as handle:
+        return out, json.load(handle), result.stdout + result.stderr
+
+
+@torch.no_grad()
+def rescore(out, data_dir: str, cache: str, batch_size: int = 32) -> dict[str, float]:
+    """Score the eval split with the model rebuilt from OUTPUT alone, batched as in training."""
+    model = load_reward_model(str(out))
+    tokenizer = load_hf_tokenizer(str(out))
+    _, eval_set = create_reward_datasets([data_dir], "0,1,0", cache, 1234, tokenizer, 128,
+                                         END_OF_CONVERSATION_TOKEN, str(REPO_ROOT))
+    loader = DataLoader(EvalShard(eval_set, 0, 1), batch_size=batch_size,
+                        collate_fn=PairCollator(tokenizer.pad_token_id))
+    chosen, rejected = [], []
+    for batch in loader:
+        batch.pop("is_real")
+        result = model(**batch)
+        chosen.append(result["chosen_mean_scores"])
+        rejected.append(result["rejected_mean_scores"])
+    chosen, rejected = torch.cat(chosen).double(), torch.cat(rejected).double()
+    return {"accuracy": (chosen > rejected).double().mean().item(), "chosen": chosen.mean().item(),
+            "rejected": rejected.mean().item(), "pairs": len(chosen)}
+
+
+def assert_reproduces(saved: dict, rescored: dict, tolerance: float) -> None:
+    assert rescored["pairs"] == saved["pairs"]
+    assert rescored["accuracy"] == pytest.approx(saved["accuracy"], abs=1.5 / saved["pairs"])
+    assert rescored["chosen"] == pytest.approx(saved["chosen"], abs=tolerance)
+    assert rescored["rejected"] == pytest.approx(saved["rejected"], abs=tolerance)
+
+
+@pytest.fixture(scope="module")
+def zero0_run(tmp_path_factory, model_dirs, synthetic_dir):
+    """One plain run (ZeRO 0, one rank, no launcher), shared by the tests that read its output."""
+    tmp_path = tmp_path_factory.mktemp("zero0")
+    out, meta, log = train(tmp_path, model_dirs["opt"], synthetic_dir, "--zero_stage", "0", "--enable_tensorboard",
+                           "--tensorboard_path", str(tmp_path / "tb"))
+    return tmp_path, out, meta, log
+
+
+def test_zero0_one_rank_learns_saves_and_reloads_exactly(zero0_run, synthetic_dir):
+    tmp_path, out, meta, log = zero0_run
+    final = meta["final_eval"]
+    assert final["pairs"] == 300
+    assert final["accuracy"] >= MIN_ACCURACY, log[-2000:]
+    assert "training in fp32" in log  # --dtype defaults to fp16, which this CPU cannot run
+    state = torch.load(out / "pytorch_model.bin", weights_only=True)
+    assert "v_head.weight" in state and all(k == "v_head.weight" or k.startswith("rwtransformer.") for k in state)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file()
+    assert not [p for p in os.listdir(out) if p.startswith(".saving")]
+    # Same batches as the training-time evaluation: the reloaded model gives the same numbers.
+    assert_reproduces(final, rescore(out, synthetic_dir, str(tmp_path / "cache")), tolerance=1e-6)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / "step2_tensorboard"))
+    events.Reload()
+    assert {"eval/accuracy", "train/loss"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("eval/accuracy")[-1].value == pytest.approx(final["accuracy"])
+
+
+def test_zero2_end_token_loss_with_accumulation(tmp_path, model_dirs, synthetic_dir):
+    out, meta, log = train(tmp_path, model_dirs["opt"], synthetic_dir, "--zero_stage", "2", "--loss", "end_token",
+                           "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "8",
+                           "--num_train_epochs", "2")
+    assert meta["loss"] == "end_token"
+    assert meta["final_eval"]["accuracy"] >= MIN_ACCURACY, log[-2000:]
+    assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), tolerance=1e-5)
+
+
+def test_zero3_two_ranks_through_the_launcher(tmp_path, model_dirs, synthetic_dir):
+    out, meta, log = train(tmp_path, model_dirs["opt"], synthetic_dir, "--zero_stage", "3",
+                           "--per_device_train_batch_size", "8", ranks=2)
+    assert "2 rank(s)" in log and "ZeRO stage 3" in log
+    assert meta["final_eval"]["pairs"] == 300  # each eval pair counted once across the two ranks
+    assert meta["final_eval"]["accuracy"] >= MIN_ACCURACY, log[-2000:]
+    # Gathered from both ranks' shards: full-size tensors that reload and score as in training.
+    assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), tolerance=1e-5)
+
+
+def test_lora_only_adapters_train_and_are_merged_into_the_saved_weights(tmp_path, model_dirs, synthetic_dir):
+    out, meta, log = train(tmp_path, model_dirs["opt"], synthetic_dir, "--zero_stage", "0", "--lora_dim", "8",
+                           "--lora_module_name", "decoder.layers.", "--only_optimize_lora",
+                           "--lora_learning_rate", "1e-2")
+    state = torch.load(out / "pytorch_model.bin", weights_only=True)
+    assert not [k for k in state if "lora" in k or "base_layer" in k]
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(model_dirs["opt"]).state_dict()
+    layer = "decoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(state[f"rwtransformer.{layer}"], base[layer])  # the adapter was folded in
+    embed = state["rwtransformer.decoder.embed_tokens.weight"]
+    assert torch.equal(embed[: base["decoder.embed_tokens.weight"].shape[0]], base["decoder.embed_tokens.weight"])
+    assert meta["final_eval"]["accuracy"] > 0.6, log[-2000:]
+    assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), tolerance=1e-5)
+
+
+def test_rw_eval_scores_what_training_saved(zero0_run):
+    out = zero0_run[1]
+    prompt = "\n\nHuman: How do I boil an egg?\n\nAssistant:"
+    result = run_cli([sys.executable, "rw_eval.py", "--model_path", str(out), "--prompt", prompt,
+                      "--chosen", " Gladly, here you go. Put it in hot water for ten minutes.",
+                      "--rejected", " Whatever, not my problem. Put it in hot water for ten minutes."])
+    assert result.returncode == 0, result.stderr
+    assert "preferred: chosen" in result.stdout
+    rewards = [float(line.split(":")[1]) for line in result.stdout.splitlines() if "reward:" in line]
+    model = load_reward_model(str(out))
+    tokenizer = load_hf_tokenizer(str(out))
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] + tokenizer(
+        " Gladly, here you go. Put it in hot water for ten minutes." + END_OF_CONVERSATION_TOKEN,
+        add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        expected = model.forward_value(torch.tensor([ids]))["chosen_end_scores"].item()
+    assert rewards[0] == pytest.approx(expected, abs=1e-4)
+
+
+def bad_run(tmp_path, model_dir: str, data: list[str], *extra: str) -> subprocess.CompletedProcess:
+    return run_cli([sys.executable, "step2_reward_model/main.py", "--model_name_or_path", model_dir,
+                    "--data_path", *data, "--data_output_path", str(tmp_path / "cache"), *COMMON, *extra],
+                   env={"HF_HUB_OFFLINE": "1"})
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["unknown_id", "hub_offline", "missing_file", "no_columns", "empty_after_cleaning",
+                                  "missing_model", "max_seq_len_too_small"])
+def test_bad_input_is_one_clear_line(case, tmp_path, model_dirs, synthetic_dir):
+    model, data, extra, expected = model_dirs["opt"], [synthetic_dir], [], None
+    if case == "unknown_id":
+        data, expected = ["not_a_dataset"], "not_a_dataset"
+    elif case == "hub_offline":
+        data, expected = ["someorg/somedata"], "someorg/somedata"
+    elif case == "missing_file":
+        data, expected = [str(tmp_path / "nope.jsonl")], "nope.jsonl"
+    elif case == "no_columns":
+        data = [write_jsonl(tmp_path / "cols.jsonl", [{"question": "q", "answer": "a"}] * 4)]
+        expected = "cols.jsonl"
+    elif case == "empty_after_cleaning":
+        folder = tmp_path / "same"
+        folder.mkdir()
+        rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 4
+        write_jsonl(folder / "train.jsonl", rows)
+        write_jsonl(folder / "eval.jsonl", rows)
+        data, expected = [str(folder)], "identical"
+    elif case == "missing_model":
+        model, expected = str(tmp_path / "no_model"), "no_model"
+    elif case == "max_seq_len_too_small":
+        extra, expected = ["--max_seq_len", "4"], "--max_seq_len 4"
+    result = bad_run(tmp_path, model, data, *extra)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, last
+
+
+def test_demo_assets_are_built_offline(tmp_path):
+    result = run_cli([sys.executable, "training_scripts/cpu/prepare_demo.py", str(tmp_path / "demo"),
+                      "--train_pairs", "30", "--eval_pairs", "9"])
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "demo" / "base_model" / "config.json").is_file()
+    lines = (tmp_path / "demo" / "data" / "eval.jsonl").read_text().splitlines()
+    assert len(lines) == 9 and {"prompt", "chosen", "rejected"} == set(json.loads(lines[0]))
+    shutil.rmtree(tmp_path / "demo")
