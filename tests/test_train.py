@@ -100,10 +100,10 @@ def test_zero0_one_rank_learns_saves_and_reloads_exactly(zero0_run, synthetic_di
     assert events.Scalars("eval/accuracy")[-1].value == pytest.approx(final["accuracy"])
 
 
-def test_zero2_end_token_loss_with_accumulation(tmp_path, model_dirs, synthetic_dir):
+def test_zero2_end_token_loss_with_accumulation_and_checkpointing(tmp_path, model_dirs, synthetic_dir):
     out, meta, log = train(tmp_path, model_dirs["opt"], synthetic_dir, "--zero_stage", "2", "--loss", "end_token",
                            "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "8",
-                           "--num_train_epochs", "2")
+                           "--num_train_epochs", "2", "--gradient_checkpointing")
     assert meta["loss"] == "end_token"
     assert meta["final_eval"]["accuracy"] >= MIN_ACCURACY, log[-2000:]
     assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), tolerance=1e-5)
