@@ -205,3 +205,22 @@ def test_demo_assets_are_built_offline(tmp_path):
     lines = (tmp_path / "demo" / "data" / "eval.jsonl").read_text().splitlines()
     assert len(lines) == 9 and {"prompt", "chosen", "rejected"} == set(json.loads(lines[0]))
     shutil.rmtree(tmp_path / "demo")
+
+
+def test_step3_style_critic_load(zero0_run):
+    """Play DeepSpeed-Chat's step 3: model from the saved config alone, embeddings resized to the
+    tokenizer's length rounded up to 8, then the whole state dict loaded strictly, tensors only."""
+    import math
+
+    from transformers import AutoConfig, AutoModel
+
+    out = zero0_run[1]
+    tokenizer = load_hf_tokenizer(str(out))
+    backbone = AutoModel.from_config(AutoConfig.from_pretrained(str(out)))
+    backbone.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
+    critic = torch.nn.Module()
+    critic.rwtransformer = backbone
+    critic.v_head = torch.nn.Linear(backbone.config.word_embed_proj_dim, 1, bias=False)
+    critic.load_state_dict(torch.load(out / "pytorch_model.bin", map_location="cpu", weights_only=True), strict=True)
+    ours = load_reward_model(str(out))
+    assert torch.equal(critic.v_head.weight, ours.v_head.weight)
