@@ -55,7 +55,7 @@ def score_answers(model, tokenizer, prompt: str, answers: list[str], max_seq_len
     tokenized = tokenize_examples([example], tokenizer, max_seq_len, end_of_conversation_token)
     if not len(tokenized):
         raise UserError(f"an answer is longer than --max_seq_len {max_seq_len} tokens")
-    batch = PairCollator(tokenizer.pad_token_id or 0)([PairDataset(tokenized)[0]])
+    batch = PairCollator(tokenizer.pad_token_id)([PairDataset(tokenized)[0]])
     return model.forward_value(batch["input_ids"], batch["attention_mask"])["chosen_end_scores"].tolist()
 
 

@@ -55,8 +55,8 @@ def round_up(length: int, multiple: int) -> int:
 class PairCollator:
     """Stacks every example's response `k` as row block `k`: [all chosen; all rejected]."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int = 8):
+        self.pad_token_id = pad_token_id if pad_token_id is not None else 0  # masked out either way
         self.multiple = pad_to_multiple_of
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
