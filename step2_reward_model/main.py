@@ -221,7 +221,8 @@ def train(args: argparse.Namespace) -> None:
 
     print_rank_0(f"***** Running training: {len(train_set)} train pairs, {len(eval_set)} eval pairs, "
                  f"{world_size} rank(s), dtype {args.dtype}, ZeRO stage {args.zero_stage} *****")
-    report("Epoch 0 (before training)", evaluate(engine, eval_loader, args.eval_iters, device), writer, 0)
+    metrics = evaluate(engine, eval_loader, args.eval_iters, device)
+    report("Epoch 0 (before training)", metrics, writer, 0)
     steps_per_print = ds_config.get("steps_per_print", 10)
     micro_steps = 0
     for epoch in range(args.num_train_epochs):

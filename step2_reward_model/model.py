@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from step2_reward_model.losses import bradley_terry_loss, end_index, per_token_loss
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 WEIGHTS_NAME = "pytorch_model.bin"
 
@@ -103,8 +103,7 @@ def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | No
     try:
         config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0][:300]
-        raise UserError(f"--model_name_or_path '{model_name_or_path}': {reason}") from None
+        raise UserError(f"--model_name_or_path '{model_name_or_path}': {first_line(err)}") from None
     configure_dropout(config, dropout)
     zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
     # While this object lives, transformers partitions weights as it loads them (ZeRO-3) and
@@ -137,8 +136,7 @@ def load_reward_model(path: str, trust_remote_code: bool = False) -> RewardModel
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0][:200]
-        raise UserError(f"{weights}: refused, it holds more than tensors ({first})") from None
+        raise UserError(f"{weights}: refused, it holds more than tensors ({first_line(err, 200)})") from None
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]

@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """Bad input (a path, a flag, a data file). Entry points print it as `error: ...` and exit 2."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The gist of a library's (often multi-line) exception, to quote inside a UserError."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 END_OF_CONVERSATION_TOKEN = "<|endoftext|>"
 NO_DECAY_NAMES = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight",
@@ -51,7 +51,7 @@ def load_hf_tokenizer(model_name_or_path: str, add_eot_token: bool = False,
     except (OSError, ValueError) as err:
         raise UserError(f"--model_name_or_path '{model_name_or_path}': cannot load a tokenizer "
                         f"(not a local model folder, or the hub is unreachable): "
-                        f"{str(err).strip().splitlines()[0][:300]}") from None
+                        f"{first_line(err)}") from None
     if "llama" in model_name_or_path.lower():
         if tokenizer.pad_token is None:
             tokenizer.add_special_tokens({"pad_token": "[PAD]"})

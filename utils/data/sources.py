@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 Row = dict[str, Any]
 Adapter = Callable[[Row], Row]
@@ -195,9 +195,8 @@ def _load_hub(name: str, source: Source) -> RawSplits:
     try:
         loaded = load_dataset(name)
     except Exception as err:  # the hub client raises many types; the user needs one line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load data set '{name}' from the Hugging Face hub "
-                        f"(offline, or no such data set?): {reason[:300]}") from None
+                        f"(offline, or no such data set?): {first_line(err)}") from None
     if source.train_split not in loaded:
         raise UserError(f"data set '{name}' has no '{source.train_split}' split "
                         f"(has: {', '.join(loaded)})")
