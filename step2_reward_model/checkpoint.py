@@ -1,4 +1,10 @@
-"""Saving the step-3 checkpoint: `pytorch_model.bin` (whole RewardModel), config, tokenizer.
+"""Saving OUTPUT: what step 3 loads and what anyone else needs to use the rewards.
+
+    pytorch_model.bin   the whole RewardModel (`rwtransformer.*`, `v_head.weight`), DeepSpeed-Chat's contract
+    config.json, tokenizer files
+    reward_model.json   the manifest: scored token, padding, end-of-conversation token, max length, ...
+    reward_stats.json   reward mean, std and quantiles over the held-out set (for reward normalisation)
+    hf/                 the AutoModelForSequenceClassification export (safetensors)
 
 The state is gathered on rank 0 one parameter at a time (ZeRO-3 shards included), written into a
 staging folder, then moved into place file by file with atomic renames, so a crash while writing
@@ -7,6 +13,7 @@ never leaves a half-written `pytorch_model.bin` where a good one was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,10 +23,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from step2_reward_model.export import HF_DIR, save_sequence_classification
 from step2_reward_model.lora import plain_state_dict
-from step2_reward_model.model import WEIGHTS_NAME
+from step2_reward_model.model import BACKBONE, MANIFEST_NAME, WEIGHTS_NAME
 
-META_NAME = "reward_model.json"
+STATS_NAME = "reward_stats.json"
+MANIFEST_FORMAT = 1
 
 
 def gather_state_dict(model: nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor]:
@@ -37,21 +46,73 @@ def gather_state_dict(model: nn.Module, zero_stage: int, rank: int) -> dict[str,
     return state
 
 
+def step3_state(state: dict[str, torch.Tensor], key_prefix: str) -> dict[str, torch.Tensor]:
+    """The saved keys: `rwtransformer.*` (DeepSpeed-Chat's documented name) or the newer
+    DeepSpeed-Chat spelling `rwtranrsformer.*`, whose step 3 silently skips keys it does not know."""
+    return {(key_prefix + key[len(BACKBONE):] if key.startswith(BACKBONE) else key): value
+            for key, value in state.items()}
+
+
+def _replace_folder(source: str, target: str) -> None:
+    """Move a finished folder over an existing one; the old one goes only once the new one is whole."""
+    old = f"{target}.old-{os.getpid()}"
+    if os.path.isdir(target):
+        os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: int, rank: int,
-                      meta: dict) -> None:
-    state = gather_state_dict(model, zero_stage, rank)
+                      meta: dict, stats: dict | None = None, key_prefix: str = "rwtransformer",
+                      hf_export: bool = True) -> None:
+    """Write OUTPUT: the step-3 `pytorch_model.bin`, config, tokenizer, the manifest, the reward
+    statistics (when given) and the Hugging Face export in `hf/`."""
+    state = plain_state_dict(gather_state_dict(model, zero_stage, rank))
     if rank == 0:
+        config = model.rwtransformer.config
+        manifest = {**meta, **handoff_manifest(tokenizer, meta), "step3_key_prefix": key_prefix,
+                    "hf_export": HF_DIR if hf_export else None}
         os.makedirs(output_dir, exist_ok=True)
         staging = os.path.join(output_dir, f".saving-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
-        torch.save(plain_state_dict(state), os.path.join(staging, WEIGHTS_NAME))
-        model.rwtransformer.config.save_pretrained(staging)
+        if hf_export:
+            hf_staging = os.path.join(staging, HF_DIR)
+            save_sequence_classification(state, config, tokenizer, hf_staging, manifest["end_of_conversation_token"])
+            _write_json(os.path.join(hf_staging, MANIFEST_NAME), {**manifest, "padding_side": "right"})
+        torch.save(step3_state(state, key_prefix), os.path.join(staging, WEIGHTS_NAME))
+        config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        with open(os.path.join(staging, META_NAME), "w", encoding="utf-8") as handle:
-            json.dump(meta, handle, indent=2)
+        _write_json(os.path.join(staging, MANIFEST_NAME), manifest)
+        if stats is not None:
+            _write_json(os.path.join(staging, STATS_NAME), stats)
         for name in sorted(os.listdir(staging), key=lambda n: n == WEIGHTS_NAME):  # weights last
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+            if os.path.isdir(os.path.join(staging, name)):
+                _replace_folder(os.path.join(staging, name), os.path.join(output_dir, name))
+            else:
+                os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
         os.rmdir(staging)
     if dist.is_initialized():
         dist.barrier()
+
+
+def handoff_manifest(tokenizer, meta: dict) -> dict:
+    """What the PPO step must reproduce to get the rewards training measured."""
+    eot = meta["end_of_conversation_token"]
+    template = getattr(tokenizer, "chat_template", None)
+    return {"format": MANIFEST_FORMAT,
+            "scored_token": "the last token the attention mask marks: the end of prompt + answer + "
+                            "end-of-conversation token",
+            "padding_side": "right (any padding scores the same: positions and the end come from the mask)",
+            "end_of_conversation_token": eot,
+            "end_of_conversation_token_ids": tokenizer(eot, add_special_tokens=False)["input_ids"],
+            "truncation": "prompt cut from the left; answers kept whole",
+            "pad_token_id": tokenizer.pad_token_id, "tokenizer_length": len(tokenizer),
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str)
+            else None}
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, allow_nan=False)
+        handle.write("\n")

@@ -30,13 +30,14 @@ from tqdm import tqdm  # noqa: E402
 from transformers import SchedulerType, get_scheduler  # noqa: E402
 
 from step2_reward_model.checkpoint import save_reward_model  # noqa: E402
+from step2_reward_model.evaluation import pair_summary, reward_statistics  # noqa: E402
 from step2_reward_model.lora import apply_lora, merge_lora  # noqa: E402
 from step2_reward_model.losses import LOSSES  # noqa: E402
 from step2_reward_model.model import create_reward_model  # noqa: E402
 from utils.data.build import create_reward_datasets  # noqa: E402
 from utils.data.collate import EvalShard, PairCollator  # noqa: E402
 from utils.ds_utils import get_train_ds_config, merge_user_config  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.errors import exit_status  # noqa: E402
 from utils.utils import (  # noqa: E402
     END_OF_CONVERSATION_TOKEN,
     get_optimizer_grouped_parameters,
@@ -101,6 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss", type=str, default="per_token", choices=LOSSES,
                    help="per_token: DeepSpeed-Chat's loss over the tokens where the answers differ; "
                         "end_token: Bradley-Terry on the end scores.")
+    p.add_argument("--step3_key_prefix", default="rwtransformer", choices=["rwtransformer", "rwtranrsformer"],
+                   help="Prefix of the backbone's keys in pytorch_model.bin; newer DeepSpeed-Chat step 3 "
+                        "expects the misspelt rwtranrsformer (and skips unknown keys without a word).")
+    p.add_argument("--no_hf_export", action="store_true",
+                   help="Do not write OUTPUT/hf, the AutoModelForSequenceClassification export.")
     p.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the checkpoint.")
     p.add_argument("--dry_run", action="store_true",
                    help="Print the resolved configuration and exit, loading no model or data.")
@@ -141,24 +147,27 @@ def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.op
 
 
 @torch.no_grad()
-def evaluate(engine, loader: DataLoader, eval_iters: int, device: torch.device) -> dict[str, float]:
-    """Accuracy and mean end scores over the eval set, summed over ranks (each pair counted once)."""
+def evaluate(engine, loader: DataLoader, eval_iters: int, device: torch.device) -> dict:
+    """Accuracy (ties count half) and mean end scores over the eval set, every pair counted once
+    across ranks; `scores` keeps each pair's (chosen, rejected) for the reward statistics."""
     engine.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    rows = []
     for step, batch in enumerate(loader):
         if step == eval_iters:
             break
-        weight = batch.pop("is_real").to(device).double()
+        weight = batch.pop("is_real").to(device).float()
         out = engine(**to_device(batch, device))
-        chosen, rejected = out["chosen_mean_scores"].double(), out["rejected_mean_scores"].double()
-        totals += torch.stack([((chosen > rejected).double() * weight).sum(), weight.sum(),
-                               (chosen * weight).sum(), (rejected * weight).sum()])
-    dist.all_reduce(totals)
+        rows.append(torch.stack([out["chosen_mean_scores"].float(), out["rejected_mean_scores"].float(), weight], 1))
+    local = torch.cat(rows) if rows else torch.zeros((0, 3), device=device)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)  # every rank runs as many batches (EvalShard), so shapes agree
     engine.train()
-    correct, count, chosen_sum, rejected_sum = totals.tolist()
-    count = max(count, 1.0)
-    return {"accuracy": correct / count, "chosen": chosen_sum / count, "rejected": rejected_sum / count,
-            "difference": (chosen_sum - rejected_sum) / count, "pairs": count}
+    scores = torch.cat(gathered).cpu().double().numpy()
+    scores = scores[scores[:, 2] > 0, :2]
+    summary = pair_summary(scores[:, 0], scores[:, 1])
+    return {"accuracy": summary["accuracy"] or 0.0, "chosen": summary["chosen_mean"] or 0.0,
+            "rejected": summary["rejected_mean"] or 0.0, "difference": summary["margin_mean"] or 0.0,
+            "ties": summary["ties"], "pairs": summary["pairs"], "scores": scores}
 
 
 def report(label: str, metrics: dict[str, float], writer, step: int) -> None:
@@ -168,7 +177,8 @@ def report(label: str, metrics: dict[str, float], writer, step: int) -> None:
                  f"({metrics['pairs']:.0f} held-out pairs)")
     if writer:
         for name, value in metrics.items():
-            writer.add_scalar(f"eval/{name}", value, step)
+            if name != "scores":
+                writer.add_scalar(f"eval/{name}", value, step)
         writer.flush()
 
 
@@ -265,11 +275,13 @@ def train(args: argparse.Namespace) -> None:
         print_rank_0(f"saving the reward model to {args.output_dir}")
         if args.lora_dim > 0:
             merge_lora(engine.module, args.zero_stage)
+        scores = metrics.pop("scores")
         meta = {"base_model": args.model_name_or_path, "end_of_conversation_token": END_OF_CONVERSATION_TOKEN,
                 "add_eot_token": args.add_eot_token, "max_seq_len": args.max_seq_len, "loss": args.loss,
-                "scored_token": "last token of the attention mask", "padding_side": "right",
                 "final_eval": metrics}
-        save_reward_model(engine.module, tokenizer, args.output_dir, args.zero_stage, rank, meta)
+        stats = reward_statistics(scores[:, 0], scores[:, 1], f"held-out split of {' '.join(args.data_path)}")
+        save_reward_model(engine.module, tokenizer, args.output_dir, args.zero_stage, rank, meta, stats=stats,
+                          key_prefix=args.step3_key_prefix, hf_export=not args.no_hf_export)
     if writer:
         writer.close()
 
@@ -286,16 +298,10 @@ def dry_run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.dry_run:
-            dry_run(args)
-        else:
-            resolve_dtype(args)
-            train(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    if args.dry_run:
+        return exit_status(lambda: dry_run(args))
+    resolve_dtype(args)
+    return exit_status(lambda: train(args))
 
 
 if __name__ == "__main__":

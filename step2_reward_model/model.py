@@ -9,6 +9,7 @@ sequence scores the same whatever padding surrounds it.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 import pickle
@@ -20,6 +21,9 @@ from step2_reward_model.losses import bradley_terry_loss, end_index, per_token_l
 from utils.errors import UserError, first_line
 
 WEIGHTS_NAME = "pytorch_model.bin"
+MANIFEST_NAME = "reward_model.json"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+BACKBONE, TYPO_BACKBONE = "rwtransformer", "rwtranrsformer"  # newer DeepSpeed-Chat spells it with the typo
 
 
 def value_head_width(config) -> int:
@@ -119,24 +123,31 @@ def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | No
 
 
 def load_reward_model(path: str, trust_remote_code: bool = False) -> RewardModel:
-    """Rebuild a saved reward model from its `config.json` alone and load `pytorch_model.bin`
-    (tensors only). Missing or unexpected keys are an error, never a silently random head."""
+    """Rebuild a saved reward model from its config alone and load its weights, tensors only:
+    `pytorch_model.bin` (ours, or DeepSpeed-Chat's under either spelling of its prefix), or the
+    `hf/` sequence-classification export. Missing or unexpected keys are an error, never a
+    silently random head."""
     from transformers import AutoConfig, AutoModel
 
-    weights = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isdir(path):
         raise UserError(f"--model_path {path}: no such folder")
-    if not os.path.isfile(weights):
-        raise UserError(f"{path}: no {WEIGHTS_NAME} (not a step-2 output folder?)")
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        raise UserError(f"{path}: no config.json beside {WEIGHTS_NAME}")
+        raise UserError(f"{path}: no config.json (not a step-2 output folder?)")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        if any(arch.endswith("ForSequenceClassification") for arch in config.architectures or []):
+            return _load_sequence_classification(path, trust_remote_code)
+        raise UserError(f"{path}: no {WEIGHTS_NAME} and no sequence-classification export "
+                        "(not a step-2 output folder?)")
     model = RewardModel(AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code))
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UserError(f"{weights}: refused, it holds more than tensors ({first_line(err, 200)})") from None
+    state = {(BACKBONE + key[len(TYPO_BACKBONE):] if key.startswith(TYPO_BACKBONE + ".") else key): value
+             for key, value in state.items()}
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
@@ -148,3 +159,63 @@ def load_reward_model(path: str, trust_remote_code: bool = False) -> RewardModel
                         f"other shapes: {', '.join(resized[:5]) or 'none'})")
     model.load_state_dict(state)
     return model.eval()
+
+
+def _load_sequence_classification(path: str, trust_remote_code: bool) -> RewardModel:
+    """Our `hf/` export (or any one-label sequence classifier) as a RewardModel."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        classifier, info = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch.float32, output_loading_info=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot load the sequence-classification export: {first_line(err)}") from None
+    problems = {name: info.get(name) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if info.get(name)}
+    if problems:
+        details = "; ".join(f"{name}: {', '.join(map(str, sorted(keys)[:5]))}" for name, keys in problems.items())
+        raise UserError(f"{path}: weights do not match config.json ({details})")
+    if classifier.config.num_labels != 1:
+        raise UserError(f"{path}: a reward model has one label, this classifier has {classifier.config.num_labels}")
+    prefix = classifier.base_model_prefix
+    head = [param for name, param in classifier.named_parameters() if not name.startswith(f"{prefix}.")]
+    model = RewardModel(getattr(classifier, prefix))
+    if len(head) != 1 or head[0].shape != model.v_head.weight.shape:
+        raise UserError(f"{path}: expected one bias-free linear score head of width {model.v_head.in_features}")
+    model.v_head.weight.data.copy_(head[0].data)
+    return model.eval()
+
+
+def load_manifest(path: str) -> dict:
+    """What training recorded for the scorer (max length, end token, ...); {} when absent,
+    as in a folder DeepSpeed-Chat wrote."""
+    manifest = os.path.join(path, MANIFEST_NAME)
+    if not os.path.isfile(manifest):
+        return {}
+    try:
+        with open(manifest, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{manifest}: not valid JSON ({err})") from None
+
+
+def load_scoring_tokenizer(path: str, tokenizer_path: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer saved beside the model; for a DeepSpeed-Chat folder, which holds only vocab
+    files, the one of the model it was trained from (config `_name_or_path`), unless given."""
+    from transformers import AutoTokenizer
+
+    source = tokenizer_path
+    if source is None:
+        if any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+            source = path
+        else:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+                source = json.load(handle).get("_name_or_path") or path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot load its tokenizer from '{source}' (pass --tokenizer_path): "
+                        f"{first_line(err)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -61,3 +61,28 @@ def needs_shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present (the shared sample data is only beside the repository)")
     return path
+
+
+def save_random_reward_model(folder: str, model_dir: str, seed: int = 0) -> str:
+    """A step-2 OUTPUT folder without training: the backbone in `model_dir` and a random value head,
+    saved exactly as training saves (for tests of loading, exports, evaluation and serving)."""
+    import torch
+
+    from step2_reward_model.checkpoint import save_reward_model
+    from step2_reward_model.model import create_reward_model
+    from utils.utils import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
+
+    tokenizer = load_hf_tokenizer(model_dir)
+    torch.manual_seed(seed)
+    model = create_reward_model(model_dir, tokenizer)
+    torch.nn.init.normal_(model.v_head.weight, std=1.0)
+    meta = {"base_model": model_dir, "end_of_conversation_token": END_OF_CONVERSATION_TOKEN, "max_seq_len": 128}
+    save_reward_model(model.eval(), tokenizer, folder, zero_stage=0, rank=0, meta=meta)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory, model_dirs) -> dict[str, str]:
+    """A saved (untrained) step-2 OUTPUT folder per family."""
+    root = tmp_path_factory.mktemp("saved")
+    return {family: save_random_reward_model(str(root / family), model_dirs[family]) for family in FAMILIES}

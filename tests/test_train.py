@@ -224,3 +224,34 @@ def test_step3_style_critic_load(zero0_run):
     critic.load_state_dict(torch.load(out / "pytorch_model.bin", map_location="cpu", weights_only=True), strict=True)
     ours = load_reward_model(str(out))
     assert torch.equal(critic.v_head.weight, ours.v_head.weight)
+
+
+def test_saved_stats_and_full_evaluation_match_training(zero0_run, synthetic_dir):
+    """rw_eval's full evaluation of the held-out split reproduces training's final numbers, and
+    reward_stats.json describes the same rewards."""
+    tmp_path, out, meta, _ = zero0_run
+    final = meta["final_eval"]
+    with open(out / "reward_stats.json") as handle:
+        stats = json.load(handle)
+    assert stats["pairs"] == final["pairs"] == 300 and stats["all"]["count"] == 600
+    assert stats["chosen"]["mean"] == pytest.approx(final["chosen"], abs=1e-5)
+    assert stats["rejected"]["mean"] == pytest.approx(final["rejected"], abs=1e-5)
+    assert stats["all"]["min"] <= stats["all"]["q25"] <= stats["all"]["median"] <= stats["all"]["max"]
+    assert (out / "hf" / "model.safetensors").is_file() and meta["hf_export"] == "hf"
+
+    report_path, plots = tmp_path / "report.json", tmp_path / "plots"
+    result = run_cli([sys.executable, "rw_eval.py", "--model_path", str(out), "--data_path", synthetic_dir,
+                      "--data_split", "0,1,0", "--data_output_path", str(tmp_path / "cache"),
+                      "--report", str(report_path), "--plots", str(plots), "--batch_size", "32"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    summary = report["summary"]
+    assert summary["pairs"] == 300
+    assert summary["accuracy"] == pytest.approx(final["accuracy"], abs=1.5 / 300)
+    assert summary["chosen_mean"] == pytest.approx(final["chosen"], abs=1e-5)
+    assert report["rewards"]["all"]["mean"] == pytest.approx(stats["all"]["mean"], abs=1e-5)
+    assert [source["pairs"] for source in report["by_source"].values()] == [300]
+    assert sum(bucket["pairs"] for bucket in report["by_length"]) == 300
+    assert 0 <= report["calibration"]["ece"] <= 1 and report["calibration"]["brier"] < 0.25
+    assert f"{summary['accuracy']:.4f}" in result.stdout
+    assert sorted(os.listdir(plots)) == ["reliability.png", "reward_histogram.png", "reward_vs_length.png"]

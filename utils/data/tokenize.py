@@ -28,6 +28,16 @@ def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
+def fit_prompt(prompt: list[int], responses: list[list[int]], prefix_length: int,
+               max_seq_len: int) -> list[int] | None:
+    """The prompt ids that fit before the longest response (cut from the left), or None when
+    that response alone is longer than `max_seq_len`."""
+    room = max_seq_len - prefix_length - max(len(resp) for resp in responses)
+    if room < 0:
+        return None
+    return prompt[len(prompt) - room:] if len(prompt) > room else prompt
+
+
 @dataclass
 class TokenizedExamples:
     """Token ids of examples: the (truncated) prompt once, each response with its end tokens."""
@@ -55,14 +65,12 @@ def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int,
     names: dict[str, int] = {}
     for example, prompt in zip(examples, prompt_ids, strict=True):
         responses = [next(flat_ids) + suffix for _ in example["responses"]]
-        room = max_seq_len - len(prefix) - max(len(resp) for resp in responses)
-        if room < 0:
+        fitted = fit_prompt(prompt, responses, len(prefix), max_seq_len)
+        if fitted is None:
             out.too_long += 1
             continue
-        if len(prompt) > room:
-            out.truncated += 1
-            prompt = prompt[len(prompt) - room:]
-        out.prompts.append(np.asarray(prefix + prompt, dtype=np.int32))
+        out.truncated += len(fitted) < len(prompt)
+        out.prompts.append(np.asarray(prefix + fitted, dtype=np.int32))
         out.responses.append([np.asarray(resp, dtype=np.int32) for resp in responses])
         out.sources.append(names.setdefault(example["source"], len(names)))
     out.source_names = list(names)

@@ -1,0 +1,116 @@
+"""Texts -> rewards with a loaded reward model: shared by rw_eval.py's evaluator and its server.
+
+A prompt/answer pair is tokenised exactly as in training (prompt, then answer + end-of-conversation
+token, the prompt cut from the left when too long), so a reward here equals the reward training
+and the PPO step compute for the same text. Sequences are scored in length-sorted batches, padded
+on the right to the batch's longest.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from step2_reward_model.model import RewardModel
+from utils.data.collate import round_up
+from utils.data.tokenize import TokenizedExamples, fit_prompt, special_affixes
+from utils.errors import UserError
+
+
+@dataclass
+class Scorer:
+    model: RewardModel
+    tokenizer: object
+    max_seq_len: int
+    end_of_conversation_token: str
+    batch_size: int = 16
+    device: torch.device = torch.device("cpu")
+
+    def encode_pairs(self, prompts: list[str], answers: list[str]) -> list[np.ndarray]:
+        """Token ids of each prompt + answer + end token; an answer that cannot fit is a UserError
+        naming its position."""
+        prefix, suffix = special_affixes(self.tokenizer)
+        prompt_ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+        answer_ids = self.tokenizer([a + self.end_of_conversation_token for a in answers],
+                                    add_special_tokens=False)["input_ids"] if answers else []
+        sequences = []
+        for index, (prompt, answer) in enumerate(zip(prompt_ids, answer_ids, strict=True)):
+            response = answer + suffix
+            fitted = fit_prompt(prompt, [response], len(prefix), self.max_seq_len)
+            if fitted is None:
+                raise UserError(f"item {index}: the answer is {len(response)} tokens, longer than "
+                                f"max_seq_len {self.max_seq_len}")
+            sequences.append(np.asarray(prefix + fitted + response, dtype=np.int64))
+        return sequences
+
+    def encode_texts(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of whole texts, scored as given (no end token added); a text longer than
+        `max_seq_len` loses its left part, after the tokenizer's leading special tokens."""
+        prefix, _ = special_affixes(self.tokenizer)
+        sequences = []
+        for ids in (self.tokenizer(list(texts))["input_ids"] if texts else []):
+            if len(ids) > self.max_seq_len:
+                ids = ids[:len(prefix)] + ids[len(ids) - (self.max_seq_len - len(prefix)):]
+            sequences.append(np.asarray(ids, dtype=np.int64))
+        return sequences
+
+    @torch.inference_mode()
+    def score_ids(self, sequences: list[np.ndarray], progress: bool = False) -> list[float]:
+        """The end score of each sequence, in the order given."""
+        from tqdm import tqdm
+
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        scores = [0.0] * len(sequences)
+        starts = range(0, len(order), self.batch_size)
+        for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress, file=sys.stderr):
+            chunk = order[start:start + self.batch_size]
+            width = round_up(len(sequences[chunk[0]]), 8)
+            input_ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            for row, index in enumerate(chunk):
+                sequence = torch.from_numpy(sequences[index])
+                input_ids[row, :len(sequence)] = sequence
+                attention_mask[row, :len(sequence)] = 1
+            out = self.model.forward_value(input_ids.to(self.device), attention_mask.to(self.device))
+            for index, score in zip(chunk, out["chosen_end_scores"].float().tolist(), strict=True):
+                scores[index] = score
+        return scores
+
+    def score_answers(self, prompt: str, answers: list[str]) -> list[float]:
+        return self.score_ids(self.encode_pairs([prompt] * len(answers), answers))
+
+
+def score_tokenized(scorer: Scorer, tokenized: TokenizedExamples, progress: bool = True) -> dict[str, np.ndarray]:
+    """Rewards of every pair's chosen and rejected answer, with the lengths and sources the
+    evaluation report breaks accuracy down by."""
+    chosen_rows, rejected_rows = [], []
+    for prompt, (chosen, rejected, *_) in zip(tokenized.prompts, tokenized.responses, strict=True):
+        chosen_rows.append(np.concatenate([prompt, chosen]).astype(np.int64))
+        rejected_rows.append(np.concatenate([prompt, rejected]).astype(np.int64))
+    scores = scorer.score_ids(chosen_rows + rejected_rows, progress=progress)
+    pairs = len(chosen_rows)
+    return {"chosen": np.asarray(scores[:pairs]), "rejected": np.asarray(scores[pairs:]),
+            "chosen_lengths": np.array([len(r[0]) for r in tokenized.responses]),
+            "rejected_lengths": np.array([len(r[1]) for r in tokenized.responses]),
+            "pair_lengths": np.array([len(p) + max(len(r[0]), len(r[1]))
+                                      for p, r in zip(tokenized.prompts, tokenized.responses, strict=True)]),
+            "sources": [tokenized.source_names[s] for s in tokenized.sources]}
+
+
+def score_data(scorer: Scorer, data_paths: list[str], data_split: str, split: str, seed: int, cache_dir: str,
+               repo_root: str, log=print) -> tuple[dict[str, np.ndarray], TokenizedExamples]:
+    """Score a split of training's data (same sources, cleaning, phase-2 split and truncation)."""
+    from utils.data.build import load_examples
+    from utils.data.tokenize import tokenize_examples
+
+    train, held_out = load_examples(data_paths, data_split, 2, seed, cache_dir, repo_root, log)
+    tokenized = tokenize_examples(held_out if split == "eval" else train, scorer.tokenizer, scorer.max_seq_len,
+                                  scorer.end_of_conversation_token)
+    log(f"data: {len(tokenized)} pairs to score, {tokenized.truncated} with the prompt cut from the left, "
+        f"{tokenized.too_long} skipped (an answer longer than {scorer.max_seq_len} tokens)")
+    if not len(tokenized):
+        raise UserError(f"--data_path {' '.join(data_paths)}: no pair to score in the {split} split")
+    return score_tokenized(scorer, tokenized), tokenized
