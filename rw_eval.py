@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Score prompt/answer pairs with a reward model saved by step 2.
+"""Score and evaluate a reward model saved by step 2, or serve it to PPO workers over HTTP.
 
-    python rw_eval.py --model_path OUTPUT
-    python rw_eval.py --model_path OUTPUT --prompt "..." --chosen "..." --rejected "..."
+    python rw_eval.py --model_path OUTPUT                                   # built-in examples
+    python rw_eval.py --model_path OUTPUT --prompt P --chosen A --rejected B
+    python rw_eval.py --model_path OUTPUT --prompt P --answer A             # one reward, as step 3 asks
+    python rw_eval.py --model_path OUTPUT --data_path DATA [--report r.json] [--plots DIR]
+    python rw_eval.py --model_path OUTPUT --serve [--host 127.0.0.1] [--port 8000] [--token SECRET]
 
-Texts are tokenised exactly as in training (prompt, then answer + end-of-conversation token) and
-scored at the last real token.
+OUTPUT is a step-2 output folder, its Hugging Face export (OUTPUT/hf), or a folder DeepSpeed-Chat's
+step 2 wrote. Texts are tokenised exactly as in training (prompt, then answer + end-of-conversation
+token) and scored at the last real token.
 """
 
 from __future__ import annotations
@@ -17,14 +21,13 @@ import sys
 
 import torch
 
-from step2_reward_model.checkpoint import META_NAME
-from step2_reward_model.model import load_reward_model
-from utils.data.collate import PairCollator, PairDataset
-from utils.data.examples import Example
-from utils.data.tokenize import tokenize_examples
-from utils.errors import UserError
+from step2_reward_model.evaluation import format_report, pair_report
+from step2_reward_model.model import load_manifest, load_reward_model, load_scoring_tokenizer
+from step2_reward_model.scoring import Scorer, score_data
+from utils.errors import exit_status
 from utils.utils import END_OF_CONVERSATION_TOKEN
 
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILT_IN_EXAMPLES = [
     {"prompt": "Human: In a few sentences, what is a compiler? Assistant: ",
      "chosen": "A compiler is a program that translates source code written in a language such as C "
@@ -39,55 +42,57 @@ BUILT_IN_EXAMPLES = [
 ]
 
 
-def load_meta(model_path: str) -> dict:
-    path = os.path.join(model_path, META_NAME)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-@torch.no_grad()
-def score_answers(model, tokenizer, prompt: str, answers: list[str], max_seq_len: int,
-                  end_of_conversation_token: str) -> list[float]:
-    """The reward of each answer to `prompt`, tokenised and truncated as in training."""
-    example = Example(prompt=prompt, responses=answers, source="cli")
-    tokenized = tokenize_examples([example], tokenizer, max_seq_len, end_of_conversation_token)
-    if not len(tokenized):
-        raise UserError(f"an answer is longer than --max_seq_len {max_seq_len} tokens")
-    batch = PairCollator(tokenizer.pad_token_id)([PairDataset(tokenized)[0]])
-    return model.forward_value(batch["input_ids"], batch["attention_mask"])["chosen_end_scores"].tolist()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Score prompt/answer pairs with a saved reward model.")
-    parser.add_argument("--model_path", required=True, help="A step-2 output folder.")
-    parser.add_argument("--prompt", help="Score this prompt's --chosen and --rejected answers.")
-    parser.add_argument("--chosen", help="The answer that should score higher.")
-    parser.add_argument("--rejected", help="The answer that should score lower.")
-    parser.add_argument("--max_seq_len", type=int, default=None, help="Default: the training length.")
-    parser.add_argument("--num_padding_at_beginning", type=int, default=1,
-                        help="Accepted for compatibility; the scored token comes from the attention mask.")
-    parser.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the checkpoint.")
-    args = parser.parse_args(argv)
-    given = [name for name in ("prompt", "chosen", "rejected") if getattr(args, name) is not None]
-    if given and len(given) != 3:
-        parser.error("--prompt, --chosen and --rejected go together")
+    p = argparse.ArgumentParser(description="Score, evaluate or serve a saved reward model.")
+    p.add_argument("--model_path", required=True,
+                   help="A step-2 output folder, its hf/ export, or a DeepSpeed-Chat step-2 folder.")
+    p.add_argument("--tokenizer_path", default=None,
+                   help="Where the tokenizer is, when --model_path has none (DeepSpeed-Chat saves only vocab files).")
+    p.add_argument("--prompt", help="Score this prompt's --chosen and --rejected answers, or its --answer.")
+    p.add_argument("--chosen", help="The answer that should score higher.")
+    p.add_argument("--rejected", help="The answer that should score lower.")
+    p.add_argument("--answer", help="Score one answer to --prompt (the PPO step's call).")
+    p.add_argument("--data_path", nargs="*", default=None,
+                   help="Evaluate on these sources (anything training's --data_path reads).")
+    p.add_argument("--data_split", default="2,4,4", help="As in training; the phase-2 share is evaluated.")
+    p.add_argument("--split", choices=["eval", "train"], default="eval",
+                   help="Which half of the data to evaluate (default: the held-out one).")
+    p.add_argument("--data_output_path", default="/tmp/data_files/", help="Cache of split indices.")
+    p.add_argument("--seed", type=int, default=1234, help="Training's --seed, which fixes the split.")
+    p.add_argument("--report", help="Write the full evaluation as JSON to this file.")
+    p.add_argument("--plots", help="Write PNG figures (histograms, reward vs length, reliability) here.")
+    p.add_argument("--batch_size", type=int, default=16, help="Sequences per forward pass.")
+    p.add_argument("--max_seq_len", type=int, default=None, help="Default: the training length.")
+    p.add_argument("--num_padding_at_beginning", type=int, default=1,
+                   help="Accepted for compatibility; the scored token comes from the attention mask.")
+    p.add_argument("--serve", action="store_true", help="Serve rewards over HTTP (POST /score).")
+    p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: this machine only).")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", default=os.environ.get("RW_EVAL_TOKEN"),
+                   help="Require 'Authorization: Bearer TOKEN' (default: $RW_EVAL_TOKEN).")
+    p.add_argument("--max_request_bytes", type=int, default=4 << 20, help="Larger request bodies get 413.")
+    p.add_argument("--max_items", type=int, default=256, help="Requests with more pairs or texts get 413.")
+    p.add_argument("--batch_wait_ms", type=float, default=5.0,
+                   help="How long the server waits for concurrent requests to fill a batch.")
+    p.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the checkpoint.")
+    args = p.parse_args(argv)
+    pair = [name for name in ("chosen", "rejected") if getattr(args, name) is not None]
+    if pair and len(pair) != 2:
+        p.error("--chosen and --rejected go together")
+    if bool(pair or args.answer is not None) != (args.prompt is not None):
+        p.error("--prompt needs --chosen and --rejected, or --answer (and they need --prompt)")
+    if pair and args.answer is not None:
+        p.error("give --chosen/--rejected or --answer, not both")
+    if args.prompt is not None and (args.data_path or args.serve):
+        p.error("--prompt cannot be combined with --data_path or --serve")
+    if args.batch_size < 1:
+        p.error("--batch_size must be at least 1")
     return args
 
 
-def run(args: argparse.Namespace) -> None:
-    model = load_reward_model(args.model_path, trust_remote_code=args.trust_remote_code)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
-    meta = load_meta(args.model_path)
-    max_seq_len = args.max_seq_len or meta.get("max_seq_len", 512)
-    eot = meta.get("end_of_conversation_token", END_OF_CONVERSATION_TOKEN)
-    pairs = [vars(args)] if args.prompt is not None else BUILT_IN_EXAMPLES
+def print_pairs(scorer: Scorer, pairs: list[dict]) -> None:
     for pair in pairs:
-        chosen, rejected = score_answers(model, tokenizer, pair["prompt"], [pair["chosen"], pair["rejected"]],
-                                         max_seq_len, eot)
+        chosen, rejected = scorer.score_answers(pair["prompt"], [pair["chosen"], pair["rejected"]])
         print("==================Eval result============================")
         print(f"prompt: {pair['prompt']!r}")
         print(f"chosen: {pair['chosen']!r}\n  reward: {chosen:.4f}")
@@ -95,14 +100,57 @@ def run(args: argparse.Namespace) -> None:
         print(f"preferred: {'chosen' if chosen > rejected else 'rejected'} (margin {chosen - rejected:+.4f})")
 
 
+def evaluate_data(scorer: Scorer, args: argparse.Namespace) -> dict:
+    scored, tokenized = score_data(scorer, args.data_path, args.data_split, args.split, args.seed,
+                                   args.data_output_path, REPO_ROOT, log=lambda m: print(m, file=sys.stderr))
+    report = pair_report(**scored)
+    report["model_path"] = os.path.abspath(args.model_path)
+    report["data"] = {"data_path": args.data_path, "data_split": args.data_split, "split": args.split,
+                      "seed": args.seed, "max_seq_len": scorer.max_seq_len, "truncated": tokenized.truncated,
+                      "too_long": tokenized.too_long}
+    print(format_report(report))
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2, allow_nan=False)
+        print(f"report written to {args.report}")
+    if args.plots:
+        from step2_reward_model.plots import write_plots
+
+        for path in write_plots(scored["chosen"], scored["rejected"], scored["chosen_lengths"],
+                                scored["rejected_lengths"], report, args.plots):
+            print(f"figure written to {path}")
+    return report
+
+
+def build_scorer(args: argparse.Namespace) -> Scorer:
+    model = load_reward_model(args.model_path, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_scoring_tokenizer(args.model_path, args.tokenizer_path, args.trust_remote_code)
+    manifest = load_manifest(args.model_path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Scorer(model.to(device), tokenizer, args.max_seq_len or manifest.get("max_seq_len", 512),
+                  manifest.get("end_of_conversation_token", END_OF_CONVERSATION_TOKEN),
+                  batch_size=args.batch_size, device=device)
+
+
+def run(args: argparse.Namespace) -> None:
+    scorer = build_scorer(args)
+    if args.serve:
+        from step2_reward_model.server import serve
+
+        serve(scorer, host=args.host, port=args.port, token=args.token, max_request_bytes=args.max_request_bytes,
+              max_items=args.max_items, batch_wait_ms=args.batch_wait_ms)
+    elif args.data_path:
+        evaluate_data(scorer, args)
+    elif args.answer is not None:
+        reward = scorer.score_answers(args.prompt, [args.answer])[0]
+        print(f"prompt: {args.prompt!r}\nanswer: {args.answer!r}\n  reward: {reward:.4f}")
+    else:
+        print_pairs(scorer, [vars(args)] if args.prompt is not None else BUILT_IN_EXAMPLES)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":
