@@ -24,7 +24,7 @@ import torch
 from step2_reward_model.evaluation import format_report, pair_report
 from step2_reward_model.model import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.scoring import Scorer, score_data
-from utils.errors import exit_status
+from utils.errors import UserError, exit_status
 from utils.utils import END_OF_CONVERSATION_TOKEN
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -110,8 +110,12 @@ def evaluate_data(scorer: Scorer, args: argparse.Namespace) -> dict:
                       "too_long": tokenized.too_long}
     print(format_report(report))
     if args.report:
-        with open(args.report, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2, allow_nan=False)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
+            with open(args.report, "w", encoding="utf-8") as handle:
+                json.dump(report, handle, indent=2, allow_nan=False)
+        except OSError as err:
+            raise UserError(f"--report {args.report}: cannot write it ({err.strerror})") from None
         print(f"report written to {args.report}")
     if args.plots:
         from step2_reward_model.plots import write_plots

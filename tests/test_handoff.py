@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_cli, save_random_reward_model
+from conftest import REPO_ROOT, run_cli, save_random_reward_model
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from step2_reward_model.model import RewardModel, load_manifest, load_reward_model, load_scoring_tokenizer
@@ -258,7 +258,7 @@ def test_rw_eval_report_breaks_accuracy_down_by_source(saved_models, tmp_path):
         write_jsonl(make_pairs(40, seed=3), str(tmp_path / name / "train.jsonl"))
         write_jsonl(make_pairs(count, seed=4, held_out=True), str(tmp_path / name / "eval.jsonl"))
         sources[name] = count
-    report_path = tmp_path / "report.json"
+    report_path = tmp_path / "not_yet_made" / "report.json"
     result = run_cli([sys.executable, "rw_eval.py", "--model_path", saved_models["opt"],
                       "--data_path", str(tmp_path / "alpha"), str(tmp_path / "beta"), "--data_split", "0,1,0",
                       "--data_output_path", str(tmp_path / "cache"), "--report", str(report_path)],
@@ -274,3 +274,22 @@ def test_rw_eval_report_breaks_accuracy_down_by_source(saved_models, tmp_path):
     wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected, strict=True))
     assert report["by_source"][next(k for k in report["by_source"] if k.endswith("alpha"))]["accuracy"] == \
         pytest.approx(wins / 12)
+
+
+def test_rw_eval_on_real_hh_rlhf_pairs(saved_models, tmp_path):
+    from conftest import needs_shared_data
+
+    from utils.data.sources import load_source
+
+    data = needs_shared_data("hh_rlhf_harmless_sample.jsonl.gz")
+    report_path = tmp_path / "report.json"
+    result = run_cli([sys.executable, "rw_eval.py", "--model_path", saved_models["gpt2"], "--data_path", str(data),
+                      "--data_split", "0,1,0", "--data_output_path", str(tmp_path / "cache"),
+                      "--max_seq_len", "512", "--report", str(report_path)], env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    rows = len(load_source(str(data), str(REPO_ROOT)).train)
+    held_out = report["summary"]["pairs"] + report["data"]["too_long"]
+    assert 0.08 * rows <= held_out <= 0.12 * rows  # a single-split source gives a tenth to evaluation
+    assert report["length_bias"]["pairs_with_different_lengths"] > 0.8 * report["summary"]["pairs"]
+    assert sum(bucket["pairs"] for bucket in report["by_length"]) == report["summary"]["pairs"]

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Offline demo on the CPU: no GPU, no network. Builds a synthetic preference data set, a tokenizer
 # trained on it and a small random OPT-architecture model, trains the reward model with DeepSpeed
-# (fp32, ZeRO stage 0 by default), reports held-out accuracy, then scores two pairs with rw_eval.py.
+# (fp32, ZeRO stage 0 by default), reports held-out accuracy, then scores two pairs with rw_eval.py
+# and evaluates the held-out set in full (report.json and figures in OUTPUT/eval).
 # Usage, from the repository root: bash training_scripts/cpu/run_demo.sh [OUTPUT] [ZERO_STAGE]
 set -euo pipefail
 OUTPUT=${1:-./output_cpu_demo}
@@ -39,3 +40,5 @@ python rw_eval.py --model_path "$OUTPUT" \
    --prompt $'\n\nHuman: How do I boil an egg?\n\nAssistant:' \
    --chosen " Gladly, here you go. Put it in hot water for ten minutes." \
    --rejected " Whatever, not my problem. Put it in hot water for ten minutes."
+python rw_eval.py --model_path "$OUTPUT" --data_path "$ASSETS/data" --data_split 0,1,0 \
+   --data_output_path "$OUTPUT/data_cache" --report "$OUTPUT/eval/report.json" --plots "$OUTPUT/eval"
