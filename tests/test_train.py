@@ -69,6 +69,20 @@ def assert_reproduces(saved: dict, rescored: dict, tolerance: float) -> None:
     assert rescored["rejected"] == pytest.approx(saved["rejected"], abs=tolerance)
 
 
+@torch.no_grad()
+def assert_hf_export_matches(out) -> None:
+    """OUTPUT/hf, loaded by transformers alone, gives the rewards of the step-3 checkpoint."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(str(out / "hf")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "hf"))
+    texts = ["\n\nHuman: What is 2 plus 2?\n\nAssistant: 4" + END_OF_CONVERSATION_TOKEN,
+             "\n\nHuman: Hello\n\nAssistant: Hi, how can I help you today?" + END_OF_CONVERSATION_TOKEN]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    ours = load_reward_model(str(out)).forward_value(batch["input_ids"], batch["attention_mask"])
+    assert classifier(**batch).logits[:, 0].tolist() == pytest.approx(ours["chosen_end_scores"].tolist(), abs=1e-5)
+
+
 @pytest.fixture(scope="module")
 def zero0_run(tmp_path_factory, model_dirs, synthetic_dir):
     """One plain run (ZeRO 0, one rank, no launcher), shared by the tests that read its output."""
@@ -103,8 +117,12 @@ def test_zero0_one_rank_learns_saves_and_reloads_exactly(zero0_run, synthetic_di
 def test_zero2_end_token_loss_with_accumulation_and_checkpointing(tmp_path, model_dirs, synthetic_dir):
     out, meta, log = train(tmp_path, model_dirs["opt"], synthetic_dir, "--zero_stage", "2", "--loss", "end_token",
                            "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "8",
-                           "--num_train_epochs", "2", "--gradient_checkpointing")
+                           "--num_train_epochs", "2", "--gradient_checkpointing",
+                           "--step3_key_prefix", "rwtranrsformer", "--no_hf_export")
     assert meta["loss"] == "end_token"
+    state = torch.load(out / "pytorch_model.bin", weights_only=True)  # as the newest DeepSpeed-Chat names it
+    assert all(k == "v_head.weight" or k.startswith("rwtranrsformer.") for k in state)
+    assert not (out / "hf").exists() and meta["hf_export"] is None
     assert meta["final_eval"]["accuracy"] >= MIN_ACCURACY, log[-2000:]
     assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), tolerance=1e-5)
 
@@ -117,6 +135,7 @@ def test_zero3_two_ranks_through_the_launcher(tmp_path, model_dirs, synthetic_di
     assert meta["final_eval"]["accuracy"] >= MIN_ACCURACY, log[-2000:]
     # Gathered from both ranks' shards: full-size tensors that reload and score as in training.
     assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), tolerance=1e-5)
+    assert_hf_export_matches(out)
 
 
 def test_lora_only_adapters_train_and_are_merged_into_the_saved_weights(tmp_path, model_dirs, synthetic_dir):
