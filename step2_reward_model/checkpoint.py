@@ -63,7 +63,7 @@ def _replace_folder(source: str, target: str) -> None:
 
 
 def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: int, rank: int,
-                      meta: dict, stats: dict | None = None, key_prefix: str = "rwtransformer",
+                      meta: dict, stats: dict | None = None, key_prefix: str = BACKBONE,
                       hf_export: bool = True) -> None:
     """Write OUTPUT: the step-3 `pytorch_model.bin`, config, tokenizer, the manifest, the reward
     statistics (when given) and the Hugging Face export in `hf/`."""

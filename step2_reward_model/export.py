@@ -27,6 +27,7 @@ sys.path.insert(0, REPO_ROOT)
 
 import torch  # noqa: E402
 
+from step2_reward_model.model import BACKBONE, TYPO_BACKBONE  # noqa: E402
 from utils.data.collate import round_up  # noqa: E402
 from utils.errors import UserError, exit_status  # noqa: E402
 
@@ -51,7 +52,7 @@ def export_tokenizer(tokenizer, end_of_conversation_token: str):
 
 
 def sequence_classification_state(state: dict[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], object]:
-    """Our `rwtransformer.* / v_head.weight` state renamed for `AutoModelForSequenceClassification`
+    """Our `rwtransformer.*` / `v_head.weight` state renamed for `AutoModelForSequenceClassification`
     of `config` (num_labels 1); the embedding grows in steps of 8 rows if the vocabulary needs it."""
     from transformers import AutoModelForSequenceClassification
 
@@ -62,7 +63,7 @@ def sequence_classification_state(state: dict[str, torch.Tensor], config) -> tup
     embedding_key = next(name for name, param in target.named_parameters() if param is embedding)
     renamed, missing = {}, []
     for key, expected in target.state_dict().items():
-        source = f"rwtransformer.{key[len(prefix) + 1:]}" if key.startswith(f"{prefix}.") else "v_head.weight"
+        source = f"{BACKBONE}.{key[len(prefix) + 1:]}" if key.startswith(f"{prefix}.") else "v_head.weight"
         if source not in state:
             missing.append(key)
             continue
@@ -73,7 +74,7 @@ def sequence_classification_state(state: dict[str, torch.Tensor], config) -> tup
             missing.append(f"{key} (shape {tuple(tensor.shape)}, expected {tuple(expected.shape)})")
             continue
         renamed[key] = tensor.contiguous()
-    unused = sorted(set(state) - {f"rwtransformer.{k[len(prefix) + 1:]}" for k in renamed} - {"v_head.weight"})
+    unused = sorted(set(state) - {f"{BACKBONE}.{k[len(prefix) + 1:]}" for k in renamed} - {"v_head.weight"})
     if missing or unused:
         raise UserError(f"cannot export as {type(target).__name__}: keys without a source: "
                         f"{', '.join(missing[:5]) or 'none'}; "
@@ -109,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_output_path", default="/tmp/data_files/")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--max_seq_len", type=int, default=None, help="Default: the manifest's, else 512.")
-    p.add_argument("--step3_key_prefix", default="rwtransformer", choices=["rwtransformer", "rwtranrsformer"],
+    p.add_argument("--step3_key_prefix", default=BACKBONE, choices=[BACKBONE, TYPO_BACKBONE],
                    help="Attribute name step 3 expects (newer DeepSpeed-Chat spells it rwtranrsformer).")
     p.add_argument("--trust_remote_code", action="store_true")
     return p.parse_args(argv)

@@ -33,7 +33,7 @@ from step2_reward_model.checkpoint import save_reward_model  # noqa: E402
 from step2_reward_model.evaluation import pair_summary, reward_statistics  # noqa: E402
 from step2_reward_model.lora import apply_lora, merge_lora  # noqa: E402
 from step2_reward_model.losses import LOSSES  # noqa: E402
-from step2_reward_model.model import create_reward_model  # noqa: E402
+from step2_reward_model.model import BACKBONE, TYPO_BACKBONE, create_reward_model  # noqa: E402
 from utils.data.build import create_reward_datasets  # noqa: E402
 from utils.data.collate import EvalShard, PairCollator  # noqa: E402
 from utils.ds_utils import get_train_ds_config, merge_user_config  # noqa: E402
@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss", type=str, default="per_token", choices=LOSSES,
                    help="per_token: DeepSpeed-Chat's loss over the tokens where the answers differ; "
                         "end_token: Bradley-Terry on the end scores.")
-    p.add_argument("--step3_key_prefix", default="rwtransformer", choices=["rwtransformer", "rwtranrsformer"],
+    p.add_argument("--step3_key_prefix", default=BACKBONE, choices=[BACKBONE, TYPO_BACKBONE],
                    help="Prefix of the backbone's keys in pytorch_model.bin; newer DeepSpeed-Chat step 3 "
                         "expects the misspelt rwtranrsformer (and skips unknown keys without a word).")
     p.add_argument("--no_hf_export", action="store_true",
