@@ -613,6 +613,8 @@ def hand_tokenized(lengths: list[tuple[int, int, int]]) -> TokenizedExamples:
         out.prompts.append(np.arange(p, dtype=np.int32) + 1000 * (i + 1))
         out.responses.append([np.arange(c, dtype=np.int32) + 1000 * (i + 1) + 100,
                               np.arange(r, dtype=np.int32) + 1000 * (i + 1) + 200])
+        out.ranks.append(np.array([0, 1], dtype=np.int32))
+        out.margins.append(0.0)
         out.sources.append(0)
     out.source_names = ["hand"]
     return out
@@ -638,7 +640,22 @@ def test_collator_stacks_chosen_then_rejected_padded_to_multiple_of_8(lengths, w
             assert batch["input_ids"][row, :len(real)].tolist() == real
             assert batch["input_ids"][row, len(real):].tolist() == [pad] * (width - len(real))
             assert batch["attention_mask"][row].tolist() == [1] * len(real) + [0] * (width - len(real))
+    assert batch["group"].tolist() == list(range(n)) * 2 and batch["rank"].tolist() == [0] * n + [1] * n
+    assert batch["margin"].tolist() == [0.0] * n
     assert "is_real" not in batch
+
+
+def test_collator_ranked_lists_of_different_lengths():
+    tokenized = hand_tokenized([(2, 1, 1), (1, 2, 2)])
+    tokenized.responses[1].append(np.array([2300, 2301, 2302], dtype=np.int32))
+    tokenized.ranks[1] = np.array([0, 1, 1], dtype=np.int32)  # best of three, the others unordered
+    tokenized.margins = [0.5, 0.0]
+    dataset = PairDataset(tokenized)
+    batch = PairCollator(0)([dataset[0], dataset[1]])
+    assert batch["group"].tolist() == [0, 1, 0, 1, 1] and batch["rank"].tolist() == [0, 0, 1, 1, 1]
+    assert batch["margin"].tolist() == [0.5, 0.0] and batch["source"].tolist() == [0, 0]
+    assert batch["input_ids"][4, :4].tolist() == [2000, 2300, 2301, 2302]
+    assert batch["attention_mask"].sum(-1).tolist() == [3, 3, 3, 3, 4]
 
 
 @pytest.mark.parametrize("size", [1, 5, 7, 8])

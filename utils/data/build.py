@@ -13,17 +13,20 @@ import json
 import os
 import re
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch.distributed as dist
 
 from utils.data.collate import PairDataset
-from utils.data.examples import Example, clean_source
-from utils.data.sources import load_source, local_path
+from utils.data.examples import Example, clean_source, describe_drops, origin
+from utils.data.sources import RawSplits, load_source, local_path
 from utils.data.split import parse_split, phase_indices, shuffle_order
+from utils.data.steps import StepDataset, StepExample, clean_step_rows, load_steps, save_steps, tokenize_steps
 from utils.data.tokenize import TokenizedExamples, load_tokenized, save_tokenized, tokenize_examples
 from utils.errors import UserError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def _file_stamps(path: str) -> list:
@@ -44,39 +47,110 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(data_paths: list[str], data_split: str, phase: int, seed: int, max_seq_len: int,
-              end_of_conversation_token: str, tokenizer, repo_root: str) -> str:
+              end_of_conversation_token: str, tokenizer, repo_root: str, options: DataOptions | None = None) -> str:
     stamps = [_file_stamps(local_path(p, repo_root)) for p in data_paths]
     spec = {"format": CACHE_FORMAT, "paths": data_paths, "stamps": stamps,
             "split": data_split, "phase": phase, "seed": seed, "max_seq_len": max_seq_len,
-            "eot": end_of_conversation_token, "tokenizer": tokenizer_fingerprint(tokenizer)}
+            "eot": end_of_conversation_token, "tokenizer": tokenizer_fingerprint(tokenizer),
+            "options": asdict(options or DataOptions())}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How examples are chosen and labelled beyond the split (all part of the cache key)."""
+
+    data_weights: tuple[float, ...] | None = None  # per source: its share of the training examples
+    margin_source: str = "column"  # column: a `margin` column; scores: score_chosen - score_rejected; none
+    max_responses: int = 0  # > 0: keep this many of a prompt's ranked responses (best, worst, evenly between)
+    chat_template: str | None = None  # Jinja text used instead of the tokenizer's own
+
+
+MARGIN_SOURCES = ("column", "scores", "none")
+
+
+def apply_margin(example: Example, margin_source: str) -> Example:
+    """The margin the loss uses: from the margin column, from the score columns, or none."""
+    margin = {"column": example.get("margin", 0.0), "scores": example.get("score_margin", 0.0),
+              "none": 0.0}[margin_source]
+    return {**example, "margin": float(margin)}
+
+
+def limit_responses(example: Example, limit: int) -> Example:
+    """At most `limit` responses: the best, the worst and evenly spaced ones between (a memory bound
+    for long ranked lists; every kept pair keeps its order)."""
+    count = len(example["responses"])
+    if limit <= 0 or count <= limit or "token_ids" in example:
+        return example
+    keep = sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})
+    return {**example, "responses": [example["responses"][i] for i in keep],
+            "ranks": [example["ranks"][i] for i in keep]}
+
+
+def weigh_sources(per_source: list[list[Example]], weights: tuple[float, ...],
+                  seed: int) -> tuple[list[Example], list[int]]:
+    """Resample each source's training examples to its share of the total (with replacement only
+    where a source must grow), seeded so every rank builds the same set."""
+    total = sum(len(examples) for examples in per_source)
+    rng = np.random.default_rng(seed)
+    out: list[Example] = []
+    counts = [round(total * weight / sum(weights)) for weight in weights]
+    for examples, target in zip(per_source, counts, strict=True):
+        picked = rng.choice(len(examples), size=target, replace=target > len(examples))
+        out.extend(examples[i] for i in picked)
+    return out, counts
 
 
 def _select(rows: list, indices: list[int]) -> list:
     return [rows[i] for i in indices]
 
 
+def _phase_rows(raw: RawSplits, data_split: str, phase: int, seed: int, cache_dir: str) -> dict[str, list]:
+    """This phase's train and eval rows of one source (a tenth of train is held out when it has one split)."""
+    key = re.sub(r"[^\w.-]+", "_", raw.name).strip("_")
+    train_rows, eval_rows = raw.train, raw.eval
+    if eval_rows is None:
+        halves = [phase_indices(len(train_rows), "9,1,0", i, seed, cache_dir, f"{key}_train_eval") for i in (0, 1)]
+        train_rows, eval_rows = _select(train_rows, halves[0]), _select(train_rows, halves[1])
+    picked = {}
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        indices = phase_indices(len(rows), data_split, phase - 1, seed, cache_dir, f"{key}_{split}")
+        picked[split] = _select(rows, indices)
+        if not picked[split]:
+            raise UserError(f"{raw.name}: --data_split {data_split} leaves no {split} rows for "
+                            f"phase {phase} ({len(rows)} rows in the split)")
+    return picked
+
+
 def load_examples(data_paths: list[str], data_split: str, phase: int, seed: int, cache_dir: str,
-                  repo_root: str, log: Callable[[str], None]) -> tuple[list[Example], list[Example]]:
+                  repo_root: str, log: Callable[[str], None],
+                  options: DataOptions | None = None) -> tuple[list[Example], list[Example]]:
     """Train and eval examples of this phase from every source, concatenated and shuffled."""
+    options = options or DataOptions()
     parse_split(data_split)
-    train: list[Example] = []
+    weights = options.data_weights
+    if weights is not None and (len(weights) != len(data_paths) or min(weights) < 0 or not sum(weights)):
+        raise UserError(f"--data_weights needs one non-negative weight per --data_path ({len(data_paths)}), "
+                        f"not all zero; got {' '.join(map(str, weights))}")
+    per_source: list[list[Example]] = []
     evaluation: list[Example] = []
     for path in data_paths:
         raw = load_source(path, repo_root)
-        key = re.sub(r"[^\w.-]+", "_", raw.name).strip("_")
-        train_rows, eval_rows = raw.train, raw.eval
-        if eval_rows is None:  # one split only: hold out a tenth for evaluation
-            halves = [phase_indices(len(train_rows), "9,1,0", i, seed, cache_dir, f"{key}_train_eval") for i in (0, 1)]
-            train_rows, eval_rows = _select(train_rows, halves[0]), _select(train_rows, halves[1])
-        for split, rows, sink in (("train", train_rows, train), ("eval", eval_rows, evaluation)):
-            picked = _select(rows, phase_indices(len(rows), data_split, phase - 1, seed, cache_dir, f"{key}_{split}"))
-            if not picked:
-                raise UserError(f"{raw.name}: --data_split {data_split} leaves no {split} rows for "
-                                f"phase {phase} ({len(rows)} rows in the split)")
+        for split, picked in _phase_rows(raw, data_split, phase, seed, cache_dir).items():
             examples, summary = clean_source(raw, split, picked)
             log(f"data: {summary}")
-            sink.extend(examples)
+            examples = [limit_responses(apply_margin(ex, options.margin_source), options.max_responses)
+                        for ex in examples]
+            if split == "train":
+                per_source.append(examples)
+            else:
+                evaluation.extend(examples)
+    if weights is not None:
+        train, counts = weigh_sources(per_source, weights, seed)
+        log("data: train examples per source after --data_weights: "
+            + ", ".join(f"{path} {count}" for path, count in zip(data_paths, counts, strict=True)))
+    else:
+        train = [example for examples in per_source for example in examples]
     if len(data_paths) > 1:
         train = _select(train, shuffle_order(len(train), seed))
         evaluation = _select(evaluation, shuffle_order(len(evaluation), seed))
@@ -84,8 +158,8 @@ def load_examples(data_paths: list[str], data_split: str, phase: int, seed: int,
 
 
 def _tokenize_split(examples: list[Example], split: str, tokenizer, max_seq_len: int, eot: str,
-                    log: Callable[[str], None]) -> TokenizedExamples:
-    tokenized = tokenize_examples(examples, tokenizer, max_seq_len, eot)
+                    log: Callable[[str], None], chat_template: str | None) -> TokenizedExamples:
+    tokenized = tokenize_examples(examples, tokenizer, max_seq_len, eot, chat_template)
     log(f"data: {split}: {len(tokenized)} pairs tokenised, {tokenized.truncated} with the prompt "
         f"cut from the left, {tokenized.too_long} dropped (a response longer than --max_seq_len {max_seq_len})")
     if not len(tokenized):
@@ -102,16 +176,53 @@ def _barrier() -> None:
 def create_reward_datasets(data_paths: list[str], data_split: str, data_output_path: str, seed: int,
                            tokenizer, max_seq_len: int, end_of_conversation_token: str,
                            repo_root: str, local_rank: int = 0, phase: int = 2,
-                           log: Callable[[str], None] = print) -> tuple[PairDataset, PairDataset]:
+                           log: Callable[[str], None] = print,
+                           options: DataOptions | None = None) -> tuple[PairDataset, PairDataset]:
     """Train and eval sets for `phase` (2: reward model), built once per node and cached."""
+    options = options or DataOptions()
     key = cache_key(data_paths, data_split, phase, seed, max_seq_len, end_of_conversation_token, tokenizer,
-                    repo_root)
+                    repo_root, options)
     paths = {split: os.path.join(data_output_path, f"reward_{split}_{key}.npz") for split in ("train", "eval")}
     if local_rank <= 0 and not all(os.path.isfile(p) for p in paths.values()):
         os.makedirs(data_output_path, exist_ok=True)
-        train, evaluation = load_examples(data_paths, data_split, phase, seed, data_output_path, repo_root, log)
+        train, evaluation = load_examples(data_paths, data_split, phase, seed, data_output_path, repo_root, log,
+                                          options)
         for split, examples in (("train", train), ("eval", evaluation)):
-            save_tokenized(_tokenize_split(examples, split, tokenizer, max_seq_len,
-                                           end_of_conversation_token, log), paths[split])
+            save_tokenized(_tokenize_split(examples, split, tokenizer, max_seq_len, end_of_conversation_token,
+                                           log, options.chat_template), paths[split])
     _barrier()
     return PairDataset(load_tokenized(paths["train"])), PairDataset(load_tokenized(paths["eval"]))
+
+
+def create_step_datasets(data_paths: list[str], data_split: str, data_output_path: str, seed: int, tokenizer,
+                         max_seq_len: int, separator: str, neutral: str, last_step_only: bool, repo_root: str,
+                         local_rank: int = 0, phase: int = 2,
+                         log: Callable[[str], None] = print) -> tuple[StepDataset, StepDataset]:
+    """Train and eval sets of step-labelled solutions for a process reward model, split and cached
+    like the preference sets."""
+    options = {"separator": separator, "neutral": neutral, "last_step_only": last_step_only}
+    key = cache_key(data_paths, data_split, phase, seed, max_seq_len, json.dumps(options), tokenizer, repo_root)
+    paths = {split: os.path.join(data_output_path, f"steps_{split}_{key}.npz") for split in ("train", "eval")}
+    if local_rank <= 0 and not all(os.path.isfile(p) for p in paths.values()):
+        os.makedirs(data_output_path, exist_ok=True)
+        examples: dict[str, list[StepExample]] = {"train": [], "eval": []}
+        for path in data_paths:
+            raw = load_source(path, repo_root)
+            for split, rows in _phase_rows(raw, data_split, phase, seed, data_output_path).items():
+                cleaned, dropped = clean_step_rows(rows, raw.name, neutral)
+                log(f"data: {raw.name} [{split}]: {len(rows)} rows -> {len(cleaned)} step-labelled solutions "
+                    f"(dropped: {describe_drops(dropped)})")
+                if not cleaned:
+                    raise UserError(f"{origin(rows) if rows else raw.name}: no usable step-labelled rows in the "
+                                    f"{split} split (expected prompt, steps or completions, labels; "
+                                    f"dropped: {describe_drops(dropped)})")
+                examples[split].extend(cleaned)
+        for split, items in examples.items():
+            tokenized = tokenize_steps(items, tokenizer, max_seq_len, separator, last_step_only)
+            log(f"data: {split}: {len(tokenized)} solutions tokenised, {tokenized.truncated} shortened, "
+                f"{tokenized.too_long} dropped (no labelled step fits in --max_seq_len {max_seq_len})")
+            if not len(tokenized):
+                raise UserError(f"--max_seq_len {max_seq_len} is too small: no {split} solution keeps a labelled step")
+            save_steps(tokenized, paths[split])
+    _barrier()
+    return StepDataset(load_steps(paths["train"])), StepDataset(load_steps(paths["eval"]))

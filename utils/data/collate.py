@@ -1,8 +1,11 @@
-"""Tokenised examples -> model batches: chosen rows, then rejected rows, padded to the batch's longest.
+"""Tokenised examples -> model batches: every example's best response, then every second response,
+and so on (for pairs: all chosen rows, then all rejected rows), padded to the batch's longest.
 
-Padding goes on the right, to the longest sequence of the batch rounded up to a multiple of 8
-(never to `--max_seq_len`). The pad id's value does not matter: the attention mask says which
-tokens are real and the model scores the last real one.
+Each row carries its example's index in the batch (`group`) and its rank (0 best, equal =
+unordered), so pairs and ranked lists of any length share one layout. Padding goes on the right,
+to the longest sequence of the batch rounded up to a multiple of 8 (never to `--max_seq_len`).
+The pad id's value does not matter: the attention mask says which tokens are real and the model
+scores the last real one.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ class PairDataset(Dataset):
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict:
-        return {"prompt": self.data.prompts[index], "responses": self.data.responses[index],
-                "source": self.data.sources[index]}
+        data = self.data
+        return {"prompt": data.prompts[index], "responses": data.responses[index], "ranks": data.ranks[index],
+                "margin": data.margins[index], "source": data.sources[index]}
 
 
 class EvalShard(Dataset):
@@ -53,23 +57,28 @@ def round_up(length: int, multiple: int) -> int:
 
 
 class PairCollator:
-    """Stacks every example's response `k` as row block `k`: [all chosen; all rejected]."""
+    """Stacks every example's response `k` as row block `k`; examples with fewer responses skip
+    the later blocks. `margin`, `source` and `is_real` are per example, `group` and `rank` per row."""
 
     def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int = 8):
         self.pad_token_id = pad_token_id if pad_token_id is not None else 0  # masked out either way
         self.multiple = pad_to_multiple_of
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        num_responses = len(items[0]["responses"])
-        rows = [np.concatenate([item["prompt"], item["responses"][k]])
-                for k in range(num_responses) for item in items]
+        placed = [(g, k) for k in range(max(len(item["responses"]) for item in items))
+                  for g, item in enumerate(items) if k < len(item["responses"])]
+        rows = [np.concatenate([items[g]["prompt"], items[g]["responses"][k]]) for g, k in placed]
         width = round_up(max(len(row) for row in rows), self.multiple)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             input_ids[i, :len(row)] = torch.from_numpy(row.astype(np.int64))
             attention_mask[i, :len(row)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "group": torch.tensor([g for g, _ in placed]),
+                 "rank": torch.tensor([int(items[g]["ranks"][k]) for g, k in placed]),
+                 "margin": torch.tensor([float(item["margin"]) for item in items]),
+                 "source": torch.tensor([item["source"] for item in items])}
         if "is_real" in items[0]:
             batch["is_real"] = torch.tensor([item["is_real"] for item in items])
         return batch

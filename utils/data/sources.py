@@ -2,15 +2,18 @@
 
 A source is data, not a class: `SOURCES` maps a dataset id to a row adapter and its split names.
 Adding a data set is adding one entry. Anything not in the table is read as a local file or
-folder, or (for `org/name` ids) as a hub data set with `prompt/chosen/rejected` or HH-style
-`chosen/rejected` columns.
+folder, or (for `org/name` ids) as a hub data set, by `_columns`: it tells the common public layouts
+apart by their keys (`LAYOUTS`), so pairs, ranked lists, chat messages and pretokenized rows need no
+flag. Adapters only reshape a row; `utils.data.examples` decides whether it is usable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -21,6 +24,13 @@ from utils.errors import UserError, first_line
 
 Row = dict[str, Any]
 Adapter = Callable[[Row], Row]
+Messages = list[dict[str, str]]
+MALFORMED_MESSAGES = "malformed chat messages (need a list of {role, content} strings)"
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+ACCEPTED_LAYOUTS = ("prompt/chosen/rejected, chosen/rejected (HH dialogues or chat messages), prompt/responses/ranks, "
+                    "prompt/ranked_outputs, conversation/ranked_responses (OpenAssistant) or "
+                    "input_ids_chosen/input_ids_rejected (pretokenized); step-labelled prompt/steps/labels "
+                    "rows train a process reward model with --process_reward")
 ASSISTANT = "\n\nAssistant:"
 LOCAL_EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
 EVAL_SPLIT_NAMES = ("eval", "test", "validation", "valid")
@@ -37,14 +47,130 @@ def split_hh_dialogue(chosen: str, rejected: str) -> Row:
     return {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
 
 
-def _columns(row: Row) -> Row:
-    """prompt/chosen/rejected columns, or chosen/rejected whole dialogues (HH format)."""
-    if "prompt" in row:
-        return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+def is_messages(value: Any) -> bool:
+    """A chat: a list of {"role": str, "content": str} objects."""
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+def split_chat(chosen: Messages, rejected: Messages) -> Row:
+    """Chat pairs without a prompt column hold two whole conversations; the prompt is the messages
+    they open with in common, the rest of each is its response."""
+    if not is_messages(chosen) or not is_messages(rejected):
+        raise ValueError(MALFORMED_MESSAGES)
+    shared = 0
+    for ours, theirs in zip(chosen, rejected, strict=False):  # up to the shorter one
+        if (ours["role"], ours["content"]) != (theirs["role"], theirs["content"]):
+            break
+        shared += 1
+    if not shared:
+        raise ValueError("no shared leading messages in chosen/rejected")
+    if shared in (len(chosen), len(rejected)):
+        raise ValueError("no messages after the shared prompt in chosen or rejected")
+    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
+def _number(row: Row, key: str) -> float | None:
+    """The row's number under `key` (numeric text too, as CSV gives it), None when absent or empty."""
+    value = row.get(key)
+    if value is None or value == "":
+        return None
+    number = math.nan
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"'{key}' is not a finite number")
+    return number
+
+
+def _judgement(row: Row) -> Row:
+    """A pair row's optional margin, score difference, and tie (a `tie: true` flag or equal scores)."""
+    extra: Row = {}
+    margin = _number(row, "margin")
+    if margin is not None:
+        extra["margin"] = margin
+    scores = _number(row, "score_chosen"), _number(row, "score_rejected")
+    if None not in scores:
+        extra["score_margin"] = scores[0] - scores[1]
+    if row.get("tie") is True or extra.get("score_margin") == 0:
+        extra["tie"] = True
+    return extra
+
+
+def _pair(row: Row) -> Row:
+    """prompt/chosen/rejected columns (text or chat messages), or chosen/rejected whole dialogues: HH
+    text or chat messages, whose shared opening is the prompt."""
     chosen, rejected = row["chosen"], row["rejected"]
-    if not isinstance(chosen, str) or not isinstance(rejected, str):
-        raise TypeError("'chosen' and 'rejected' must be strings")
-    return split_hh_dialogue(chosen, rejected)
+    if "prompt" in row:
+        pair = {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected}
+    elif isinstance(chosen, list) or isinstance(rejected, list):
+        pair = split_chat(chosen, rejected)
+    elif isinstance(chosen, str) and isinstance(rejected, str):
+        pair = split_hh_dialogue(chosen, rejected)
+    else:
+        raise TypeError("'chosen' and 'rejected' must be strings or chat messages")
+    return {**pair, **_judgement(row)}
+
+
+def _list(row: Row, key: str) -> list:
+    value = row[key]
+    if not isinstance(value, list):
+        raise TypeError(f"'{key}' must be a list")
+    return value
+
+
+def _ranked(row: Row) -> Row:
+    """{prompt, responses, ranks}: a lower rank is better, equal ranks are unordered."""
+    return {"prompt": row["prompt"], "responses": row["responses"], "ranks": row["ranks"]}
+
+
+def _ranked_outputs(row: Row) -> Row:
+    """{prompt, ranked_outputs: [best, ..., worst]}."""
+    outputs = _list(row, "ranked_outputs")
+    return {"prompt": row["prompt"], "responses": outputs, "ranks": list(range(len(outputs)))}
+
+
+def _oasst(row: Row) -> Row:
+    """OpenAssistant ranked siblings: the conversation so far, then each ranked reply as an assistant turn."""
+    prompt = [{"role": OASST_ROLES.get(m["role"]), "content": m["text"]} for m in _list(row, "conversation")]
+    replies = _list(row, "ranked_responses")
+    ranks = row["ranks"] if "ranks" in row else list(range(len(replies)))
+    return {"prompt": prompt, "responses": [[{"role": "assistant", "content": reply}] for reply in replies],
+            "ranks": ranks}
+
+
+def _token_ids(row: Row, side: str) -> list[int]:
+    """`input_ids_<side>` where `attention_mask_<side>` (optional) is 1."""
+    ids = row[f"input_ids_{side}"]
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError("input ids are not lists of integers")
+    mask = row.get(f"attention_mask_{side}")
+    if mask is None:
+        return ids
+    if not isinstance(mask, list) or len(mask) != len(ids) or not all(m in (0, 1) for m in mask):
+        raise ValueError("attention mask is not one 0/1 per input id")
+    return [i for i, m in zip(ids, mask, strict=True) if m == 1]
+
+
+def _pretokenized(row: Row) -> Row:
+    """TRL-style tokenised pairs: each side's whole sequence, prompt included."""
+    return {"token_ids": [_token_ids(row, "chosen"), _token_ids(row, "rejected")], **_judgement(row)}
+
+
+# The layouts `_columns` reads, each told apart by a key only it has, checked in this order; any
+# other row is a pair (`_pair`), so a row with none of these keys fails as a pair with a missing field.
+LAYOUTS: list[tuple[str, Adapter]] = [
+    ("input_ids_chosen", _pretokenized),
+    ("ranked_responses", _oasst),
+    ("ranked_outputs", _ranked_outputs),
+    ("responses", _ranked),
+]
+
+
+def _columns(row: Row) -> Row:
+    """The adapter for local files and unknown hub ids: the first matching layout of `LAYOUTS`, or a pair."""
+    return next((adapter for key, adapter in LAYOUTS if key in row), _pair)(row)
 
 
 def _human_assistant(question: str) -> str:

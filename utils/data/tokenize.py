@@ -1,7 +1,8 @@
 """Examples -> token ids, with truncation that keeps the scored end of every response.
 
 Each sequence is `[tokenizer's leading specials] prompt response end_of_conversation [trailing
-specials]`. The prompt and each response are tokenised separately, exactly as the PPO step sees
+specials]`. Conversations are first rendered to text with the chat template; pretokenized rows
+keep their ids. The prompt and each response are tokenised separately, exactly as the PPO step sees
 them (prompt tokens followed by generated tokens). When a pair is longer than `max_seq_len`, the
 prompt is cut from the left by the same amount for every response of the example, so the answers
 and their last token (the one that is scored) survive and the shared prompt stays shared. An
@@ -40,10 +41,13 @@ def fit_prompt(prompt: list[int], responses: list[list[int]], prefix_length: int
 
 @dataclass
 class TokenizedExamples:
-    """Token ids of examples: the (truncated) prompt once, each response with its end tokens."""
+    """Token ids of examples: the (truncated) prompt once, each response with its end tokens, the
+    responses' ranks (0 best, equal = unordered) and the example's margin."""
 
     prompts: list[np.ndarray] = field(default_factory=list)
     responses: list[list[np.ndarray]] = field(default_factory=list)
+    ranks: list[np.ndarray] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)
     sources: list[int] = field(default_factory=list)
     source_names: list[str] = field(default_factory=list)
     truncated: int = 0
@@ -53,25 +57,47 @@ class TokenizedExamples:
         return len(self.prompts)
 
 
+def _pretokenized(sequences: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+    """Whole sequences -> their longest shared prefix as the prompt, and the rest of each."""
+    shared = 0
+    shortest = min(len(seq) for seq in sequences)
+    while shared < shortest - 1 and all(seq[shared] == sequences[0][shared] for seq in sequences):
+        shared += 1
+    return list(sequences[0][:shared]), [list(seq[shared:]) for seq in sequences]
+
+
 def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int,
-                      end_of_conversation_token: str) -> TokenizedExamples:
+                      end_of_conversation_token: str, chat_template: str | None = None) -> TokenizedExamples:
+    """Conversations are rendered with the chat template first; pretokenized rows keep their ids
+    (no specials or end token added) and split at their shared prefix."""
+    from utils.data.chat import render
+
     out = TokenizedExamples()
     if not examples:
         return out
+    examples = [render(tokenizer, ex, chat_template) if "token_ids" not in ex else ex for ex in examples]
+    texts = [ex for ex in examples if "token_ids" not in ex]
     prefix, suffix = special_affixes(tokenizer)
-    prompt_ids = tokenizer([ex["prompt"] for ex in examples], add_special_tokens=False)["input_ids"]
-    flat = [resp + end_of_conversation_token for ex in examples for resp in ex["responses"]]
-    flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"])
+    prompt_ids = iter(tokenizer([ex["prompt"] for ex in texts], add_special_tokens=False)["input_ids"]
+                      if texts else [])
+    flat = [resp + end_of_conversation_token for ex in texts for resp in ex["responses"]]
+    flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
     names: dict[str, int] = {}
-    for example, prompt in zip(examples, prompt_ids, strict=True):
-        responses = [next(flat_ids) + suffix for _ in example["responses"]]
-        fitted = fit_prompt(prompt, responses, len(prefix), max_seq_len)
+    for example in examples:
+        if "token_ids" in example:
+            lead, (prompt, responses) = [], _pretokenized(example["token_ids"])
+        else:
+            lead, prompt = prefix, next(prompt_ids)
+            responses = [next(flat_ids) + suffix for _ in example["responses"]]
+        fitted = fit_prompt(prompt, responses, len(lead), max_seq_len)
         if fitted is None:
             out.too_long += 1
             continue
         out.truncated += len(fitted) < len(prompt)
-        out.prompts.append(np.asarray(prefix + fitted, dtype=np.int32))
+        out.prompts.append(np.asarray(lead + fitted, dtype=np.int32))
         out.responses.append([np.asarray(resp, dtype=np.int32) for resp in responses])
+        out.ranks.append(np.asarray(example.get("ranks", range(len(responses))), dtype=np.int32))
+        out.margins.append(float(example.get("margin", 0.0)))
         out.sources.append(names.setdefault(example["source"], len(names)))
     out.source_names = list(names)
     return out
@@ -89,13 +115,15 @@ def _unflatten(data: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
 
 
 def save_tokenized(tokenized: TokenizedExamples, path: str) -> None:
-    """Write as `.npz` of flat int arrays (no pickles), atomically."""
+    """Write as `.npz` of flat arrays (no pickles), atomically."""
     counts = np.array([len(r) for r in tokenized.responses], dtype=np.int64)
     prompts, prompt_offsets = _flatten(tokenized.prompts)
     responses, response_offsets = _flatten([r for rs in tokenized.responses for r in rs])
+    ranks = np.concatenate(tokenized.ranks).astype(np.int32) if tokenized.ranks else np.zeros(0, np.int32)
     tmp = f"{path}.tmp.npz"
     np.savez(tmp, prompts=prompts, prompt_offsets=prompt_offsets, responses=responses,
-             response_offsets=response_offsets, counts=counts,
+             response_offsets=response_offsets, counts=counts, ranks=ranks,
+             margins=np.asarray(tokenized.margins, dtype=np.float64),
              sources=np.asarray(tokenized.sources, dtype=np.int64),
              source_names=np.asarray(tokenized.source_names, dtype=np.str_),
              stats=np.array([tokenized.truncated, tokenized.too_long], dtype=np.int64))
@@ -105,10 +133,12 @@ def save_tokenized(tokenized: TokenizedExamples, path: str) -> None:
 def load_tokenized(path: str) -> TokenizedExamples:
     with np.load(path, allow_pickle=False) as saved:
         flat_responses = _unflatten(saved["responses"], saved["response_offsets"])
-        starts = np.concatenate([[0], np.cumsum(saved["counts"])])
-        responses = [flat_responses[starts[i]:starts[i + 1]] for i in range(len(saved["counts"]))]
+        starts = np.concatenate([[0], np.cumsum(saved["counts"])]).astype(np.int64)
+        groups = range(len(saved["counts"]))
         truncated, too_long = saved["stats"].tolist()
         return TokenizedExamples(prompts=_unflatten(saved["prompts"], saved["prompt_offsets"]),
-                                 responses=responses, sources=saved["sources"].tolist(),
+                                 responses=[flat_responses[starts[i]:starts[i + 1]] for i in groups],
+                                 ranks=[saved["ranks"][starts[i]:starts[i + 1]] for i in groups],
+                                 margins=saved["margins"].tolist(), sources=saved["sources"].tolist(),
                                  source_names=saved["source_names"].tolist(),
                                  truncated=truncated, too_long=too_long)
