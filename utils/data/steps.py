@@ -1,0 +1,273 @@
+"""Step-wise data for process reward models (PRM): one label per reasoning step instead of one per answer.
+
+A row is `{"prompt", "steps" (or "completions"), "labels"}`, as in PRM800K and Math-Shepherd. Labels come in
+several conventions (booleans; 1 good / 0 neutral / -1 wrong; null for steps nobody rated, as after the first
+error in PRM800K), so they are normalised here to 1 (good), 0 (bad) or None (unlabelled), with an explicit
+policy for "neutral". Bad rows are counted by reason, never raised, as for preference pairs.
+
+Each step is tokenised on its own followed by the separator, the way a policy generates it in the PPO step,
+and is scored at the last token of that segment, where the step is complete. The prompt ends with the
+separator too, so the first step starts on its own as the others do. Truncation cuts the prompt from
+the left first (as for pairs) and then drops whole trailing steps, so a step is never scored on half its text.
+
+`make_step_rows` generates a synthetic step task (additions whose result is sometimes wrong) that a tiny
+model learns on CPU in seconds, for the tests and the offline demo.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from utils.data.collate import round_up
+from utils.data.synthetic import is_held_out
+from utils.data.tokenize import special_affixes
+
+NEUTRAL = ("positive", "negative", "ignore")
+UNLABELLED = -1.0  # stored label of a step that is not scored
+
+
+class StepExample(TypedDict):
+    prompt: str
+    steps: list[str]
+    labels: list[int | None]  # 1 good, 0 bad, None unlabelled
+    source: str
+
+
+def is_step_row(row: Any) -> bool:
+    """Whether a raw row is step-wise (has labels and steps or completions) rather than a preference pair."""
+    return isinstance(row, dict) and "labels" in row and ("steps" in row or "completions" in row)
+
+
+def _label(value: Any, neutral: str) -> tuple[int | None, bool]:
+    """(normalised label, valid): booleans and 1 / -1 map to good / bad, 0 follows the neutral policy."""
+    if value is None:
+        return None, True
+    if isinstance(value, bool):
+        return int(value), True
+    if isinstance(value, int | float) and value in (1, 0, -1):
+        if value == 0:
+            return {"positive": 1, "negative": 0, "ignore": None}[neutral], True
+        return int(value > 0), True
+    return None, False
+
+
+def _step_problem(row: Any, neutral: str, source: str) -> tuple[StepExample | None, str | None]:
+    """(example, None) or (None, the reason the row cannot be used)."""
+    if not isinstance(row, dict):
+        return None, "row is not an object"
+    steps_key = "completions" if "completions" in row and "steps" not in row else "steps"
+    for key in ("prompt", steps_key, "labels"):
+        if key not in row:
+            return None, f"missing field '{key}'"
+    prompt, steps, labels = row["prompt"], row[steps_key], row["labels"]
+    if (not isinstance(prompt, str) or not isinstance(steps, list) or not isinstance(labels, list)
+            or not all(isinstance(step, str) for step in steps)):
+        return None, "field of the wrong type"
+    if len(labels) != len(steps):
+        return None, "labels and steps differ in length"
+    if not prompt.strip():
+        return None, "empty prompt"
+    if not steps:
+        return None, "no steps"
+    if not all(step.strip() for step in steps):
+        return None, "empty step"
+    normalised = [_label(value, neutral) for value in labels]
+    if not all(valid for _, valid in normalised):
+        return None, "label not one of true, false, 1, 0, -1, null"
+    if all(label is None for label, _ in normalised):
+        return None, "no labelled step"
+    return StepExample(prompt=prompt, steps=steps, labels=[label for label, _ in normalised], source=source), None
+
+
+def clean_step_rows(rows: list[tuple[str, Any]], source: str,
+                    neutral: str = "positive") -> tuple[list[StepExample], Counter]:
+    """Validate and normalise step-wise rows; returns the examples and a count of dropped rows per reason.
+
+    `neutral` says what a 0 label means: "positive" (good, PRM800K's own reading: the step is not a mistake),
+    "negative" (bad) or "ignore" (unlabelled).
+    """
+    if neutral not in NEUTRAL:
+        raise ValueError(f"neutral must be one of {', '.join(NEUTRAL)}, not {neutral!r}")
+    examples: list[StepExample] = []
+    dropped: Counter = Counter()
+    for _, row in rows:
+        example, reason = _step_problem(row, neutral, source)
+        if reason:
+            dropped[reason] += 1
+        else:
+            examples.append(example)
+    return examples, dropped
+
+
+@dataclass
+class TokenizedSteps:
+    """Token ids of step-wise examples with, per example, the scored position and label (-1.0: unlabelled) of
+    every step kept."""
+
+    sequences: list[np.ndarray] = field(default_factory=list)
+    positions: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)
+    source_names: list[str] = field(default_factory=list)
+    truncated: int = 0
+    too_long: int = 0
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+
+def _last_label_only(labels: list[int | None]) -> list[int | None]:
+    last = max(i for i, label in enumerate(labels) if label is not None)
+    return [label if i == last else None for i, label in enumerate(labels)]
+
+
+def tokenize_steps(examples: list[StepExample], tokenizer, max_seq_len: int, separator: str = "\n\n",
+                   last_step_only: bool = False) -> TokenizedSteps:
+    """Examples -> `[leading specials] prompt separator (step separator)* [trailing specials]`, with each step's scored
+    position at the last token of its `step + separator`.
+
+    `last_step_only` keeps the label of the last labelled step alone (outcome supervision on the same data); it
+    applies before truncation, so an example whose last labelled step does not fit is dropped, not relabelled.
+    """
+    out = TokenizedSteps()
+    if not examples:
+        return out
+    prefix, suffix = special_affixes(tokenizer)
+    budget = max_seq_len - len(prefix) - len(suffix)
+    prompt_ids = tokenizer([ex["prompt"] + separator for ex in examples], add_special_tokens=False)["input_ids"]
+    flat = [step + separator for ex in examples for step in ex["steps"]]
+    flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"])
+    names: dict[str, int] = {}
+    for example, prompt in zip(examples, prompt_ids, strict=True):
+        steps = [next(flat_ids) for _ in example["steps"]]
+        labels = _last_label_only(example["labels"]) if last_step_only else example["labels"]
+        ends = np.cumsum([len(step) for step in steps])
+        kept = int(np.searchsorted(ends, budget, side="right"))  # whole steps that fit with an empty prompt
+        if not any(label is not None for label in labels[:kept]):
+            out.too_long += 1
+            continue
+        room = budget - int(ends[kept - 1])
+        fitted = prompt[len(prompt) - room:] if len(prompt) > room else prompt
+        out.truncated += kept < len(steps) or len(fitted) < len(prompt)
+        start = len(prefix) + len(fitted)
+        out.sequences.append(np.asarray(prefix + fitted + [i for step in steps[:kept] for i in step] + suffix,
+                                        dtype=np.int32))
+        out.positions.append((start + ends[:kept] - 1).astype(np.int32))
+        out.labels.append(np.array([UNLABELLED if label is None else label for label in labels[:kept]],
+                                   dtype=np.float32))
+        out.sources.append(names.setdefault(example["source"], len(names)))
+    out.source_names = list(names)
+    return out
+
+
+def _pack(arrays: list[np.ndarray], dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged arrays as one flat array and offsets, so that `.npz` needs no pickles."""
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays], dtype=np.int64)])
+    data = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype=dtype)
+    return data, offsets
+
+
+def _unpack(data: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
+    return [data[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def save_steps(tokenized: TokenizedSteps, path: str) -> None:
+    """Write as `.npz` of flat arrays (no pickles), atomically."""
+    sequences, sequence_offsets = _pack(tokenized.sequences, np.int32)
+    positions, step_offsets = _pack(tokenized.positions, np.int32)
+    labels, _ = _pack(tokenized.labels, np.float32)
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, sequences=sequences, sequence_offsets=sequence_offsets, positions=positions, labels=labels,
+             step_offsets=step_offsets, sources=np.asarray(tokenized.sources, dtype=np.int64),
+             source_names=np.asarray(tokenized.source_names, dtype=np.str_),
+             stats=np.array([tokenized.truncated, tokenized.too_long], dtype=np.int64))
+    os.replace(tmp, path)
+
+
+def load_steps(path: str) -> TokenizedSteps:
+    with np.load(path, allow_pickle=False) as saved:
+        truncated, too_long = saved["stats"].tolist()
+        return TokenizedSteps(sequences=_unpack(saved["sequences"], saved["sequence_offsets"]),
+                              positions=_unpack(saved["positions"], saved["step_offsets"]),
+                              labels=_unpack(saved["labels"], saved["step_offsets"]),
+                              sources=saved["sources"].tolist(), source_names=saved["source_names"].tolist(),
+                              truncated=truncated, too_long=too_long)
+
+
+class StepDataset(Dataset):
+    """One item per example: its token ids, and the scored position and label of each of its steps."""
+
+    def __init__(self, tokenized: TokenizedSteps):
+        self.data = tokenized
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.data.sequences[index], "positions": self.data.positions[index],
+                "labels": self.data.labels[index], "source": self.data.sources[index]}
+
+
+class StepCollator:
+    """Right-padded rows, and the steps of all rows flattened in order: `step_rows` [S] says whose step each is.
+
+    Unlabelled steps have `step_mask` False and label 0.0, so the labels are valid BCE targets everywhere.
+    """
+
+    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int = 8):
+        self.pad_token_id = pad_token_id if pad_token_id is not None else 0  # masked out either way
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        width = round_up(max(len(item["input_ids"]) for item in items), self.multiple)
+        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        for i, item in enumerate(items):
+            input_ids[i, :len(item["input_ids"])] = torch.from_numpy(item["input_ids"].astype(np.int64))
+            attention_mask[i, :len(item["input_ids"])] = 1
+        labels = torch.from_numpy(np.concatenate([item["labels"] for item in items]).astype(np.float32))
+        mask = labels != UNLABELLED
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "step_rows": torch.cat([torch.full((len(item["positions"]),), i, dtype=torch.long)
+                                         for i, item in enumerate(items)]),
+                 "step_positions": torch.from_numpy(np.concatenate([item["positions"] for item in items])
+                                                    .astype(np.int64)),
+                 "step_labels": torch.where(mask, labels, 0.0), "step_mask": mask}
+        if "is_real" in items[0]:
+            batch["is_real"] = torch.tensor([item["is_real"] for item in items])
+        return batch
+
+
+def _addition_chain(rng: random.Random) -> dict:
+    """Add single digits one at a time. A wrong step forgets an addend: its result repeats one of its operands
+    (a slip a tiny model learns to spot in seconds; checking real sums takes it far longer). As in PRM800K, the
+    steps before the first wrong one are labelled 1, that one -1, and the rest, which carry on from the wrong
+    total, null."""
+    numbers = [rng.randint(1, 9) for _ in range(rng.randint(3, 5))]
+    wrong_at = rng.randrange(1, len(numbers)) if rng.random() < 0.7 else None
+    total, steps, labels = numbers[0], [], []
+    for i, number in enumerate(numbers[1:], start=1):
+        result = rng.choice([total, number]) if i == wrong_at else total + number
+        steps.append(f"{total} + {number} = {result}")
+        labels.append(1 if wrong_at is None or i < wrong_at else -1 if i == wrong_at else None)
+        total = result
+    return {"prompt": f"Add {', '.join(map(str, numbers))}.", "steps": steps, "labels": labels}
+
+
+def make_step_rows(count: int, seed: int, held_out: bool = False) -> list[dict]:
+    """`count` synthetic step-wise rows of the train (or held-out) side, split by a hash of the row."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    while len(rows) < count:
+        row = _addition_chain(rng)
+        if is_held_out(row) == held_out:
+            rows.append(row)
+    return rows
