@@ -4,6 +4,7 @@
     python rw_eval.py --model_path OUTPUT                                   # built-in examples
     python rw_eval.py --model_path OUTPUT --prompt P --chosen A --rejected B
     python rw_eval.py --model_path OUTPUT --prompt P --answer A             # one reward, as step 3 asks
+    python rw_eval.py --model_path OUTPUT --prompt P --steps S1 S2 ...      # a process reward model's step scores
     python rw_eval.py --model_path OUTPUT --data_path DATA [--report r.json] [--plots DIR]
     python rw_eval.py --model_path OUTPUT --serve [--host 127.0.0.1] [--port 8000] [--token SECRET]
 
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 import torch
 
 from step2_reward_model.evaluation import format_report, pair_report
+from step2_reward_model.losses import ranking_metrics
 from step2_reward_model.model import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.scoring import Scorer, score_data
 from utils.errors import UserError, exit_status
@@ -52,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chosen", help="The answer that should score higher.")
     p.add_argument("--rejected", help="The answer that should score lower.")
     p.add_argument("--answer", help="Score one answer to --prompt (the PPO step's call).")
+    p.add_argument("--steps", nargs="+", help="Score each step of a solution to --prompt (process reward model).")
     p.add_argument("--data_path", nargs="*", default=None,
                    help="Evaluate on these sources (anything training's --data_path reads).")
     p.add_argument("--data_split", default="2,4,4", help="As in training; the phase-2 share is evaluated.")
@@ -79,10 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pair = [name for name in ("chosen", "rejected") if getattr(args, name) is not None]
     if pair and len(pair) != 2:
         p.error("--chosen and --rejected go together")
-    if bool(pair or args.answer is not None) != (args.prompt is not None):
-        p.error("--prompt needs --chosen and --rejected, or --answer (and they need --prompt)")
-    if pair and args.answer is not None:
-        p.error("give --chosen/--rejected or --answer, not both")
+    given = len(pair) // 2 + (args.answer is not None) + (args.steps is not None)
+    if bool(given) != (args.prompt is not None):
+        p.error("--prompt needs --chosen and --rejected, --answer or --steps (and they need --prompt)")
+    if given > 1:
+        p.error("give one of --chosen/--rejected, --answer, --steps")
     if args.prompt is not None and (args.data_path or args.serve):
         p.error("--prompt cannot be combined with --data_path or --serve")
     if args.batch_size < 1:
@@ -101,14 +106,18 @@ def print_pairs(scorer: Scorer, pairs: list[dict]) -> None:
 
 
 def evaluate_data(scorer: Scorer, args: argparse.Namespace) -> dict:
-    scored, tokenized = score_data(scorer, args.data_path, args.data_split, args.split, args.seed,
-                                   args.data_output_path, REPO_ROOT, log=lambda m: print(m, file=sys.stderr))
+    scored, table, tokenized = score_data(scorer, args.data_path, args.data_split, args.split, args.seed,
+                                          args.data_output_path, REPO_ROOT, log=lambda m: print(m, file=sys.stderr))
     report = pair_report(**scored)
+    if any(len(ranks) != 2 or ranks[0] == ranks[1] for ranks in tokenized.ranks):
+        report["ranking"] = ranking_report(table)
     report["model_path"] = os.path.abspath(args.model_path)
     report["data"] = {"data_path": args.data_path, "data_split": args.data_split, "split": args.split,
                       "seed": args.seed, "max_seq_len": scorer.max_seq_len, "truncated": tokenized.truncated,
                       "too_long": tokenized.too_long}
     print(format_report(report))
+    if "ranking" in report:
+        print("== Ranked lists ==\n" + "\n".join(f"{key}  {value}" for key, value in report["ranking"].items()))
     if args.report:
         try:
             os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
@@ -124,6 +133,18 @@ def evaluate_data(scorer: Scorer, args: argparse.Namespace) -> dict:
                                 scored["rejected_lengths"], report, args.plots):
             print(f"figure written to {path}")
     return report
+
+
+def ranking_report(table) -> dict:
+    """Ranked lists: accuracy over every ordered pair of a prompt's answers and top-1 accuracy (the
+    summary above compares each prompt's best and worst answer)."""
+    rewards, example, rank = (torch.from_numpy(table[:, i]) for i in range(3))
+    metrics = {key: float(value) for key, value in ranking_metrics(rewards, example.long(), rank.long()).items()}
+    return {"ordered_pairs": int(metrics["pairs"]),
+            "pairwise_accuracy": metrics["pairs_correct"] / metrics["pairs"] if metrics["pairs"] else None,
+            "prompts_with_one_best": int(metrics["groups_with_top1"]),
+            "top1_accuracy": metrics["top1_correct"] / metrics["groups_with_top1"] if metrics["groups_with_top1"]
+            else None}
 
 
 def build_scorer(args: argparse.Namespace) -> Scorer:
@@ -145,6 +166,12 @@ def run(args: argparse.Namespace) -> None:
               max_items=args.max_items, batch_wait_ms=args.batch_wait_ms)
     elif args.data_path:
         evaluate_data(scorer, args)
+    elif args.steps is not None:
+        separator = load_manifest(args.model_path).get("step_separator", "\n\n")
+        print(f"prompt: {args.prompt!r}")
+        for number, (step, logit) in enumerate(zip(args.steps, scorer.score_steps(args.prompt, args.steps, separator),
+                                                   strict=True), 1):
+            print(f"step {number}: {step!r}\n  reward: {logit:.4f} (p(correct) {1 / (1 + math.exp(-logit)):.4f})")
     elif args.answer is not None:
         reward = scorer.score_answers(args.prompt, [args.answer])[0]
         print(f"prompt: {args.prompt!r}\nanswer: {args.answer!r}\n  reward: {reward:.4f}")

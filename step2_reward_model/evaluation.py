@@ -88,11 +88,13 @@ def reward_stats(rewards: ArrayLike) -> dict:
     }
 
 
-def reward_statistics(chosen: ArrayLike, rejected: ArrayLike, data: str) -> dict:
+def reward_statistics(chosen: ArrayLike, rejected: ArrayLike, data: str, all_rewards: ArrayLike | None = None) -> dict:
     """What `reward_stats.json` holds for step 3's reward normalisation: the distribution over
-    held-out answers, all together and chosen / rejected apart."""
+    held-out answers, all together (`all_rewards`, default chosen + rejected: ranked lists have
+    answers between best and worst) and best / worst apart."""
     chosen, rejected = _vector(chosen), _vector(rejected)
-    return {"data": data, "pairs": len(chosen), "all": reward_stats(np.concatenate([chosen, rejected])),
+    everything = np.concatenate([chosen, rejected]) if all_rewards is None else _vector(all_rewards)
+    return {"data": data, "pairs": len(chosen), "all": reward_stats(everything),
             "chosen": reward_stats(chosen), "rejected": reward_stats(rejected)}
 
 

@@ -131,9 +131,10 @@ def convert(args: argparse.Namespace) -> None:
     stats = None
     if args.data_path:
         scorer = Scorer(model, tokenizer, manifest["max_seq_len"], manifest["end_of_conversation_token"])
-        scored, _ = score_data(scorer, args.data_path, args.data_split, "eval", args.seed, args.data_output_path,
+        scored, table, _ = score_data(scorer, args.data_path, args.data_split, "eval", args.seed, args.data_output_path,
                             REPO_ROOT, log=lambda message: print(message, file=sys.stderr))
-        stats = reward_statistics(scored["chosen"], scored["rejected"], "--data_path " + " ".join(args.data_path))
+        stats = reward_statistics(scored["chosen"], scored["rejected"], "--data_path " + " ".join(args.data_path),
+                                  all_rewards=table[:, 0])
     output_dir = args.output_dir or args.model_path
     save_reward_model(model, tokenizer, output_dir, zero_stage=0, rank=0, meta=manifest, stats=stats,
                       key_prefix=args.step3_key_prefix)

@@ -16,11 +16,13 @@ import math
 import os
 import sys
 import time
+from functools import partial
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import deepspeed  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
@@ -30,14 +32,18 @@ from tqdm import tqdm  # noqa: E402
 from transformers import SchedulerType, get_scheduler  # noqa: E402
 
 from step2_reward_model.checkpoint import save_reward_model  # noqa: E402
-from step2_reward_model.evaluation import pair_summary, reward_statistics  # noqa: E402
+from step2_reward_model.evaluation import reward_statistics  # noqa: E402
 from step2_reward_model.lora import apply_lora, merge_lora  # noqa: E402
-from step2_reward_model.losses import LOSSES  # noqa: E402
+from step2_reward_model.losses import LOSSES, ranking_metrics  # noqa: E402
 from step2_reward_model.model import BACKBONE, TYPO_BACKBONE, create_reward_model  # noqa: E402
-from utils.data.build import create_reward_datasets  # noqa: E402
+from step2_reward_model.prm import step_metrics  # noqa: E402
+from utils.data.build import MARGIN_SOURCES, DataOptions, create_reward_datasets, create_step_datasets  # noqa: E402
+from utils.data.chat import load_chat_template  # noqa: E402
 from utils.data.collate import EvalShard, PairCollator  # noqa: E402
+from utils.data.steps import NEUTRAL, StepCollator  # noqa: E402
+from utils.data.tokenize import TokenizedExamples  # noqa: E402
 from utils.ds_utils import get_train_ds_config, merge_user_config  # noqa: E402
-from utils.errors import exit_status  # noqa: E402
+from utils.errors import UserError, exit_status  # noqa: E402
 from utils.utils import (  # noqa: E402
     END_OF_CONVERSATION_TOKEN,
     get_optimizer_grouped_parameters,
@@ -100,8 +106,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--print_loss", action="store_true", help="Print the loss at every logging interval.")
     p.add_argument("--no_fused_kernels", action="store_true", help="Use torch's AdamW instead of FusedAdam.")
     p.add_argument("--loss", type=str, default="per_token", choices=LOSSES,
-                   help="per_token: DeepSpeed-Chat's loss over the tokens where the answers differ; "
-                        "end_token: Bradley-Terry on the end scores.")
+                   help="per_token: DeepSpeed-Chat's loss over the tokens where the two answers differ (pairs); "
+                        "end_token: Bradley-Terry on the end scores, over every ordered pair of a ranked list "
+                        "(InstructGPT); plackett_luce: the listwise likelihood of each ranking.")
+    p.add_argument("--center_rewards_coefficient", type=float, default=0.0,
+                   help="Add this times mean((r_chosen + r_rejected)^2) to the loss, to keep rewards centred on 0.")
+    p.add_argument("--margin_source", choices=MARGIN_SOURCES, default="column",
+                   help="Margin in -log sigmoid(r_c - r_r - margin): the data's `margin` column, "
+                        "score_chosen - score_rejected, or none.")
+    p.add_argument("--data_weights", type=float, nargs="*", default=None,
+                   help="One sampling weight per --data_path: each source's share of the training examples.")
+    p.add_argument("--max_responses_per_prompt", type=int, default=0,
+                   help="If > 0, keep at most this many responses of a ranked list (best, worst, evenly between).")
+    p.add_argument("--chat_template", type=str, default=None,
+                   help="A Jinja chat template file for conversational data (default: the tokenizer's).")
+    p.add_argument("--process_reward", action="store_true",
+                   help="Train a process reward model on step-labelled solutions (prompt, steps, labels): "
+                        "binary cross-entropy on the value at the end of each step.")
+    p.add_argument("--step_separator", type=str, default="\n\n",
+                   help="Appended to every step; the step is scored at its last token.")
+    p.add_argument("--prm_neutral", choices=NEUTRAL, default="positive",
+                   help="What a neutral (0) step label means: a good step, a bad one, or unlabelled.")
+    p.add_argument("--train_on_last_step_only", action="store_true",
+                   help="Use only the last labelled step of each solution.")
     p.add_argument("--step3_key_prefix", default=BACKBONE, choices=[BACKBONE, TYPO_BACKBONE],
                    help="Prefix of the backbone's keys in pytorch_model.bin; newer DeepSpeed-Chat step 3 "
                         "expects the misspelt rwtranrsformer (and skips unknown keys without a word).")
@@ -146,40 +173,142 @@ def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.op
     return optimizer_class(groups, lr=args.learning_rate, betas=(0.9, 0.95))
 
 
+STEP_SUMS = ("steps", "steps_correct", "solutions", "solutions_correct", "first_error_correct")
+
+
+def check_objective(args: argparse.Namespace, data: TokenizedExamples) -> None:
+    """The per-token loss compares exactly two answers token by token; say so before training."""
+    ranked = any(len(ranks) != 2 or ranks[0] == ranks[1] for ranks in data.ranks)
+    margins = any(margin != 0 for margin in data.margins)
+    if args.loss == "per_token" and (ranked or margins or args.center_rewards_coefficient):
+        what = "ranked lists (more than two answers, or ties)" if ranked else \
+            "margins" if margins else "--center_rewards_coefficient"
+        raise UserError(f"--loss per_token compares two answers token by token and cannot use {what}: "
+                        "pass --loss end_token (the pairwise / InstructGPT loss) or --loss plackett_luce")
+    if args.loss == "plackett_luce" and margins:
+        raise UserError("--loss plackett_luce has no margin: pass --margin_source none or --loss end_token")
+
+
+def worst_rows(rows: np.ndarray) -> np.ndarray:
+    """The rows of each prompt's worst rank ((score, prompt, rank, source) rows)."""
+    worst = {}
+    for prompt, rank in rows[:, 1:3]:
+        worst[prompt] = max(worst.get(prompt, rank), rank)
+    return rows[np.array([rank == worst[prompt] for prompt, rank in rows[:, 1:3]], dtype=bool)]
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (their counts may differ: ranked lists vary in length), on every rank."""
+    counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(local)], device=local.device))
+    longest = max(int(c) for c in counts)
+    padded = torch.zeros((longest, local.shape[1]), dtype=local.dtype, device=local.device)
+    padded[:len(local)] = local
+    gathered = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return torch.cat([rows[:int(c)] for rows, c in zip(gathered, counts, strict=True)]).cpu()
+
+
 @torch.no_grad()
-def evaluate(engine, loader: DataLoader, eval_iters: int, device: torch.device) -> dict:
-    """Accuracy (ties count half) and mean end scores over the eval set, every pair counted once
-    across ranks; `scores` keeps each pair's (chosen, rejected) for the reward statistics."""
+def evaluate(engine, loader: DataLoader, eval_iters: int, device: torch.device,
+             source_names: list[str]) -> dict:
+    """Accuracy over every ordered pair of responses (ties in score count half), top-1 accuracy for
+    lists of three or more, per-source accuracy and mean best / worst scores; each prompt counted
+    once across ranks. `rows` keeps (score, prompt, rank, source) for the reward statistics."""
     engine.eval()
+    rows, seen = [], 0
+    for step, batch in enumerate(loader):
+        if step == eval_iters:
+            break
+        real, source = batch.pop("is_real"), batch.pop("source")
+        out = engine(**to_device(batch, device))
+        group = batch["group"]
+        rows.append(torch.stack([out["scores"].double().cpu(), (group + seen).double(), batch["rank"].double(),
+                                 source[group].double(), real[group].double()], 1))
+        seen += len(real)
+    local = torch.cat(rows) if rows else torch.zeros((0, 5), dtype=torch.float64)
+    local[:, 1] += dist.get_rank() * 2.0 ** 32  # prompt ids unique across ranks
+    table = gather_rows(local.to(device))
+    engine.train()
+    table = table[table[:, 4] > 0, :4]
+    return {**ranking_summary(table, source_names), "rows": table.numpy()}
+
+
+def ranking_summary(table: torch.Tensor, source_names: list[str]) -> dict:
+    """The metrics of (score, prompt, rank, source) rows, overall and per source."""
+    scores, rank, source = table[:, 0], table[:, 2].long(), table[:, 3].long()
+    prompt = torch.unique(table[:, 1], return_inverse=True)[1]
+    metrics = ranking_metrics(scores, prompt, rank)
+    worst = torch.zeros(int(prompt.max()) + 1 if len(prompt) else 0, dtype=torch.long).scatter_reduce(
+        0, prompt, rank, "amax")
+    best_scores, worst_scores = scores[rank == 0], scores[rank == worst[prompt]]
+    summary = {"accuracy": float(metrics["pairs_correct"] / metrics["pairs"]) if metrics["pairs"] else 0.0,
+               "chosen": best_scores.mean().item() if len(best_scores) else 0.0,
+               "rejected": worst_scores.mean().item() if len(worst_scores) else 0.0,
+               "pairs": len(worst), "ordered_pairs": int(metrics["pairs"])}
+    summary["difference"] = summary["chosen"] - summary["rejected"]
+    if metrics["groups_with_top1"] and bool((torch.bincount(prompt) > 2).any()):
+        summary["top1_accuracy"] = float(metrics["top1_correct"] / metrics["groups_with_top1"])
+    sources = torch.unique(source)
+    if len(sources) > 1:
+        for value in sources.tolist():
+            part = source == value
+            part_metrics = ranking_metrics(scores[part], torch.unique(prompt[part], return_inverse=True)[1], rank[part])
+            if part_metrics["pairs"]:
+                accuracy = float(part_metrics["pairs_correct"] / part_metrics["pairs"])
+                summary[f"accuracy/{source_names[value]}"] = accuracy
+    return summary
+
+
+@torch.no_grad()
+def evaluate_steps(engine, loader: DataLoader, eval_iters: int, device: torch.device) -> dict:
+    """A process reward model's step, first-error and solution accuracy, each solution counted once
+    across ranks; `rows` keeps (logit, label) of every labelled step for the reward statistics."""
+    engine.eval()
+    totals = torch.zeros(len(STEP_SUMS), dtype=torch.float64)
     rows = []
     for step, batch in enumerate(loader):
         if step == eval_iters:
             break
-        weight = batch.pop("is_real").to(device).float()
-        out = engine(**to_device(batch, device))
-        rows.append(torch.stack([out["chosen_mean_scores"].float(), out["rejected_mean_scores"].float(), weight], 1))
-    local = torch.cat(rows) if rows else torch.zeros((0, 3), device=device)
-    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)  # every rank runs as many batches (EvalShard), so shapes agree
+        real = batch.pop("is_real")
+        batch["step_mask"] &= real[batch["step_rows"]]  # repeats that pad the last shard count nothing
+        logits = engine(**to_device(batch, device))["step_logits"].float().cpu()
+        sums = step_metrics(logits, batch["step_labels"], batch["step_mask"], batch["step_rows"], len(real))
+        totals += torch.stack([sums[name] for name in STEP_SUMS])
+        rows.append(torch.stack([logits, batch["step_labels"]], 1)[batch["step_mask"]].double())
+    totals = totals.to(device)
+    dist.all_reduce(totals)
+    table = gather_rows((torch.cat(rows) if rows else torch.zeros((0, 2), dtype=torch.float64)).to(device))
     engine.train()
-    scores = torch.cat(gathered).cpu().double().numpy()
-    scores = scores[scores[:, 2] > 0, :2]
-    summary = pair_summary(scores[:, 0], scores[:, 1])
-    return {"accuracy": summary["accuracy"] or 0.0, "chosen": summary["chosen_mean"] or 0.0,
-            "rejected": summary["rejected_mean"] or 0.0, "difference": summary["margin_mean"] or 0.0,
-            "ties": summary["ties"], "pairs": summary["pairs"], "scores": scores}
+    sums = dict(zip(STEP_SUMS, totals.tolist(), strict=True))
+    steps, solutions = max(sums["steps"], 1.0), max(sums["solutions"], 1.0)
+    return {"accuracy": sums["steps_correct"] / steps, "first_error_accuracy": sums["first_error_correct"] / solutions,
+            "solution_accuracy": sums["solutions_correct"] / solutions, "steps": sums["steps"],
+            "pairs": sums["solutions"], "rows": table.numpy()}
 
 
 def report(label: str, metrics: dict[str, float], writer, step: int) -> None:
+    if "first_error_accuracy" in metrics:
+        print_rank_0(f"{label}: step accuracy {metrics['accuracy']:.4f}, first-error accuracy "
+                     f"{metrics['first_error_accuracy']:.4f}, solution accuracy {metrics['solution_accuracy']:.4f} "
+                     f"({metrics['pairs']:.0f} held-out solutions, {metrics['steps']:.0f} labelled steps)")
+    else:
+        report_pairs(label, metrics)
+    if writer:
+        for name, value in metrics.items():
+            if name != "rows":
+                writer.add_scalar(f"eval/{name}", value, step)
+        writer.flush()
+
+
+def report_pairs(label: str, metrics: dict[str, float]) -> None:
     print_rank_0(f"{label}: chosen_last_scores (higher is better) : {metrics['chosen']:.4f}, "
                  f"rejected_last_scores (lower is better) : {metrics['rejected']:.4f}, "
                  f"diff : {metrics['difference']:.4f}, acc (higher is better) : {metrics['accuracy']:.4f} "
                  f"({metrics['pairs']:.0f} held-out pairs)")
-    if writer:
-        for name, value in metrics.items():
-            if name != "scores":
-                writer.add_scalar(f"eval/{name}", value, step)
-        writer.flush()
+    extras = [f"{name} {value:.4f}" for name, value in metrics.items() if name.startswith(("top1", "accuracy/"))]
+    if extras:
+        print_rank_0("  " + ", ".join(extras))
 
 
 def train(args: argparse.Namespace) -> None:
@@ -197,17 +326,31 @@ def train(args: argparse.Namespace) -> None:
     set_random_seed(args.seed)
 
     tokenizer = load_hf_tokenizer(args.model_name_or_path, args.add_eot_token, args.trust_remote_code)
+    if args.chat_template:
+        tokenizer.chat_template = load_chat_template(args.chat_template)  # saved with the tokenizer
+    if args.process_reward:
+        train_set, eval_set = create_step_datasets(
+            args.data_path, args.data_split, args.data_output_path, args.seed, tokenizer, args.max_seq_len,
+            args.step_separator, args.prm_neutral, args.train_on_last_step_only, REPO_ROOT, local_rank=local_rank,
+            log=print_rank_0)
+        collator = StepCollator(tokenizer.pad_token_id)
+    else:
+        options = DataOptions(data_weights=tuple(args.data_weights) if args.data_weights else None,
+                              margin_source=args.margin_source, max_responses=args.max_responses_per_prompt,
+                              chat_template=tokenizer.chat_template if args.chat_template else None)
+        train_set, eval_set = create_reward_datasets(
+            args.data_path, args.data_split, args.data_output_path, args.seed, tokenizer, args.max_seq_len,
+            END_OF_CONVERSATION_TOKEN, REPO_ROOT, local_rank=local_rank, log=print_rank_0, options=options)
+        check_objective(args, train_set.data)
+        collator = PairCollator(tokenizer.pad_token_id)
+
     compute_fp32_loss = args.compute_fp32_loss or (args.dtype == "bf16" and args.bf16_to_fp32_loss)
     model = create_reward_model(args.model_name_or_path, tokenizer, ds_config, dropout=args.dropout,
                                 loss=args.loss, compute_fp32_loss=compute_fp32_loss,
-                                trust_remote_code=args.trust_remote_code)
+                                trust_remote_code=args.trust_remote_code,
+                                center_coefficient=args.center_rewards_coefficient)
     if args.lora_dim > 0:
         apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
-
-    train_set, eval_set = create_reward_datasets(
-        args.data_path, args.data_split, args.data_output_path, args.seed, tokenizer, args.max_seq_len,
-        END_OF_CONVERSATION_TOKEN, REPO_ROOT, local_rank=local_rank, log=print_rank_0)
-    collator = PairCollator(tokenizer.pad_token_id)
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, sampler=sampler,
                               collate_fn=collator)
@@ -229,9 +372,12 @@ def train(args: argparse.Namespace) -> None:
 
         writer = SummaryWriter(os.path.join(args.tensorboard_path, "step2_tensorboard"))
 
+    run_eval = partial(evaluate_steps, engine, eval_loader, args.eval_iters, device) if args.process_reward \
+        else partial(evaluate, engine, eval_loader, args.eval_iters, device, eval_set.data.source_names)
+
     print_rank_0(f"***** Running training: {len(train_set)} train pairs, {len(eval_set)} eval pairs, "
                  f"{world_size} rank(s), dtype {args.dtype}, ZeRO stage {args.zero_stage} *****")
-    metrics = evaluate(engine, eval_loader, args.eval_iters, device)
+    metrics = run_eval()
     report("Epoch 0 (before training)", metrics, writer, 0)
     steps_per_print = ds_config.get("steps_per_print", 10)
     micro_steps = 0
@@ -243,6 +389,7 @@ def train(args: argparse.Namespace) -> None:
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", disable=rank != 0,
                    mininterval=1.0, dynamic_ncols=True)
         for step, batch in enumerate(bar):
+            batch.pop("source", None)  # per-example metadata, for evaluation only
             loss = engine(**to_device(batch, device))["loss"]
             engine.backward(loss)
             engine.step()
@@ -261,25 +408,34 @@ def train(args: argparse.Namespace) -> None:
                     writer.add_scalar("train/loss", mean, update)
                     writer.add_scalar("train/lr", scheduler.get_last_lr()[0], update)
             if args.eval_interval and at_boundary and update % args.eval_interval == 0:
-                report(f"Iter {update}", evaluate(engine, eval_loader, args.eval_iters, device), writer, update)
+                report(f"Iter {update}", run_eval(), writer, update)
         bar.close()
         print_rank_0(f"Epoch {epoch + 1}/{args.num_train_epochs} with loss "
                      f"{epoch_loss.item() / max(len(train_loader), 1):.4f} "
                      f"({len(train_loader) / (time.time() - started):.2f} steps/s)")
-        metrics = evaluate(engine, eval_loader, args.eval_iters, device)
+        metrics = run_eval()
         report(f"Epoch {epoch + 1}/{args.num_train_epochs}", metrics, writer,
                micro_steps // args.gradient_accumulation_steps)
-    print_rank_0(f"final held-out accuracy: {metrics['accuracy']:.4f} on {metrics['pairs']:.0f} pairs")
+    unit = "solutions (step accuracy)" if args.process_reward else "pairs"
+    print_rank_0(f"final held-out accuracy: {metrics['accuracy']:.4f} on {metrics['pairs']:.0f} {unit}")
 
     if args.output_dir:
         print_rank_0(f"saving the reward model to {args.output_dir}")
         if args.lora_dim > 0:
             merge_lora(engine.module, args.zero_stage)
-        scores = metrics.pop("scores")
+        rows = metrics.pop("rows")
         meta = {"base_model": args.model_name_or_path, "end_of_conversation_token": END_OF_CONVERSATION_TOKEN,
                 "add_eot_token": args.add_eot_token, "max_seq_len": args.max_seq_len, "loss": args.loss,
-                "final_eval": metrics}
-        stats = reward_statistics(scores[:, 0], scores[:, 1], f"held-out split of {' '.join(args.data_path)}")
+                "center_rewards_coefficient": args.center_rewards_coefficient,
+                "sources": eval_set.data.source_names, "final_eval": metrics}
+        data = f"held-out split of {' '.join(args.data_path)}"
+        if args.process_reward:  # step logits: good steps as "chosen", bad ones as "rejected"
+            meta.update(loss="step_bce", process_reward=True, step_separator=args.step_separator,
+                        prm_neutral=args.prm_neutral, train_on_last_step_only=args.train_on_last_step_only)
+            stats = reward_statistics(rows[rows[:, 1] > 0.5, 0], rows[rows[:, 1] < 0.5, 0], data,
+                                      all_rewards=rows[:, 0])
+        else:
+            stats = reward_statistics(rows[rows[:, 2] == 0, 0], worst_rows(rows)[:, 0], data, all_rewards=rows[:, 0])
         save_reward_model(engine.module, tokenizer, args.output_dir, args.zero_stage, rank, meta, stats=stats,
                           key_prefix=args.step3_key_prefix, hf_export=not args.no_hf_export)
     if writer:

@@ -17,7 +17,7 @@ import pickle
 import torch
 from torch import nn
 
-from step2_reward_model.losses import bradley_terry_loss, end_index, per_token_loss
+from step2_reward_model.losses import end_index, per_token_loss, plackett_luce_loss, ranked_pair_loss, step_loss
 from utils.errors import UserError, first_line
 
 WEIGHTS_NAME = "pytorch_model.bin"
@@ -32,13 +32,15 @@ def value_head_width(config) -> int:
 
 
 class RewardModel(nn.Module):
-    def __init__(self, backbone: nn.Module, loss: str = "per_token", compute_fp32_loss: bool = False):
+    def __init__(self, backbone: nn.Module, loss: str = "per_token", compute_fp32_loss: bool = False,
+                 center_coefficient: float = 0.0):
         super().__init__()
         self.config = backbone.config
         self.v_head = nn.Linear(value_head_width(self.config), 1, bias=False)
         self.rwtransformer = backbone
         self.loss = loss
         self.compute_fp32_loss = compute_fp32_loss
+        self.center_coefficient = center_coefficient
         self._takes_positions = "position_ids" in inspect.signature(backbone.forward).parameters
 
     def gradient_checkpointing_enable(self) -> None:
@@ -56,20 +58,39 @@ class RewardModel(nn.Module):
                                     **extra).last_hidden_state
         return self.v_head(hidden).squeeze(-1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A batch of chosen rows followed by as many rejected rows -> loss and end scores."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, group: torch.Tensor | None = None,
+                rank: torch.Tensor | None = None, margin: torch.Tensor | None = None,
+                step_rows: torch.Tensor | None = None, step_positions: torch.Tensor | None = None,
+                step_labels: torch.Tensor | None = None,
+                step_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Rows of responses -> loss and end scores. Without `group`/`rank` the rows are DeepSpeed-Chat's
+        pairs: all chosen, then as many rejected. With them, any number of ranked responses per
+        prompt (`group` its index, `rank` 0 best), the collator's layout: each prompt's best row
+        comes first, in prompt order. `margin` is per prompt. A process reward model's batch
+        (`step_rows`, `step_positions`, `step_labels`, `step_mask`) gets the step loss instead."""
         values = self.values(input_ids, attention_mask)
         if self.compute_fp32_loss:
             values = values.float()
-        pairs = input_ids.shape[0] // 2
+        if step_positions is not None:
+            logits = values[step_rows, step_positions]
+            return {"loss": step_loss(logits, step_labels, step_mask), "step_logits": logits}
         scores = values.gather(-1, end_index(attention_mask)[:, None]).squeeze(-1)
-        chosen, rejected = scores[:pairs], scores[pairs:]
-        if self.loss == "end_token":
-            loss = bradley_terry_loss(chosen, rejected)
+        if group is None:
+            pairs = input_ids.shape[0] // 2
+            group = torch.arange(pairs, device=scores.device).repeat(2)
+            rank = torch.arange(2, device=scores.device).repeat_interleave(pairs)
+        prompts = int(group.max()) + 1
+        last = torch.full((prompts,), -1, device=scores.device).scatter_reduce(
+            0, group, torch.arange(len(group), device=scores.device), "amax")
+        if self.loss == "per_token":  # pairs only (checked when the data is built)
+            loss = per_token_loss(values[:prompts], values[prompts:], input_ids[:prompts], input_ids[prompts:],
+                                  attention_mask[:prompts], attention_mask[prompts:])
+        elif self.loss == "plackett_luce":
+            loss = plackett_luce_loss(scores, group, rank)
         else:
-            loss = per_token_loss(values[:pairs], values[pairs:], input_ids[:pairs], input_ids[pairs:],
-                                  attention_mask[:pairs], attention_mask[pairs:])
-        return {"loss": loss, "chosen_mean_scores": chosen, "rejected_mean_scores": rejected}
+            loss = ranked_pair_loss(scores, group, rank, margin, self.center_coefficient)
+        return {"loss": loss, "chosen_mean_scores": scores[:prompts], "rejected_mean_scores": scores[last],
+                "scores": scores}
 
     def forward_value(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       return_value_only: bool = False, prompt_length: int = 0,
@@ -97,8 +118,8 @@ def configure_dropout(config, dropout: float | None) -> None:
 
 
 def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | None = None,
-                        dropout: float | None = None, loss: str = "per_token",
-                        compute_fp32_loss: bool = False, trust_remote_code: bool = False) -> RewardModel:
+                        dropout: float | None = None, loss: str = "per_token", compute_fp32_loss: bool = False,
+                        trust_remote_code: bool = False, center_coefficient: float = 0.0) -> RewardModel:
     """A reward model on pretrained weights, with DeepSpeed-Chat's embedding size (a multiple of 8
     of the tokenizer's length) so that its step 3 can load the checkpoint as it is."""
     from transformers import AutoConfig, AutoModel
@@ -119,7 +140,7 @@ def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | No
     backbone.config.pad_token_id = backbone.config.eos_token_id
     backbone.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
     del zero3_context
-    return RewardModel(backbone, loss=loss, compute_fp32_loss=compute_fp32_loss)
+    return RewardModel(backbone, loss=loss, compute_fp32_loss=compute_fp32_loss, center_coefficient=center_coefficient)
 
 
 def load_reward_model(path: str, trust_remote_code: bool = False) -> RewardModel:

@@ -82,26 +82,47 @@ class Scorer:
     def score_answers(self, prompt: str, answers: list[str]) -> list[float]:
         return self.score_ids(self.encode_pairs([prompt] * len(answers), answers))
 
+    @torch.inference_mode()
+    def score_steps(self, prompt: str, steps: list[str], separator: str) -> list[float]:
+        """A process reward model's logit that each step is correct, read at the end of each step as
+        in training (probability: its sigmoid)."""
+        from utils.data.steps import StepExample, tokenize_steps
 
-def score_tokenized(scorer: Scorer, tokenized: TokenizedExamples, progress: bool = True) -> dict[str, np.ndarray]:
-    """Rewards of every pair's chosen and rejected answer, with the lengths and sources the
-    evaluation report breaks accuracy down by."""
-    chosen_rows, rejected_rows = [], []
-    for prompt, (chosen, rejected, *_) in zip(tokenized.prompts, tokenized.responses, strict=True):
-        chosen_rows.append(np.concatenate([prompt, chosen]).astype(np.int64))
-        rejected_rows.append(np.concatenate([prompt, rejected]).astype(np.int64))
-    scores = scorer.score_ids(chosen_rows + rejected_rows, progress=progress)
-    pairs = len(chosen_rows)
-    return {"chosen": np.asarray(scores[:pairs]), "rejected": np.asarray(scores[pairs:]),
-            "chosen_lengths": np.array([len(r[0]) for r in tokenized.responses]),
-            "rejected_lengths": np.array([len(r[1]) for r in tokenized.responses]),
-            "pair_lengths": np.array([len(p) + max(len(r[0]), len(r[1]))
-                                      for p, r in zip(tokenized.prompts, tokenized.responses, strict=True)]),
-            "sources": [tokenized.source_names[s] for s in tokenized.sources]}
+        example = StepExample(prompt=prompt, steps=steps, labels=[1] * len(steps), source="cli")
+        tokenized = tokenize_steps([example], self.tokenizer, self.max_seq_len, separator)
+        if not len(tokenized) or len(tokenized.positions[0]) < len(steps):
+            raise UserError(f"the prompt and {len(steps)} steps do not fit in max_seq_len {self.max_seq_len}")
+        input_ids = torch.from_numpy(tokenized.sequences[0].astype(np.int64))[None].to(self.device)
+        values = self.model.forward_value(input_ids, torch.ones_like(input_ids), return_value_only=True)
+        return values[0, torch.from_numpy(tokenized.positions[0].astype(np.int64))].float().tolist()
+
+
+def score_tokenized(scorer: Scorer, tokenized: TokenizedExamples,
+                    progress: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Rewards of every response: per example its best and worst answer (a pair's chosen and
+    rejected) with the lengths and sources the report breaks accuracy down by, and a table of
+    (reward, example, rank) rows for ranking metrics over ranked lists."""
+    sequences, table = [], []
+    for index, (prompt, responses, ranks) in enumerate(zip(tokenized.prompts, tokenized.responses, tokenized.ranks,
+                                                           strict=True)):
+        for response, rank in zip(responses, ranks, strict=True):
+            sequences.append(np.concatenate([prompt, response]).astype(np.int64))
+            table.append((index, rank))
+    scores = np.asarray(scorer.score_ids(sequences, progress=progress))
+    counts = np.array([len(responses) for responses in tokenized.responses])
+    best = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    worst = np.cumsum(counts) - 1
+    scored = {"chosen": scores[best], "rejected": scores[worst],
+              "chosen_lengths": np.array([len(r[0]) for r in tokenized.responses]),
+              "rejected_lengths": np.array([len(r[-1]) for r in tokenized.responses]),
+              "pair_lengths": np.array([len(p) + max(len(r[0]), len(r[-1]))
+                                        for p, r in zip(tokenized.prompts, tokenized.responses, strict=True)]),
+              "sources": [tokenized.source_names[s] for s in tokenized.sources]}
+    return scored, np.column_stack([scores, np.asarray(table, dtype=np.float64).reshape(-1, 2)])
 
 
 def score_data(scorer: Scorer, data_paths: list[str], data_split: str, split: str, seed: int, cache_dir: str,
-               repo_root: str, log=print) -> tuple[dict[str, np.ndarray], TokenizedExamples]:
+               repo_root: str, log=print) -> tuple[dict[str, np.ndarray], np.ndarray, TokenizedExamples]:
     """Score a split of training's data (same sources, cleaning, phase-2 split and truncation)."""
     from utils.data.build import load_examples
     from utils.data.tokenize import tokenize_examples
@@ -113,4 +134,4 @@ def score_data(scorer: Scorer, data_paths: list[str], data_split: str, split: st
         f"{tokenized.too_long} skipped (an answer longer than {scorer.max_seq_len} tokens)")
     if not len(tokenized):
         raise UserError(f"--data_path {' '.join(data_paths)}: no pair to score in the {split} split")
-    return score_tokenized(scorer, tokenized), tokenized
+    return *score_tokenized(scorer, tokenized), tokenized

@@ -54,6 +54,7 @@ def rescore(out, data_dir: str, cache: str, batch_size: int = 32) -> dict[str, f
     chosen, rejected = [], []
     for batch in loader:
         batch.pop("is_real")
+        batch.pop("source")
         result = model(**batch)
         chosen.append(result["chosen_mean_scores"])
         rejected.append(result["rejected_mean_scores"])

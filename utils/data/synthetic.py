@@ -5,6 +5,10 @@ a training pair. Three kinds of prompt, each with a better and a worse answer th
 - arithmetic: the right sum vs a wrong one;
 - topic: an answer about the asked-for topic vs one about another topic;
 - manners: a polite answer vs a rude one with the same content.
+
+`make_ranked_rows` grades answers to the manners prompts on two learnable axes (politeness, then
+whether the content answers the request) for ranked-list objectives, in the `responses` + `ranks`
+layout or, as conversations, in OpenAssistant's layout.
 """
 
 from __future__ import annotations
@@ -71,6 +75,39 @@ def make_pairs(count: int, seed: int, held_out: bool = False) -> list[dict]:
     rows: list[dict] = []
     while len(rows) < count:
         row = KINDS[len(rows) % len(KINDS)](rng)
+        if is_held_out(row) == held_out:
+            rows.append(row)
+    return rows
+
+
+LEVELS = ("polite", "plain", "rude")
+
+
+def _ranked(rng: random.Random, best_of_n: bool) -> tuple[str, list[str], list[int]]:
+    """A request and four answers: polite, plain and rude with the right content, rude with the
+    wrong content (ranks 0..3); a best-of-N row knows only the best (ranks 0, 1, 1, 1)."""
+    i = rng.randrange(len(REQUESTS))
+    j = rng.choice([k for k in range(len(CONTENT)) if k != i])
+    answers = [f"{rng.choice(POLITE)} {CONTENT[i]}", CONTENT[i], f"{rng.choice(RUDE)} {CONTENT[i]}",
+               f"{rng.choice(RUDE)} {CONTENT[j]}"]
+    ranks = [0, 1, 1, 1] if best_of_n else [0, 1, 2, 3]
+    order = rng.sample(range(4), 4)  # the data does not come sorted
+    return REQUESTS[i], [answers[k] for k in order], [ranks[k] for k in order]
+
+
+def make_ranked_rows(count: int, seed: int, held_out: bool = False, conversational: bool = False) -> list[dict]:
+    """`count` ranked-list rows of the train (or held-out) side; every fourth is best-of-N."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    while len(rows) < count:
+        request, answers, ranks = _ranked(rng, best_of_n=len(rows) % 4 == 3)
+        if conversational:
+            ordered = [answer for _, answer in sorted(zip(ranks, answers, strict=True), key=lambda p: p[0])]
+            row = {"conversation": [{"role": "prompter", "text": request}], "ranked_responses": ordered,
+                   "ranks": sorted(ranks)}
+        else:
+            row = {"prompt": f"\n\nHuman: {request}\n\nAssistant:", "responses": [" " + a for a in answers],
+                   "ranks": ranks}
         if is_held_out(row) == held_out:
             rows.append(row)
     return rows
