@@ -22,7 +22,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import deepspeed  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
@@ -33,10 +32,10 @@ from transformers import SchedulerType, get_scheduler  # noqa: E402
 
 from step2_reward_model.checkpoint import save_reward_model  # noqa: E402
 from step2_reward_model.evaluation import reward_statistics  # noqa: E402
+from step2_reward_model.held_out import evaluate, evaluate_steps, worst_rows  # noqa: E402
 from step2_reward_model.lora import apply_lora, merge_lora  # noqa: E402
-from step2_reward_model.losses import LOSSES, ranking_metrics  # noqa: E402
+from step2_reward_model.losses import LOSSES  # noqa: E402
 from step2_reward_model.model import BACKBONE, TYPO_BACKBONE, create_reward_model  # noqa: E402
-from step2_reward_model.prm import step_metrics  # noqa: E402
 from utils.data.build import MARGIN_SOURCES, DataOptions, create_reward_datasets, create_step_datasets  # noqa: E402
 from utils.data.chat import load_chat_template  # noqa: E402
 from utils.data.collate import EvalShard, PairCollator  # noqa: E402
@@ -173,9 +172,6 @@ def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.op
     return optimizer_class(groups, lr=args.learning_rate, betas=(0.9, 0.95))
 
 
-STEP_SUMS = ("steps", "steps_correct", "solutions", "solutions_correct", "first_error_correct")
-
-
 def check_objective(args: argparse.Namespace, data: TokenizedExamples) -> None:
     """The per-token loss compares exactly two answers token by token; say so before training."""
     ranked = any(len(ranks) != 2 or ranks[0] == ranks[1] for ranks in data.ranks)
@@ -187,104 +183,6 @@ def check_objective(args: argparse.Namespace, data: TokenizedExamples) -> None:
                         "pass --loss end_token (the pairwise / InstructGPT loss) or --loss plackett_luce")
     if args.loss == "plackett_luce" and margins:
         raise UserError("--loss plackett_luce has no margin: pass --margin_source none or --loss end_token")
-
-
-def worst_rows(rows: np.ndarray) -> np.ndarray:
-    """The rows of each prompt's worst rank ((score, prompt, rank, source) rows)."""
-    worst = {}
-    for prompt, rank in rows[:, 1:3]:
-        worst[prompt] = max(worst.get(prompt, rank), rank)
-    return rows[np.array([rank == worst[prompt] for prompt, rank in rows[:, 1:3]], dtype=bool)]
-
-
-def gather_rows(local: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows (their counts may differ: ranked lists vary in length), on every rank."""
-    counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([len(local)], device=local.device))
-    longest = max(int(c) for c in counts)
-    padded = torch.zeros((longest, local.shape[1]), dtype=local.dtype, device=local.device)
-    padded[:len(local)] = local
-    gathered = [torch.zeros_like(padded) for _ in counts]
-    dist.all_gather(gathered, padded)
-    return torch.cat([rows[:int(c)] for rows, c in zip(gathered, counts, strict=True)]).cpu()
-
-
-@torch.no_grad()
-def evaluate(engine, loader: DataLoader, eval_iters: int, device: torch.device,
-             source_names: list[str]) -> dict:
-    """Accuracy over every ordered pair of responses (ties in score count half), top-1 accuracy for
-    lists of three or more, per-source accuracy and mean best / worst scores; each prompt counted
-    once across ranks. `rows` keeps (score, prompt, rank, source) for the reward statistics."""
-    engine.eval()
-    rows, seen = [], 0
-    for step, batch in enumerate(loader):
-        if step == eval_iters:
-            break
-        real, source = batch.pop("is_real"), batch.pop("source")
-        out = engine(**to_device(batch, device))
-        group = batch["group"]
-        rows.append(torch.stack([out["scores"].double().cpu(), (group + seen).double(), batch["rank"].double(),
-                                 source[group].double(), real[group].double()], 1))
-        seen += len(real)
-    local = torch.cat(rows) if rows else torch.zeros((0, 5), dtype=torch.float64)
-    local[:, 1] += dist.get_rank() * 2.0 ** 32  # prompt ids unique across ranks
-    table = gather_rows(local.to(device))
-    engine.train()
-    table = table[table[:, 4] > 0, :4]
-    return {**ranking_summary(table, source_names), "rows": table.numpy()}
-
-
-def ranking_summary(table: torch.Tensor, source_names: list[str]) -> dict:
-    """The metrics of (score, prompt, rank, source) rows, overall and per source."""
-    scores, rank, source = table[:, 0], table[:, 2].long(), table[:, 3].long()
-    prompt = torch.unique(table[:, 1], return_inverse=True)[1]
-    metrics = ranking_metrics(scores, prompt, rank)
-    worst = torch.zeros(int(prompt.max()) + 1 if len(prompt) else 0, dtype=torch.long).scatter_reduce(
-        0, prompt, rank, "amax")
-    best_scores, worst_scores = scores[rank == 0], scores[rank == worst[prompt]]
-    summary = {"accuracy": float(metrics["pairs_correct"] / metrics["pairs"]) if metrics["pairs"] else 0.0,
-               "chosen": best_scores.mean().item() if len(best_scores) else 0.0,
-               "rejected": worst_scores.mean().item() if len(worst_scores) else 0.0,
-               "pairs": len(worst), "ordered_pairs": int(metrics["pairs"])}
-    summary["difference"] = summary["chosen"] - summary["rejected"]
-    if metrics["groups_with_top1"] and bool((torch.bincount(prompt) > 2).any()):
-        summary["top1_accuracy"] = float(metrics["top1_correct"] / metrics["groups_with_top1"])
-    sources = torch.unique(source)
-    if len(sources) > 1:
-        for value in sources.tolist():
-            part = source == value
-            part_metrics = ranking_metrics(scores[part], torch.unique(prompt[part], return_inverse=True)[1], rank[part])
-            if part_metrics["pairs"]:
-                accuracy = float(part_metrics["pairs_correct"] / part_metrics["pairs"])
-                summary[f"accuracy/{source_names[value]}"] = accuracy
-    return summary
-
-
-@torch.no_grad()
-def evaluate_steps(engine, loader: DataLoader, eval_iters: int, device: torch.device) -> dict:
-    """A process reward model's step, first-error and solution accuracy, each solution counted once
-    across ranks; `rows` keeps (logit, label) of every labelled step for the reward statistics."""
-    engine.eval()
-    totals = torch.zeros(len(STEP_SUMS), dtype=torch.float64)
-    rows = []
-    for step, batch in enumerate(loader):
-        if step == eval_iters:
-            break
-        real = batch.pop("is_real")
-        batch["step_mask"] &= real[batch["step_rows"]]  # repeats that pad the last shard count nothing
-        logits = engine(**to_device(batch, device))["step_logits"].float().cpu()
-        sums = step_metrics(logits, batch["step_labels"], batch["step_mask"], batch["step_rows"], len(real))
-        totals += torch.stack([sums[name] for name in STEP_SUMS])
-        rows.append(torch.stack([logits, batch["step_labels"]], 1)[batch["step_mask"]].double())
-    totals = totals.to(device)
-    dist.all_reduce(totals)
-    table = gather_rows((torch.cat(rows) if rows else torch.zeros((0, 2), dtype=torch.float64)).to(device))
-    engine.train()
-    sums = dict(zip(STEP_SUMS, totals.tolist(), strict=True))
-    steps, solutions = max(sums["steps"], 1.0), max(sums["solutions"], 1.0)
-    return {"accuracy": sums["steps_correct"] / steps, "first_error_accuracy": sums["first_error_correct"] / solutions,
-            "solution_accuracy": sums["solutions_correct"] / solutions, "steps": sums["steps"],
-            "pairs": sums["solutions"], "rows": table.numpy()}
 
 
 def report(label: str, metrics: dict[str, float], writer, step: int) -> None:

@@ -1,0 +1,118 @@
+"""Held-out evaluation during training, each prompt (or solution) counted once across ranks.
+
+Every rank scores its shard (`EvalShard` pads the shards to equal length with repeats flagged
+`is_real`), the rows are gathered on every rank, and the metrics are computed once from the
+whole table: so accuracies are exact, not averages of per-rank averages, and the rows feed the
+reward statistics saved beside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from step2_reward_model.losses import ranking_metrics
+from step2_reward_model.prm import step_metrics
+from utils.utils import to_device
+
+STEP_SUMS = ("steps", "steps_correct", "solutions", "solutions_correct", "first_error_correct")
+
+
+def worst_rows(rows: np.ndarray) -> np.ndarray:
+    """The rows of each prompt's worst rank, from (score, prompt, rank, source) rows."""
+    _, prompt = np.unique(rows[:, 1], return_inverse=True)
+    worst = np.full(prompt.max() + 1 if len(prompt) else 0, -np.inf)
+    np.maximum.at(worst, prompt, rows[:, 2])
+    return rows[rows[:, 2] == worst[prompt]]
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (their counts may differ: ranked lists vary in length), on every rank."""
+    counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(local)], device=local.device))
+    longest = max(int(c) for c in counts)
+    padded = torch.zeros((longest, local.shape[1]), dtype=local.dtype, device=local.device)
+    padded[:len(local)] = local
+    gathered = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return torch.cat([rows[:int(c)] for rows, c in zip(gathered, counts, strict=True)]).cpu()
+
+
+@torch.no_grad()
+def evaluate(engine, loader: DataLoader, eval_iters: int, device: torch.device,
+             source_names: list[str]) -> dict:
+    """Accuracy over every ordered pair of responses (ties in score count half), top-1 accuracy for
+    lists of three or more, per-source accuracy and mean best / worst scores; each prompt counted
+    once across ranks. `rows` keeps (score, prompt, rank, source) for the reward statistics."""
+    engine.eval()
+    rows, seen = [], 0
+    for step, batch in enumerate(loader):
+        if step == eval_iters:
+            break
+        real, source = batch.pop("is_real"), batch.pop("source")
+        out = engine(**to_device(batch, device))
+        group = batch["group"]
+        rows.append(torch.stack([out["scores"].double().cpu(), (group + seen).double(), batch["rank"].double(),
+                                 source[group].double(), real[group].double()], 1))
+        seen += len(real)
+    local = torch.cat(rows) if rows else torch.zeros((0, 5), dtype=torch.float64)
+    local[:, 1] += dist.get_rank() * 2.0 ** 32  # prompt ids unique across ranks
+    table = gather_rows(local.to(device))
+    engine.train()
+    table = table[table[:, 4] > 0, :4]
+    return {**ranking_summary(table, source_names), "rows": table.numpy()}
+
+
+def ranking_summary(table: torch.Tensor, source_names: list[str]) -> dict:
+    """The metrics of (score, prompt, rank, source) rows, overall and per source."""
+    scores, rank, source = table[:, 0], table[:, 2].long(), table[:, 3].long()
+    prompt = torch.unique(table[:, 1], return_inverse=True)[1]
+    metrics = ranking_metrics(scores, prompt, rank)
+    worst = torch.zeros(int(prompt.max()) + 1 if len(prompt) else 0, dtype=torch.long).scatter_reduce(
+        0, prompt, rank, "amax")
+    best_scores, worst_scores = scores[rank == 0], scores[rank == worst[prompt]]
+    summary = {"accuracy": float(metrics["pairs_correct"] / metrics["pairs"]) if metrics["pairs"] else 0.0,
+               "chosen": best_scores.mean().item() if len(best_scores) else 0.0,
+               "rejected": worst_scores.mean().item() if len(worst_scores) else 0.0,
+               "pairs": len(worst), "ordered_pairs": int(metrics["pairs"])}
+    summary["difference"] = summary["chosen"] - summary["rejected"]
+    if metrics["groups_with_top1"] and bool((torch.bincount(prompt) > 2).any()):
+        summary["top1_accuracy"] = float(metrics["top1_correct"] / metrics["groups_with_top1"])
+    sources = torch.unique(source)
+    if len(sources) > 1:
+        for value in sources.tolist():
+            part = source == value
+            part_metrics = ranking_metrics(scores[part], torch.unique(prompt[part], return_inverse=True)[1], rank[part])
+            if part_metrics["pairs"]:
+                accuracy = float(part_metrics["pairs_correct"] / part_metrics["pairs"])
+                summary[f"accuracy/{source_names[value]}"] = accuracy
+    return summary
+
+
+@torch.no_grad()
+def evaluate_steps(engine, loader: DataLoader, eval_iters: int, device: torch.device) -> dict:
+    """A process reward model's step, first-error and solution accuracy, each solution counted once
+    across ranks; `rows` keeps (logit, label) of every labelled step for the reward statistics."""
+    engine.eval()
+    totals = torch.zeros(len(STEP_SUMS), dtype=torch.float64)
+    rows = []
+    for step, batch in enumerate(loader):
+        if step == eval_iters:
+            break
+        real = batch.pop("is_real")
+        batch["step_mask"] &= real[batch["step_rows"]]  # repeats that pad the last shard count nothing
+        logits = engine(**to_device(batch, device))["step_logits"].float().cpu()
+        sums = step_metrics(logits, batch["step_labels"], batch["step_mask"], batch["step_rows"], len(real))
+        totals += torch.stack([sums[name] for name in STEP_SUMS])
+        rows.append(torch.stack([logits, batch["step_labels"]], 1)[batch["step_mask"]].double())
+    totals = totals.to(device)
+    dist.all_reduce(totals)
+    table = gather_rows((torch.cat(rows) if rows else torch.zeros((0, 2), dtype=torch.float64)).to(device))
+    engine.train()
+    sums = dict(zip(STEP_SUMS, totals.tolist(), strict=True))
+    steps, solutions = max(sums["steps"], 1.0), max(sums["solutions"], 1.0)
+    return {"accuracy": sums["steps_correct"] / steps, "first_error_accuracy": sums["first_error_correct"] / solutions,
+            "solution_accuracy": sums["solutions_correct"] / solutions, "steps": sums["steps"],
+            "pairs": sums["solutions"], "rows": table.numpy()}
