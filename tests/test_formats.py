@@ -427,3 +427,16 @@ def test_pretokenized_examples_split_at_their_shared_prefix(tokenizers):
     prefix = Example(prompt="", responses=["", ""], ranks=[0, 1], token_ids=[[5, 6], [5, 6, 7]], source="ids")
     kept = tokenize_examples([prefix], tokenizers["opt"], 16, "<|endoftext|>")
     assert kept.prompts[0].tolist() == [5] and [r.tolist() for r in kept.responses[0]] == [[6], [6, 7]]
+
+
+def test_an_over_long_answer_leaves_a_ranked_list_but_drops_a_pair(tokenizers):
+    from utils.data.tokenize import tokenize_examples
+
+    tokenizer, long = tokenizers["gpt2"], " word" * 60
+    ranked = Example(prompt="Q:", responses=[" good", long, " bad"], ranks=[0, 1, 2], source="s")
+    tied_rest = Example(prompt="Q:", responses=[long, " so-so", " bad"], ranks=[0, 1, 1], source="s")
+    pair = Example(prompt="Q:", responses=[" good", long], ranks=[0, 1], source="s")
+    tokenized = tokenize_examples([ranked, tied_rest, pair], tokenizer, 32, "<|endoftext|>")
+    assert len(tokenized) == 1 and tokenized.too_long == 2 and tokenized.responses_dropped == 1
+    assert tokenized.ranks[0].tolist() == [0, 2]
+    assert [tokenizer.decode(r) for r in tokenized.responses[0]] == [" good<|endoftext|>", " bad<|endoftext|>"]

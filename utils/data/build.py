@@ -26,7 +26,7 @@ from utils.data.steps import StepDataset, StepExample, clean_step_rows, load_ste
 from utils.data.tokenize import TokenizedExamples, load_tokenized, save_tokenized, tokenize_examples
 from utils.errors import UserError
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def _file_stamps(path: str) -> list:
@@ -160,8 +160,9 @@ def load_examples(data_paths: list[str], data_split: str, phase: int, seed: int,
 def _tokenize_split(examples: list[Example], split: str, tokenizer, max_seq_len: int, eot: str,
                     log: Callable[[str], None], chat_template: str | None) -> TokenizedExamples:
     tokenized = tokenize_examples(examples, tokenizer, max_seq_len, eot, chat_template)
-    log(f"data: {split}: {len(tokenized)} pairs tokenised, {tokenized.truncated} with the prompt "
-        f"cut from the left, {tokenized.too_long} dropped (a response longer than --max_seq_len {max_seq_len})")
+    log(f"data: {split}: {len(tokenized)} examples tokenised, {tokenized.truncated} with the prompt "
+        f"cut from the left, {tokenized.too_long} dropped (a response longer than --max_seq_len {max_seq_len}), "
+        f"{tokenized.responses_dropped} over-long responses left out of ranked lists")
     if not len(tokenized):
         raise UserError(f"--max_seq_len {max_seq_len} is too small: not one {split} pair fits "
                         "(every pair has a response longer than that)")

@@ -52,6 +52,7 @@ class TokenizedExamples:
     source_names: list[str] = field(default_factory=list)
     truncated: int = 0
     too_long: int = 0
+    responses_dropped: int = 0  # over-long answers left out of ranked lists that still have two ranks
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -64,6 +65,16 @@ def _pretokenized(sequences: list[list[int]]) -> tuple[list[int], list[list[int]
     while shared < shortest - 1 and all(seq[shared] == sequences[0][shared] for seq in sequences):
         shared += 1
     return list(sequences[0][:shared]), [list(seq[shared:]) for seq in sequences]
+
+
+def _fitting_responses(responses: list[list[int]], ranks: list[int],
+                       room: int) -> tuple[list[list[int]], list[int]]:
+    """A ranked list keeps the responses that fit while two of different rank remain (a pair keeps
+    both or neither): one over-long answer does not cost the whole list."""
+    keep = [i for i, response in enumerate(responses) if len(response) <= room]
+    if len(keep) == len(responses) or (len(responses) > 2 and len({ranks[i] for i in keep}) > 1):
+        return [responses[i] for i in keep], [ranks[i] for i in keep]
+    return [], []
 
 
 def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int,
@@ -89,14 +100,17 @@ def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int,
         else:
             lead, prompt = prefix, next(prompt_ids)
             responses = [next(flat_ids) + suffix for _ in example["responses"]]
-        fitted = fit_prompt(prompt, responses, len(lead), max_seq_len)
+        responses, ranks = _fitting_responses(responses, list(example.get("ranks", range(len(responses)))),
+                                              max_seq_len - len(lead))
+        fitted = fit_prompt(prompt, responses, len(lead), max_seq_len) if responses else None
         if fitted is None:
             out.too_long += 1
             continue
+        out.responses_dropped += len(example["responses"]) - len(responses)
         out.truncated += len(fitted) < len(prompt)
         out.prompts.append(np.asarray(lead + fitted, dtype=np.int32))
         out.responses.append([np.asarray(resp, dtype=np.int32) for resp in responses])
-        out.ranks.append(np.asarray(example.get("ranks", range(len(responses))), dtype=np.int32))
+        out.ranks.append(np.asarray(ranks, dtype=np.int32))
         out.margins.append(float(example.get("margin", 0.0)))
         out.sources.append(names.setdefault(example["source"], len(names)))
     out.source_names = list(names)
@@ -126,7 +140,7 @@ def save_tokenized(tokenized: TokenizedExamples, path: str) -> None:
              margins=np.asarray(tokenized.margins, dtype=np.float64),
              sources=np.asarray(tokenized.sources, dtype=np.int64),
              source_names=np.asarray(tokenized.source_names, dtype=np.str_),
-             stats=np.array([tokenized.truncated, tokenized.too_long], dtype=np.int64))
+             stats=np.array([tokenized.truncated, tokenized.too_long, tokenized.responses_dropped], dtype=np.int64))
     os.replace(tmp, path)
 
 
@@ -135,10 +149,10 @@ def load_tokenized(path: str) -> TokenizedExamples:
         flat_responses = _unflatten(saved["responses"], saved["response_offsets"])
         starts = np.concatenate([[0], np.cumsum(saved["counts"])]).astype(np.int64)
         groups = range(len(saved["counts"]))
-        truncated, too_long = saved["stats"].tolist()
+        truncated, too_long, responses_dropped = saved["stats"].tolist()
         return TokenizedExamples(prompts=_unflatten(saved["prompts"], saved["prompt_offsets"]),
                                  responses=[flat_responses[starts[i]:starts[i + 1]] for i in groups],
                                  ranks=[saved["ranks"][starts[i]:starts[i + 1]] for i in groups],
                                  margins=saved["margins"].tolist(), sources=saved["sources"].tolist(),
                                  source_names=saved["source_names"].tolist(),
-                                 truncated=truncated, too_long=too_long)
+                                 truncated=truncated, too_long=too_long, responses_dropped=responses_dropped)
