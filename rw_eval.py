@@ -27,6 +27,7 @@ from step2_reward_model.evaluation import format_report, pair_report
 from step2_reward_model.losses import ranking_metrics
 from step2_reward_model.model import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.scoring import Scorer, score_data
+from utils.data.tokenize import has_ranked_lists
 from utils.errors import UserError, exit_status
 from utils.utils import END_OF_CONVERSATION_TOKEN
 
@@ -109,7 +110,7 @@ def evaluate_data(scorer: Scorer, args: argparse.Namespace) -> dict:
     scored, table, tokenized = score_data(scorer, args.data_path, args.data_split, args.split, args.seed,
                                           args.data_output_path, REPO_ROOT, log=lambda m: print(m, file=sys.stderr))
     report = pair_report(**scored)
-    if any(len(ranks) != 2 or ranks[0] == ranks[1] for ranks in tokenized.ranks):
+    if has_ranked_lists(tokenized):
         report["ranking"] = ranking_report(table)
     report["model_path"] = os.path.abspath(args.model_path)
     report["data"] = {"data_path": args.data_path, "data_split": args.data_split, "split": args.split,

@@ -70,13 +70,11 @@ def ranking_summary(table: torch.Tensor, source_names: list[str]) -> dict:
     scores, rank, source = table[:, 0], table[:, 2].long(), table[:, 3].long()
     prompt = torch.unique(table[:, 1], return_inverse=True)[1]
     metrics = ranking_metrics(scores, prompt, rank)
-    worst = torch.zeros(int(prompt.max()) + 1 if len(prompt) else 0, dtype=torch.long).scatter_reduce(
-        0, prompt, rank, "amax")
-    best_scores, worst_scores = scores[rank == 0], scores[rank == worst[prompt]]
+    best_scores, worst_scores = scores[rank == 0], torch.from_numpy(worst_rows(table.numpy())[:, 0])
     summary = {"accuracy": float(metrics["pairs_correct"] / metrics["pairs"]) if metrics["pairs"] else 0.0,
                "chosen": best_scores.mean().item() if len(best_scores) else 0.0,
                "rejected": worst_scores.mean().item() if len(worst_scores) else 0.0,
-               "pairs": len(worst), "ordered_pairs": int(metrics["pairs"])}
+               "pairs": len(torch.unique(prompt)), "ordered_pairs": int(metrics["pairs"])}
     summary["difference"] = summary["chosen"] - summary["rejected"]
     if metrics["groups_with_top1"] and bool((torch.bincount(prompt) > 2).any()):
         summary["top1_accuracy"] = float(metrics["top1_correct"] / metrics["groups_with_top1"])

@@ -40,7 +40,7 @@ from utils.data.build import MARGIN_SOURCES, DataOptions, create_reward_datasets
 from utils.data.chat import load_chat_template  # noqa: E402
 from utils.data.collate import EvalShard, PairCollator  # noqa: E402
 from utils.data.steps import NEUTRAL, StepCollator  # noqa: E402
-from utils.data.tokenize import TokenizedExamples  # noqa: E402
+from utils.data.tokenize import TokenizedExamples, has_ranked_lists  # noqa: E402
 from utils.ds_utils import get_train_ds_config, merge_user_config  # noqa: E402
 from utils.errors import UserError, exit_status  # noqa: E402
 from utils.utils import (  # noqa: E402
@@ -174,7 +174,7 @@ def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.op
 
 def check_objective(args: argparse.Namespace, data: TokenizedExamples) -> None:
     """The per-token loss compares exactly two answers token by token; say so before training."""
-    ranked = any(len(ranks) != 2 or ranks[0] == ranks[1] for ranks in data.ranks)
+    ranked = has_ranked_lists(data)
     margins = any(margin != 0 for margin in data.margins)
     if args.loss == "per_token" and (ranked or margins or args.center_rewards_coefficient):
         what = "ranked lists (more than two answers, or ties)" if ranked else \

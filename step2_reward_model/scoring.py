@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from step2_reward_model.model import RewardModel
-from utils.data.collate import round_up
+from utils.data.collate import pad_right
 from utils.data.tokenize import TokenizedExamples, fit_prompt, special_affixes
 from utils.errors import UserError
 
@@ -67,13 +67,7 @@ class Scorer:
         starts = range(0, len(order), self.batch_size)
         for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress, file=sys.stderr):
             chunk = order[start:start + self.batch_size]
-            width = round_up(len(sequences[chunk[0]]), 8)
-            input_ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            for row, index in enumerate(chunk):
-                sequence = torch.from_numpy(sequences[index])
-                input_ids[row, :len(sequence)] = sequence
-                attention_mask[row, :len(sequence)] = 1
+            input_ids, attention_mask = pad_right([sequences[index] for index in chunk], 0)
             out = self.model.forward_value(input_ids.to(self.device), attention_mask.to(self.device))
             for index, score in zip(chunk, out["chosen_end_scores"].float().tolist(), strict=True):
                 scores[index] = score

@@ -56,6 +56,18 @@ def round_up(length: int, multiple: int) -> int:
     return multiple * math.ceil(length / multiple)
 
 
+def pad_right(rows: list[np.ndarray], pad_token_id: int, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask` of token rows padded on the right to the longest row,
+    rounded up to `multiple`."""
+    width = round_up(max(len(row) for row in rows), multiple)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.from_numpy(np.asarray(row, dtype=np.int64))
+        attention_mask[i, :len(row)] = 1
+    return input_ids, attention_mask
+
+
 class PairCollator:
     """Stacks every example's response `k` as row block `k`; examples with fewer responses skip
     the later blocks. `margin`, `source` and `is_real` are per example, `group` and `rank` per row."""
@@ -68,12 +80,7 @@ class PairCollator:
         placed = [(g, k) for k in range(max(len(item["responses"]) for item in items))
                   for g, item in enumerate(items) if k < len(item["responses"])]
         rows = [np.concatenate([items[g]["prompt"], items[g]["responses"][k]]) for g, k in placed]
-        width = round_up(max(len(row) for row in rows), self.multiple)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, :len(row)] = torch.from_numpy(row.astype(np.int64))
-            attention_mask[i, :len(row)] = 1
+        input_ids, attention_mask = pad_right(rows, self.pad_token_id, self.multiple)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "group": torch.tensor([g for g, _ in placed]),
                  "rank": torch.tensor([int(items[g]["ranks"][k]) for g, k in placed]),

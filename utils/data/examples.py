@@ -10,6 +10,7 @@ tokenizer is known. A bad row is never an exception: it is dropped and its reaso
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, TypedDict
 
 from utils.data.sources import ACCEPTED_LAYOUTS, MALFORMED_MESSAGES, Messages, RawSplits, is_messages
@@ -131,17 +132,22 @@ def _problem(row: Any, adapter, source: str) -> tuple[Example | None, str | None
                    source=source), None
 
 
-def clean_rows(rows: list[tuple[str, Any]], adapter, source: str) -> tuple[list[Example], Counter]:
-    """Adapt and validate rows; returns the examples and a count of dropped rows per reason."""
-    examples: list[Example] = []
+def keep_usable(rows: list[tuple[str, Any]], problem: Callable[[Any], tuple[Any, str | None]]) -> tuple[list, Counter]:
+    """The rows `problem` turns into examples, and a count of the others by the reason it gives."""
+    examples: list = []
     dropped: Counter = Counter()
     for _, row in rows:
-        example, reason = _problem(row, adapter, source)
+        example, reason = problem(row)
         if reason:
             dropped[reason] += 1
         else:
             examples.append(example)
     return examples, dropped
+
+
+def clean_rows(rows: list[tuple[str, Any]], adapter, source: str) -> tuple[list[Example], Counter]:
+    """Adapt and validate rows; returns the examples and a count of dropped rows per reason."""
+    return keep_usable(rows, lambda row: _problem(row, adapter, source))
 
 
 def origin(rows: list[tuple[str, Any]]) -> str:

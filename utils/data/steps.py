@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils.data.collate import round_up
+from utils.data.collate import pad_right
+from utils.data.examples import keep_usable
 from utils.data.synthetic import is_held_out
 from utils.data.tokenize import special_affixes
 
@@ -96,15 +97,7 @@ def clean_step_rows(rows: list[tuple[str, Any]], source: str,
     """
     if neutral not in NEUTRAL:
         raise ValueError(f"neutral must be one of {', '.join(NEUTRAL)}, not {neutral!r}")
-    examples: list[StepExample] = []
-    dropped: Counter = Counter()
-    for _, row in rows:
-        example, reason = _step_problem(row, neutral, source)
-        if reason:
-            dropped[reason] += 1
-        else:
-            examples.append(example)
-    return examples, dropped
+    return keep_usable(rows, lambda row: _step_problem(row, neutral, source))
 
 
 @dataclass
@@ -227,12 +220,7 @@ class StepCollator:
         self.multiple = pad_to_multiple_of
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        width = round_up(max(len(item["input_ids"]) for item in items), self.multiple)
-        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        for i, item in enumerate(items):
-            input_ids[i, :len(item["input_ids"])] = torch.from_numpy(item["input_ids"].astype(np.int64))
-            attention_mask[i, :len(item["input_ids"])] = 1
+        input_ids, attention_mask = pad_right([item["input_ids"] for item in items], self.pad_token_id, self.multiple)
         labels = torch.from_numpy(np.concatenate([item["labels"] for item in items]).astype(np.float32))
         mask = labels != UNLABELLED
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,

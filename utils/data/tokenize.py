@@ -58,6 +58,11 @@ class TokenizedExamples:
         return len(self.prompts)
 
 
+def has_ranked_lists(tokenized: TokenizedExamples) -> bool:
+    """Whether any example is more than a strict pair: three or more answers, or tied ranks."""
+    return any(len(ranks) != 2 or ranks[0] == ranks[1] for ranks in tokenized.ranks)
+
+
 def _pretokenized(sequences: list[list[int]]) -> tuple[list[int], list[list[int]]]:
     """Whole sequences -> their longest shared prefix as the prompt, and the rest of each."""
     shared = 0
