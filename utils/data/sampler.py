@@ -1,0 +1,56 @@
+"""Training batches of similar length, still in random order.
+
+Padding to the batch's longest wastes little when a batch's examples have similar lengths. Each
+epoch the examples are shuffled, cut into windows of `window` global steps, sorted by length
+within a window and cut into batches; the batches are then shuffled. Which examples share a
+batch, and the order of the batches, change every epoch, as with a plain shuffle. Every rank
+takes its slice of the same global batch, so all ranks run the same number of steps on similar
+lengths. The batch holding the longest example runs first, so a memory limit shows at step 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Batch sampler for this rank: `batch_size` examples per rank and step. `window` <= 0 turns
+    the grouping off (a plain shuffle, batched), for comparison."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, window: int = 64):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.window, self.epoch = seed, window, 0
+        # As DistributedSampler: repeat examples so that every rank gets the same number.
+        self.total = math.ceil(len(self.lengths) / world_size) * world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.total / (self.batch_size * self.world_size))
+
+    def global_batches(self) -> list[np.ndarray]:
+        """This epoch's batches of all ranks together, in the order they run."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        order = np.resize(order, self.total)  # wraps around to pad
+        step = self.batch_size * self.world_size
+        if self.window <= 0:
+            return [order[i:i + step] for i in range(0, self.total, step)]
+        batches = []
+        for start in range(0, self.total, step * self.window):
+            chunk = order[start:start + step * self.window]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + step] for i in range(0, len(chunk), step)]
+        longest = max(range(len(batches)), key=lambda i: self.lengths[batches[i]].max())
+        rest = [batches[i] for i in rng.permutation(len(batches)) if i != longest]
+        return [batches[longest], *rest]
+
+    def __iter__(self):
+        for batch in self.global_batches():
+            yield np.array_split(batch, self.world_size)[self.rank].tolist()
