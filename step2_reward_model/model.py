@@ -4,6 +4,14 @@ The reward of a sequence is the value at its last real token, located from the a
 so left padding (as in the PPO step), right padding (as in training) and tokenizers whose pad id
 equals eos or bos (OPT) all score the same token. Positions are derived from the mask too, so a
 sequence scores the same whatever padding surrounds it.
+
+Prefix sharing: in training, a batch can instead hold one packed row per prompt, [prompt,
+response 1, response 2, ...] (see `utils/data/collate.py`). Each response then restarts its
+position ids after the prompt and attends to the prompt and to itself only, through a 4-D
+attention mask that SDPA and eager attention take as it is. The prompt is computed once instead
+of once per response, and the values are gathered back into the usual one-row-per-response
+layout, so every loss sees the same numbers as without sharing. Model types whose attention or
+positions cannot take such a mask (ALiBi, flash-attention 2) fall back to unshared rows.
 """
 
 from __future__ import annotations
@@ -24,6 +32,33 @@ WEIGHTS_NAME = "pytorch_model.bin"
 MANIFEST_NAME = "reward_model.json"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 BACKBONE, TYPO_BACKBONE = "rwtransformer", "rwtranrsformer"  # newer DeepSpeed-Chat spells it with the typo
+# Model types whose position ids and 4-D attention mask are tested to give the same scores and
+# gradients packed as unpacked (tests/test_prefix_sharing.py), and the attentions that take the mask.
+PREFIX_SHARING_MODELS = ("opt", "gpt2", "llama", "mistral", "qwen2")
+PREFIX_SHARING_ATTENTION = ("sdpa", "eager")
+
+
+def prefix_sharing_problem(config) -> str | None:
+    """Why a model cannot run packed prefix-shared rows, or None when it can."""
+    if config.model_type not in PREFIX_SHARING_MODELS:
+        return f"model type {config.model_type} is not among {', '.join(PREFIX_SHARING_MODELS)}"
+    attention = getattr(config, "_attn_implementation", None) or "sdpa"
+    if attention not in PREFIX_SHARING_ATTENTION:
+        return f"attention {attention} takes no custom mask (use sdpa or eager)"
+    return None
+
+
+def segment_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive `[rows, 1, seq, seq]` mask: causal, and a key is visible if it is in the prompt
+    (segment 0) or in the query's own segment. Padding (-1) sees the prompt and padding, so no
+    query row is empty (an empty row would make softmax NaN). An ordinary padded row is the case
+    of segments 0 (real) and -1 (padding, left or right)."""
+    seq = segment_ids.shape[1]
+    causal = torch.ones((seq, seq), dtype=torch.bool, device=segment_ids.device).tril()
+    query, key = segment_ids[:, :, None], segment_ids[:, None, :]
+    visible = causal & ((key == 0) | (key == query))
+    return torch.zeros(visible.shape, dtype=dtype, device=segment_ids.device).masked_fill(
+        ~visible, torch.finfo(dtype).min)[:, None]
 
 
 def value_head_width(config) -> int:
@@ -54,21 +89,43 @@ class RewardModel(nn.Module):
         extra = {}
         if self._takes_positions:
             extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.rwtransformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+        mask = attention_mask
+        if prefix_sharing_problem(self.config) is None:
+            # Our own 4-D mask spares transformers' check of whether the batch has padding, which
+            # copies a flag from the device every step.
+            mask = segment_attention_mask(attention_mask.long() - 1, self.v_head.weight.dtype)
+        hidden = self.rwtransformer(input_ids=input_ids, attention_mask=mask, use_cache=False,
                                     **extra).last_hidden_state
         return self.v_head(hidden).squeeze(-1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, group: torch.Tensor | None = None,
-                rank: torch.Tensor | None = None, margin: torch.Tensor | None = None,
+    def packed_values(self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor,
+                      row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Values, ids and attention mask of every response row, from one forward of the packed rows."""
+        mask = segment_attention_mask(segment_ids, self.v_head.weight.dtype)
+        hidden = self.rwtransformer(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                    use_cache=False).last_hidden_state
+        index = row_index.clamp(min=0)
+        values = self.v_head(hidden).squeeze(-1).flatten()[index]
+        return values, input_ids.flatten()[index], (row_index >= 0).long()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                group: torch.Tensor | None = None, rank: torch.Tensor | None = None,
+                margin: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
                 step_rows: torch.Tensor | None = None, step_positions: torch.Tensor | None = None,
                 step_labels: torch.Tensor | None = None,
                 step_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Rows of responses -> loss and end scores. Without `group`/`rank` the rows are DeepSpeed-Chat's
         pairs: all chosen, then as many rejected. With them, any number of ranked responses per
         prompt (`group` its index, `rank` 0 best), the collator's layout: each prompt's best row
-        comes first, in prompt order. `margin` is per prompt. A process reward model's batch
-        (`step_rows`, `step_positions`, `step_labels`, `step_mask`) gets the step loss instead."""
-        values = self.values(input_ids, attention_mask)
+        comes first, in prompt order. `margin` is per prompt (its length gives the prompt count
+        without a device-to-host copy). With `row_index`, `input_ids` are packed prefix-shared rows
+        (`position_ids`, `segment_ids`). A process reward model's batch (`step_rows`,
+        `step_positions`, `step_labels`, `step_mask`) gets the step loss instead."""
+        if row_index is not None:
+            values, input_ids, attention_mask = self.packed_values(input_ids, position_ids, segment_ids, row_index)
+        else:
+            values = self.values(input_ids, attention_mask)
         if self.compute_fp32_loss:
             values = values.float()
         if step_positions is not None:
@@ -79,10 +136,13 @@ class RewardModel(nn.Module):
             pairs = input_ids.shape[0] // 2
             group = torch.arange(pairs, device=scores.device).repeat(2)
             rank = torch.arange(2, device=scores.device).repeat_interleave(pairs)
-        prompts = int(group.max()) + 1
+        prompts = len(margin) if margin is not None else int(group.max()) + 1
         last = torch.full((prompts,), -1, device=scores.device).scatter_reduce(
             0, group, torch.arange(len(group), device=scores.device), "amax")
         if self.loss == "per_token":  # pairs only (checked when the data is built)
+            # Past its end, a row compares with its end score, not with values at padding, which
+            # depend on the layout (one row per answer, or packed).
+            values = torch.where(attention_mask.bool(), values, scores[:, None])
             loss = per_token_loss(values[:prompts], values[prompts:], input_ids[:prompts], input_ids[prompts:],
                                   attention_mask[:prompts], attention_mask[prompts:])
         elif self.loss == "plackett_luce":
@@ -119,9 +179,11 @@ def configure_dropout(config, dropout: float | None) -> None:
 
 def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | None = None,
                         dropout: float | None = None, loss: str = "per_token", compute_fp32_loss: bool = False,
-                        trust_remote_code: bool = False, center_coefficient: float = 0.0) -> RewardModel:
+                        trust_remote_code: bool = False, center_coefficient: float = 0.0,
+                        attn_implementation: str | None = None) -> RewardModel:
     """A reward model on pretrained weights, with DeepSpeed-Chat's embedding size (a multiple of 8
-    of the tokenizer's length) so that its step 3 can load the checkpoint as it is."""
+    of the tokenizer's length) so that its step 3 can load the checkpoint as it is.
+    `attn_implementation` None keeps the model's default (SDPA where transformers has it)."""
     from transformers import AutoConfig, AutoModel
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -135,7 +197,7 @@ def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | No
     # gathers them where it needs whole tensors (the embedding resize).
     zero3_context = HfDeepSpeedConfig(ds_config) if zero3 else None
     backbone = AutoModel.from_pretrained(model_name_or_path, config=config, dtype=torch.float32,
-                                         trust_remote_code=trust_remote_code)
+                                         trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     backbone.config.end_token_id = tokenizer.eos_token_id
     backbone.config.pad_token_id = backbone.config.eos_token_id
     backbone.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))

@@ -6,6 +6,12 @@ unordered), so pairs and ranked lists of any length share one layout. Padding go
 to the longest sequence of the batch rounded up to a multiple of 8 (never to `--max_seq_len`).
 The pad id's value does not matter: the attention mask says which tokens are real and the model
 scores the last real one.
+
+With `share_prompt`, the model reads each example once: one packed row [prompt, response 1,
+response 2, ...] whose position ids restart after the prompt for every response and whose
+`segment_ids` (0 prompt, k + 1 response k, -1 padding) let the model mask each response from
+the others. `row_index` maps every (row, position) of the layout above to its token in the
+packed rows (-1 for padding), so the loss sees the same rows either way.
 """
 
 from __future__ import annotations
@@ -27,6 +33,16 @@ class PairDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def lengths(self, share_prompt: bool = False) -> np.ndarray:
+        """The length to group examples by: the longest row, or with `share_prompt` the packed row
+        per response, so that ranked lists still meet pairs in batches rather than all being
+        grouped apart as the longer rows."""
+        if not share_prompt:
+            return np.array([len(prompt) + max(map(len, responses))
+                             for prompt, responses in zip(self.data.prompts, self.data.responses, strict=True)])
+        return np.array([(len(prompt) + sum(map(len, responses))) / len(responses)
+                         for prompt, responses in zip(self.data.prompts, self.data.responses, strict=True)])
 
     def __getitem__(self, index: int) -> dict:
         data = self.data
@@ -56,10 +72,11 @@ def round_up(length: int, multiple: int) -> int:
     return multiple * math.ceil(length / multiple)
 
 
-def pad_right(rows: list[np.ndarray], pad_token_id: int, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """`input_ids` and `attention_mask` of token rows padded on the right to the longest row,
-    rounded up to `multiple`."""
-    width = round_up(max(len(row) for row in rows), multiple)
+def pad_right(rows: list[np.ndarray], pad_token_id: int, multiple: int = 8,
+              width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask` of token rows padded on the right to `width`, by default
+    the longest row rounded up to `multiple`."""
+    width = width or round_up(max(len(row) for row in rows), multiple)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -70,22 +87,55 @@ def pad_right(rows: list[np.ndarray], pad_token_id: int, multiple: int = 8) -> t
 
 class PairCollator:
     """Stacks every example's response `k` as row block `k`; examples with fewer responses skip
-    the later blocks. `margin`, `source` and `is_real` are per example, `group` and `rank` per row."""
+    the later blocks. `margin`, `source` and `is_real` are per example, `group` and `rank` per row.
+    `pad_to` pads every row to that length, as DeepSpeed-Chat does (for benchmarks)."""
 
-    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int = 8):
+    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int = 8, share_prompt: bool = False,
+                 pad_to: int | None = None):
         self.pad_token_id = pad_token_id if pad_token_id is not None else 0  # masked out either way
         self.multiple = pad_to_multiple_of
+        self.share_prompt = share_prompt
+        self.pad_to = pad_to
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         placed = [(g, k) for k in range(max(len(item["responses"]) for item in items))
                   for g, item in enumerate(items) if k < len(item["responses"])]
-        rows = [np.concatenate([items[g]["prompt"], items[g]["responses"][k]]) for g, k in placed]
-        input_ids, attention_mask = pad_right(rows, self.pad_token_id, self.multiple)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "group": torch.tensor([g for g, _ in placed]),
-                 "rank": torch.tensor([int(items[g]["ranks"][k]) for g, k in placed]),
-                 "margin": torch.tensor([float(item["margin"]) for item in items]),
-                 "source": torch.tensor([item["source"] for item in items])}
+        batch = self.packed(items, placed) if self.share_prompt else self.unpacked(items, placed)
+        batch.update(group=torch.tensor([g for g, _ in placed]),
+                     rank=torch.tensor([int(items[g]["ranks"][k]) for g, k in placed]),
+                     margin=torch.tensor([float(item["margin"]) for item in items]),
+                     source=torch.tensor([item["source"] for item in items]))
         if "is_real" in items[0]:
             batch["is_real"] = torch.tensor([item["is_real"] for item in items])
         return batch
+
+    def unpacked(self, items: list[dict], placed: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        rows = [np.concatenate([items[g]["prompt"], items[g]["responses"][k]]) for g, k in placed]
+        input_ids, attention_mask = pad_right(rows, self.pad_token_id, self.multiple, self.pad_to)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def packed(self, items: list[dict], placed: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        packed = [np.concatenate([item["prompt"], *item["responses"]]) for item in items]
+        input_ids, _ = pad_right(packed, self.pad_token_id, self.multiple)
+        width = input_ids.shape[1]
+        position_ids = torch.zeros_like(input_ids)
+        segment_ids = torch.full_like(input_ids, -1)
+        starts = []  # per example: where each response begins in its packed row
+        for g, item in enumerate(items):
+            prompt = len(item["prompt"])
+            position_ids[g, :prompt] = torch.arange(prompt)
+            segment_ids[g, :prompt] = 0
+            offsets = np.cumsum([prompt] + [len(resp) for resp in item["responses"]])
+            for k, resp in enumerate(item["responses"]):
+                span = slice(offsets[k], offsets[k] + len(resp))
+                position_ids[g, span] = torch.arange(prompt, prompt + len(resp))
+                segment_ids[g, span] = k + 1
+            starts.append(offsets)
+        row_len = [len(items[g]["prompt"]) + len(items[g]["responses"][k]) for g, k in placed]
+        row_index = torch.full((len(placed), round_up(max(row_len), self.multiple)), -1, dtype=torch.long)
+        for r, (g, k) in enumerate(placed):
+            prompt, resp = len(items[g]["prompt"]), len(items[g]["responses"][k])
+            row_index[r, :prompt] = g * width + torch.arange(prompt)
+            row_index[r, prompt:prompt + resp] = g * width + int(starts[g][k]) + torch.arange(resp)
+        return {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids,
+                "row_index": row_index}

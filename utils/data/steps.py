@@ -204,6 +204,10 @@ class StepDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
+    def lengths(self, share_prompt: bool = False) -> np.ndarray:
+        """Tokens per solution (one row each: there is no second response to share the prompt with)."""
+        return np.array([len(sequence) for sequence in self.data.sequences])
+
     def __getitem__(self, index: int) -> dict:
         return {"input_ids": self.data.sequences[index], "positions": self.data.positions[index],
                 "labels": self.data.labels[index], "source": self.data.sources[index]}

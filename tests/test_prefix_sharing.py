@@ -1,0 +1,167 @@
+"""Prefix sharing: one packed row per prompt gives the scores, losses and gradients of one row per
+response, for every model family that takes it; the others fall back to unshared rows. Also: the
+training forward and backward never wait on the device (no tensor-to-Python conversions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import (
+    AutoModel,
+    BloomConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+)
+
+from step2_reward_model.model import PREFIX_SHARING_MODELS, RewardModel, prefix_sharing_problem
+from utils.data.collate import PairCollator
+
+VOCAB = 96
+SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+CONFIGS = {
+    "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                             word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0, pad_token_id=1),
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+                               attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
+    "llama": lambda: LlamaConfig(vocab_size=VOCAB, num_key_value_heads=2, **SIZES),
+    "mistral": lambda: MistralConfig(vocab_size=VOCAB, num_key_value_heads=2, **SIZES),
+    "qwen2": lambda: Qwen2Config(vocab_size=VOCAB, num_key_value_heads=2, **SIZES),
+}
+LOSS_LAYOUTS = [("per_token", 2), ("end_token", 2), ("end_token", 4), ("plackett_luce", 3)]
+
+
+def make_items(responses: int, seed: int = 0) -> list[dict]:
+    """Examples of varied prompt and response lengths (one with an empty prompt); with more than two
+    responses, lists of different lengths, some with ties, as the data module makes them."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for index in range(6):
+        count = 2 if responses == 2 else int(rng.integers(2, responses + 1))
+        prompt = rng.integers(3, VOCAB, size=0 if index == 0 else int(rng.integers(1, 30)))
+        answers = [rng.integers(3, VOCAB, size=int(rng.integers(1, 20))) for _ in range(count)]
+        if index == 1:  # answers that begin alike: the per-token loss starts where they differ
+            answers[1] = np.concatenate([answers[0][:3], answers[1]])
+        ranks = np.sort(rng.integers(0, count, size=count)) if count > 2 else np.arange(count)
+        ranks[0] = 0
+        items.append({"prompt": prompt, "responses": answers, "ranks": ranks, "margin": 0.0, "source": 0})
+    return items
+
+
+def forward_backward(model: RewardModel, items: list[dict], share: bool) -> tuple[dict, list[torch.Tensor]]:
+    batch = PairCollator(1, share_prompt=share)(items)
+    batch.pop("source")
+    model.zero_grad()
+    out = model(**batch)
+    out["loss"].backward()
+    return {key: value.detach() for key, value in out.items()}, [param.grad.clone() for param in model.parameters()]
+
+
+def assert_same(model: RewardModel, items: list[dict], reference: RewardModel | None = None) -> None:
+    unshared, unshared_grads = forward_backward(reference or model, items, share=False)
+    shared, shared_grads = forward_backward(model, items, share=True)
+    for key in ("loss", "scores", "chosen_mean_scores", "rejected_mean_scores"):
+        torch.testing.assert_close(shared[key], unshared[key], atol=1e-6, rtol=1e-5)
+    for shared_grad, unshared_grad in zip(shared_grads, unshared_grads, strict=True):
+        torch.testing.assert_close(shared_grad, unshared_grad, atol=1e-6, rtol=1e-4)
+
+
+def reward_model(family: str, loss: str, attention: str = "sdpa") -> RewardModel:
+    config = CONFIGS[family]()
+    config._attn_implementation = attention
+    torch.manual_seed(0)
+    model = RewardModel(AutoModel.from_config(config), loss=loss)
+    torch.nn.init.normal_(model.v_head.weight)
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("loss,responses", LOSS_LAYOUTS)
+def test_shared_prefix_gives_the_unshared_scores_loss_and_gradients(family, loss, responses):
+    assert prefix_sharing_problem(CONFIGS[family]()) is None
+    assert_same(reward_model(family, loss), make_items(responses))
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_eager_attention_takes_the_mask_too(family):
+    assert_same(reward_model(family, "end_token", attention="eager"), make_items(3, seed=1))
+
+
+def test_gradient_checkpointing_changes_nothing():
+    reference = reward_model("llama", "per_token")
+    model = reward_model("llama", "per_token")
+    model.train()
+    model.gradient_checkpointing_enable()
+    assert_same(model, make_items(2, seed=2), reference=reference.train())
+
+
+def test_the_row_index_rebuilds_every_unshared_row():
+    items = make_items(4, seed=3)
+    unshared, shared = PairCollator(1)(items), PairCollator(1, share_prompt=True)(items)
+    index = shared["row_index"]
+    ids = torch.where(index >= 0, shared["input_ids"].flatten()[index.clamp(min=0)], 1)
+    width = unshared["input_ids"].shape[1]
+    assert index.shape[1] == width
+    assert torch.equal(ids, unshared["input_ids"])
+    assert torch.equal((index >= 0).long(), unshared["attention_mask"])
+    for key in ("group", "rank", "margin"):
+        assert torch.equal(shared[key], unshared[key])
+    # One packed row per example, each holding its prompt once.
+    real = (shared["segment_ids"] >= 0).sum(-1)
+    assert real.tolist() == [len(it["prompt"]) + sum(len(r) for r in it["responses"]) for it in items]
+
+
+@pytest.mark.parametrize("config,reason", [
+    (BloomConfig(vocab_size=VOCAB), "model type bloom"),
+    (GPTNeoXConfig(vocab_size=VOCAB), "model type gpt_neox"),
+])
+def test_untested_model_types_fall_back(config, reason):
+    assert config.model_type not in PREFIX_SHARING_MODELS
+    assert reason in prefix_sharing_problem(config)
+
+
+def test_flash_attention_falls_back():
+    config = CONFIGS["llama"]()
+    config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2 takes no custom mask" in prefix_sharing_problem(config)
+
+
+def test_a_fallback_model_trains_on_unshared_rows():
+    """Bloom (ALiBi positions from the 2-D mask) cannot take packed rows; unshared rows still train it."""
+    torch.manual_seed(0)
+    model = RewardModel(AutoModel.from_config(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)),
+                        loss="end_token")
+    out, grads = forward_backward(model, make_items(3), share=False)
+    assert torch.isfinite(out["loss"]) and all(torch.isfinite(grad).all() for grad in grads)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that make the host wait for the device: tensor-to-Python conversions
+    (`.item()`, `int()`, `bool()`) and ops whose output size depends on the data."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(name in func.__name__ for name in self.SYNCING):
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("loss,responses", LOSS_LAYOUTS)
+def test_training_forward_and_backward_never_wait_on_the_device(share, loss, responses):
+    model = reward_model("opt", loss)
+    batch = PairCollator(1, share_prompt=share)(make_items(responses))
+    batch.pop("source")
+    with HostSyncs() as syncs:
+        model(**batch)["loss"].backward()
+    assert syncs.seen == []
