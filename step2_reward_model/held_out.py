@@ -40,26 +40,35 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows[:int(c)] for rows, c in zip(gathered, counts, strict=True)]).cpu()
 
 
-@torch.no_grad()
+def inference(engine):
+    """Inference mode, except under ZeRO-3: the parameters it gathers in evaluation can stay
+    gathered into training, where autograd refuses tensors made in inference mode."""
+    return torch.inference_mode(engine.zero_optimization_stage() != 3)
+
+
 def evaluate(engine, loader: DataLoader, eval_iters: int, device: torch.device,
              source_names: list[str]) -> dict:
     """Accuracy over every ordered pair of responses (ties in score count half), top-1 accuracy for
     lists of three or more, per-source accuracy and mean best / worst scores; each prompt counted
-    once across ranks. `rows` keeps (score, prompt, rank, source) for the reward statistics."""
+    once across ranks. `rows` keeps (score, prompt, rank, source) for the reward statistics.
+    Scores stay on the device until the end: no copy to the host per batch."""
     engine.eval()
-    rows, seen = [], 0
+    scores, rows, seen = [], [], 0
     for step, batch in enumerate(loader):
         if step == eval_iters:
             break
         real, source = batch.pop("is_real"), batch.pop("source")
-        out = engine(**to_device(batch, device))
+        with inference(engine):
+            scores.append(engine(**to_device(batch, device))["scores"].double())
         group = batch["group"]
-        rows.append(torch.stack([out["scores"].double().cpu(), (group + seen).double(), batch["rank"].double(),
-                                 source[group].double(), real[group].double()], 1))
+        rows.append(torch.stack([(group + seen).double(), batch["rank"].double(), source[group].double(),
+                                 real[group].double()], 1))
         seen += len(real)
-    local = torch.cat(rows) if rows else torch.zeros((0, 5), dtype=torch.float64)
+    local = torch.zeros((0, 5), dtype=torch.float64, device=device)
+    if rows:
+        local = torch.cat([torch.cat(scores)[:, None], torch.cat(rows).to(device)], 1)
     local[:, 1] += dist.get_rank() * 2.0 ** 32  # prompt ids unique across ranks
-    table = gather_rows(local.to(device))
+    table = gather_rows(local)
     engine.train()
     table = table[table[:, 4] > 0, :4]
     return {**ranking_summary(table, source_names), "rows": table.numpy()}
@@ -89,25 +98,25 @@ def ranking_summary(table: torch.Tensor, source_names: list[str]) -> dict:
     return summary
 
 
-@torch.no_grad()
 def evaluate_steps(engine, loader: DataLoader, eval_iters: int, device: torch.device) -> dict:
     """A process reward model's step, first-error and solution accuracy, each solution counted once
     across ranks; `rows` keeps (logit, label) of every labelled step for the reward statistics."""
     engine.eval()
-    totals = torch.zeros(len(STEP_SUMS), dtype=torch.float64)
+    totals = torch.zeros(len(STEP_SUMS), dtype=torch.float64, device=device)
     rows = []
     for step, batch in enumerate(loader):
         if step == eval_iters:
             break
         real = batch.pop("is_real")
         batch["step_mask"] &= real[batch["step_rows"]]  # repeats that pad the last shard count nothing
-        logits = engine(**to_device(batch, device))["step_logits"].float().cpu()
+        batch = to_device(batch, device)
+        with inference(engine):
+            logits = engine(**batch)["step_logits"].float()
         sums = step_metrics(logits, batch["step_labels"], batch["step_mask"], batch["step_rows"], len(real))
         totals += torch.stack([sums[name] for name in STEP_SUMS])
-        rows.append(torch.stack([logits, batch["step_labels"]], 1)[batch["step_mask"]].double())
-    totals = totals.to(device)
+        rows.append(torch.stack([logits, batch["step_labels"].float()], 1)[batch["step_mask"]].double())
     dist.all_reduce(totals)
-    table = gather_rows((torch.cat(rows) if rows else torch.zeros((0, 2), dtype=torch.float64)).to(device))
+    table = gather_rows(torch.cat(rows) if rows else torch.zeros((0, 2), dtype=torch.float64, device=device))
     engine.train()
     sums = dict(zip(STEP_SUMS, totals.tolist(), strict=True))
     steps, solutions = max(sums["steps"], 1.0), max(sums["solutions"], 1.0)

@@ -22,11 +22,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import deepspeed  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from torch.utils.data.distributed import DistributedSampler  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import SchedulerType, get_scheduler  # noqa: E402
 
@@ -35,10 +35,16 @@ from step2_reward_model.evaluation import reward_statistics  # noqa: E402
 from step2_reward_model.held_out import evaluate, evaluate_steps, worst_rows  # noqa: E402
 from step2_reward_model.lora import apply_lora, merge_lora  # noqa: E402
 from step2_reward_model.losses import LOSSES  # noqa: E402
-from step2_reward_model.model import BACKBONE, TYPO_BACKBONE, create_reward_model  # noqa: E402
+from step2_reward_model.model import (  # noqa: E402
+    BACKBONE,
+    TYPO_BACKBONE,
+    create_reward_model,
+    prefix_sharing_problem,
+)
 from utils.data.build import MARGIN_SOURCES, DataOptions, create_reward_datasets, create_step_datasets  # noqa: E402
 from utils.data.chat import load_chat_template  # noqa: E402
 from utils.data.collate import EvalShard, PairCollator  # noqa: E402
+from utils.data.sampler import LengthGroupedBatches  # noqa: E402
 from utils.data.steps import NEUTRAL, StepCollator  # noqa: E402
 from utils.data.tokenize import TokenizedExamples, has_ranked_lists  # noqa: E402
 from utils.ds_utils import get_train_ds_config, merge_user_config  # noqa: E402
@@ -133,6 +139,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "expects the misspelt rwtranrsformer (and skips unknown keys without a word).")
     p.add_argument("--no_hf_export", action="store_true",
                    help="Do not write OUTPUT/hf, the AutoModelForSequenceClassification export.")
+    p.add_argument("--no_prefix_sharing", action="store_false", dest="prefix_sharing",
+                   help="Give every response its own row with its own copy of the prompt, instead of one packed "
+                        "row per prompt that computes the prompt once.")
+    p.add_argument("--length_grouping_steps", type=int, default=None,
+                   help="Shuffle, then sort by length within windows of this many steps, so a batch holds "
+                        "similar lengths and little padding; 0: plain shuffled batches. Default 32, and 0 "
+                        "with --process_reward (grouped step batches learned worse in our tests).")
+    p.add_argument("--attn_implementation", default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2"],
+                   help="auto: the model's default (SDPA where it has it), or flash-attention 2 when it is "
+                        "installed, on a GPU in fp16/bf16, with --no_prefix_sharing.")
     p.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the checkpoint.")
     p.add_argument("--dry_run", action="store_true",
                    help="Print the resolved configuration and exit, loading no model or data.")
@@ -140,14 +156,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.disable_dropout:
         args.dropout = 0.0
+    if args.length_grouping_steps is None:
+        args.length_grouping_steps = 0 if args.process_reward else 32
     return args
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matmul instructions (AVX512-BF16 or AMX); without them bf16
+    matmuls run several times slower than fp32."""
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
 def resolve_dtype(args: argparse.Namespace) -> None:
-    """fp16 needs a GPU: on DeepSpeed's CPU accelerator, train in fp32 and say so."""
-    if args.dtype == "fp16" and get_accelerator().device_name() == "cpu":
+    """fp16 needs a GPU: on DeepSpeed's CPU accelerator, train in fp32 and say so. bf16 stays as
+    asked, with a note where it is the slow path."""
+    if get_accelerator().device_name() != "cpu":
+        return
+    if args.dtype == "fp16":
         print_rank_0("warning: --dtype fp16 needs a GPU; training in fp32 on the CPU")
         args.dtype = "fp32"
+        if cpu_has_bf16():
+            print_rank_0("note: this CPU has bf16 instructions, so --dtype bf16 may train faster than fp32 "
+                         "(benchmarks/throughput.py --dtype bf16 measures it)")
+    elif args.dtype == "bf16" and not cpu_has_bf16():
+        print_rank_0("note: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 runs several "
+                     "times slower than fp32 here; --dtype fp32 is the fast path")
+
+
+def resolve_attention(args: argparse.Namespace) -> None:
+    """`--attn_implementation auto` -> flash-attention 2 where it applies, else None (the model's
+    default, SDPA for the supported families). Flash-attention takes no custom mask, so it is
+    chosen only when prefix sharing is off."""
+    if args.attn_implementation != "auto":
+        return
+    import importlib.util
+
+    flash = (importlib.util.find_spec("flash_attn") is not None and get_accelerator().device_name() == "cuda"
+             and args.dtype in ("fp16", "bf16") and not args.prefix_sharing)
+    args.attn_implementation = "flash_attention_2" if flash else None
 
 
 def build_ds_config(args: argparse.Namespace, world_size: int) -> dict:
@@ -209,6 +256,31 @@ def report_pairs(label: str, metrics: dict[str, float]) -> None:
         print_rank_0("  " + ", ".join(extras))
 
 
+def choose_prefix_sharing(config) -> bool:
+    problem = prefix_sharing_problem(config)
+    if problem:
+        print_rank_0(f"note: prefix sharing is off ({problem}): every response gets its own row with the prompt")
+    return problem is None
+
+
+def make_loaders(args: argparse.Namespace, train_set, eval_set, collator, share_prompt: bool, rank: int,
+                 world_size: int, device: torch.device) -> tuple[LengthGroupedBatches, DataLoader, DataLoader]:
+    """Length-grouped shuffled training batches; evaluation batches sorted by length, longest
+    first, each rank taking every world_size-th."""
+    sampler = LengthGroupedBatches(train_set.lengths(share_prompt), args.per_device_train_batch_size, rank,
+                                   world_size, seed=args.seed, window=args.length_grouping_steps)
+    layout = "one row per solution" if args.process_reward else \
+        "one packed row per prompt, computing it once" if share_prompt else "one row per response"
+    grouping = f"grouped by length within windows of {args.length_grouping_steps} steps" \
+        if args.length_grouping_steps > 0 else "in plain shuffled order"
+    print_rank_0(f"batches: {layout}, padded to their longest, {grouping}")
+    options = {"collate_fn": collator, "pin_memory": device.type == "cuda"}
+    eval_order = np.argsort(-eval_set.lengths(share_prompt), kind="stable")
+    eval_loader = DataLoader(EvalShard(Subset(eval_set, eval_order), rank, world_size),
+                             batch_size=args.per_device_eval_batch_size, **options)
+    return sampler, DataLoader(train_set, batch_sampler=sampler, **options), eval_loader
+
+
 def train(args: argparse.Namespace) -> None:
     init_single_process_env()
     deepspeed.init_distributed()
@@ -231,7 +303,6 @@ def train(args: argparse.Namespace) -> None:
             args.data_path, args.data_split, args.data_output_path, args.seed, tokenizer, args.max_seq_len,
             args.step_separator, args.prm_neutral, args.train_on_last_step_only, REPO_ROOT, local_rank=local_rank,
             log=print_rank_0)
-        collator = StepCollator(tokenizer.pad_token_id)
     else:
         options = DataOptions(data_weights=tuple(args.data_weights) if args.data_weights else None,
                               margin_source=args.margin_source, max_responses=args.max_responses_per_prompt,
@@ -240,20 +311,22 @@ def train(args: argparse.Namespace) -> None:
             args.data_path, args.data_split, args.data_output_path, args.seed, tokenizer, args.max_seq_len,
             END_OF_CONVERSATION_TOKEN, REPO_ROOT, local_rank=local_rank, log=print_rank_0, options=options)
         check_objective(args, train_set.data)
-        collator = PairCollator(tokenizer.pad_token_id)
 
     compute_fp32_loss = args.compute_fp32_loss or (args.dtype == "bf16" and args.bf16_to_fp32_loss)
     model = create_reward_model(args.model_name_or_path, tokenizer, ds_config, dropout=args.dropout,
                                 loss=args.loss, compute_fp32_loss=compute_fp32_loss,
                                 trust_remote_code=args.trust_remote_code,
-                                center_coefficient=args.center_rewards_coefficient)
+                                center_coefficient=args.center_rewards_coefficient,
+                                attn_implementation=args.attn_implementation)
     if args.lora_dim > 0:
         apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, sampler=sampler,
-                              collate_fn=collator)
-    eval_loader = DataLoader(EvalShard(eval_set, rank, world_size), batch_size=args.per_device_eval_batch_size,
-                             collate_fn=collator)
+    if args.process_reward:
+        collator, share_prompt = StepCollator(tokenizer.pad_token_id), False
+    else:
+        share_prompt = args.prefix_sharing and choose_prefix_sharing(model.config)
+        collator = PairCollator(tokenizer.pad_token_id, share_prompt=share_prompt)
+    sampler, train_loader, eval_loader = make_loaders(args, train_set, eval_set, collator, share_prompt, rank,
+                                                      world_size, device)
 
     optimizer = make_optimizer(args, model)
     updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
@@ -343,6 +416,7 @@ def train(args: argparse.Namespace) -> None:
 def dry_run(args: argparse.Namespace) -> None:
     """What a launch would use, without touching the model or the data (to check a script's flags)."""
     resolve_dtype(args)
+    resolve_attention(args)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     resolved = {"args": {k: (v.value if isinstance(v, SchedulerType) else v) for k, v in vars(args).items()},
                 "world_size": world_size, "deepspeed_config": build_ds_config(args, world_size)}
@@ -355,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return exit_status(lambda: dry_run(args))
     resolve_dtype(args)
+    resolve_attention(args)
     return exit_status(lambda: train(args))
 
 

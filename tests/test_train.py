@@ -26,6 +26,7 @@ COMMON = ["--data_split", "0,1,0", "--per_device_train_batch_size", "16", "--per
 # Chance is 0.5; after one epoch the tiny model gets the topic and manners kinds (two thirds of the
 # pairs) nearly always right. The demo's longer recipe reaches >= 0.90.
 MIN_ACCURACY = 0.72
+PACKED = "batches: one packed row per prompt, computing it once, padded to their longest, grouped by length"
 
 
 def train(tmp_path, model_dir: str, data_dir: str, *extra: str, ranks: int | None = None):
@@ -120,7 +121,7 @@ def test_zero2_end_token_loss_with_accumulation_and_checkpointing(tmp_path, mode
                            "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "8",
                            "--num_train_epochs", "2", "--gradient_checkpointing",
                            "--step3_key_prefix", "rwtranrsformer", "--no_hf_export")
-    assert meta["loss"] == "end_token"
+    assert meta["loss"] == "end_token" and PACKED in log
     state = torch.load(out / "pytorch_model.bin", weights_only=True)  # as the newest DeepSpeed-Chat names it
     assert all(k == "v_head.weight" or k.startswith("rwtranrsformer.") for k in state)
     assert not (out / "hf").exists() and meta["hf_export"] is None
@@ -131,12 +132,30 @@ def test_zero2_end_token_loss_with_accumulation_and_checkpointing(tmp_path, mode
 def test_zero3_two_ranks_through_the_launcher(tmp_path, model_dirs, synthetic_dir):
     out, meta, log = train(tmp_path, model_dirs["opt"], synthetic_dir, "--zero_stage", "3",
                            "--per_device_train_batch_size", "8", ranks=2)
-    assert "2 rank(s)" in log and "ZeRO stage 3" in log
+    assert "2 rank(s)" in log and "ZeRO stage 3" in log and PACKED in log
     assert meta["final_eval"]["pairs"] == 300  # each eval pair counted once across the two ranks
     assert meta["final_eval"]["accuracy"] >= MIN_ACCURACY, log[-2000:]
     # Gathered from both ranks' shards: full-size tensors that reload and score as in training.
     assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), tolerance=1e-5)
     assert_hf_export_matches(out)
+
+
+def test_unshared_plain_batches_reach_the_same_accuracy(zero0_run, tmp_path, model_dirs, synthetic_dir):
+    """The fast defaults (prefix sharing, length grouping) change how batches are laid out, not
+    what the model learns: DeepSpeed-Chat-style batches reach the same held-out accuracy."""
+    _, _, fast, fast_log = zero0_run
+    _, meta, log = train(tmp_path, model_dirs["opt"], synthetic_dir, "--zero_stage", "0", "--no_prefix_sharing",
+                         "--length_grouping_steps", "0")
+    assert PACKED in fast_log and "batches: one row per response, padded to their longest, in plain shuffled" in log
+    assert meta["final_eval"]["accuracy"] == pytest.approx(fast["final_eval"]["accuracy"], abs=0.05)
+
+
+def test_a_model_without_prefix_sharing_falls_back_and_learns(tmp_path, model_dirs, synthetic_dir):
+    out, meta, log = train(tmp_path, model_dirs["gpt_neox"], synthetic_dir, "--zero_stage", "0")
+    assert "note: prefix sharing is off (model type gpt_neox is not among" in log
+    assert "batches: one row per response" in log
+    assert meta["final_eval"]["accuracy"] >= MIN_ACCURACY, log[-2000:]
+    assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), tolerance=1e-5)
 
 
 def test_lora_only_adapters_train_and_are_merged_into_the_saved_weights(tmp_path, model_dirs, synthetic_dir):

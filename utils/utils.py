@@ -35,7 +35,9 @@ def set_random_seed(seed: int) -> None:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+    """Tensors to `device`, without waiting for copies from pinned memory."""
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
 
 
 def load_hf_tokenizer(model_name_or_path: str, add_eot_token: bool = False,
