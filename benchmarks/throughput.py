@@ -77,14 +77,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def synthetic_texts(count: int, seed: int) -> list[dict]:
-    """Pairs of random words with HH-like lengths: long prompts (median ~85 words), short answers."""
+    """Pairs of random words with HH-like lengths (a word is about one token once the BPE has
+    learned the 500 words): prompts of ~114 words on average, answers of ~54."""
     rng = np.random.default_rng(seed)
-    words = [f"w{i}" for i in range(3000)]
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=5)) for _ in range(500)]
 
     def text(mean: float) -> str:
         return " ".join(rng.choice(words, size=max(1, int(rng.lognormal(np.log(mean), 0.6)))))
 
-    return [{"prompt": text(85), "chosen": text(40), "rejected": text(40)} for _ in range(count)]
+    return [{"prompt": text(95), "chosen": text(45), "rejected": text(45)} for _ in range(count)]
 
 
 def load_pairs(args: argparse.Namespace):
