@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_scripts import FP16_WARNING
 
 from step2_reward_model import main
-
-FP16_WARNING = "warning: --dtype fp16 needs a GPU; training in fp32 on the CPU"
 
 
 @pytest.mark.parametrize("capabilities,dtype,expected,says,silent", [
