@@ -27,6 +27,7 @@ from step2_reward_model.evaluation import format_report, pair_report
 from step2_reward_model.losses import ranking_metrics
 from step2_reward_model.model import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.scoring import Scorer, score_data
+from utils.data.examples import BAD_ROWS
 from utils.data.tokenize import has_ranked_lists
 from utils.errors import UserError, exit_status
 from utils.utils import END_OF_CONVERSATION_TOKEN
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", choices=["eval", "train"], default="eval",
                    help="Which half of the data to evaluate (default: the held-out one).")
     p.add_argument("--data_output_path", default="/tmp/data_files/", help="Cache of split indices.")
+    p.add_argument("--bad_rows", choices=BAD_ROWS, default="error",
+                   help="A malformed data row: error names its file, line and field; skip drops and counts it.")
     p.add_argument("--seed", type=int, default=1234, help="Training's --seed, which fixes the split.")
     p.add_argument("--report", help="Write the full evaluation as JSON to this file.")
     p.add_argument("--plots", help="Write PNG figures (histograms, reward vs length, reliability) here.")
@@ -108,7 +111,8 @@ def print_pairs(scorer: Scorer, pairs: list[dict]) -> None:
 
 def evaluate_data(scorer: Scorer, args: argparse.Namespace) -> dict:
     scored, table, tokenized = score_data(scorer, args.data_path, args.data_split, args.split, args.seed,
-                                          args.data_output_path, REPO_ROOT, log=lambda m: print(m, file=sys.stderr))
+                                          args.data_output_path, REPO_ROOT, log=lambda m: print(m, file=sys.stderr),
+                                          bad_rows=args.bad_rows)
     report = pair_report(**scored)
     if has_ranked_lists(tokenized):
         report["ranking"] = ranking_report(table)

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from step2_reward_model.model import BACKBONE, TYPO_BACKBONE  # noqa: E402
 from utils.data.collate import round_up  # noqa: E402
+from utils.data.examples import BAD_ROWS  # noqa: E402
 from utils.errors import UserError, exit_status  # noqa: E402
 
 HF_DIR = "hf"
@@ -108,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_path", nargs="*", default=None, help="Compute reward statistics on this data.")
     p.add_argument("--data_split", default="2,4,4")
     p.add_argument("--data_output_path", default="/tmp/data_files/")
+    p.add_argument("--bad_rows", choices=BAD_ROWS, default="error",
+                   help="A malformed data row: error names its file, line and field; skip drops and counts it.")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--max_seq_len", type=int, default=None, help="Default: the manifest's, else 512.")
     p.add_argument("--step3_key_prefix", default=BACKBONE, choices=[BACKBONE, TYPO_BACKBONE],
@@ -132,7 +135,8 @@ def convert(args: argparse.Namespace) -> None:
     if args.data_path:
         scorer = Scorer(model, tokenizer, manifest["max_seq_len"], manifest["end_of_conversation_token"])
         scored, table, _ = score_data(scorer, args.data_path, args.data_split, "eval", args.seed, args.data_output_path,
-                            REPO_ROOT, log=lambda message: print(message, file=sys.stderr))
+                                      REPO_ROOT, log=lambda message: print(message, file=sys.stderr),
+                                      bad_rows=args.bad_rows)
         stats = reward_statistics(scored["chosen"], scored["rejected"], "--data_path " + " ".join(args.data_path),
                                   all_rewards=table[:, 0])
     output_dir = args.output_dir or args.model_path

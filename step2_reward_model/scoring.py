@@ -116,12 +116,14 @@ def score_tokenized(scorer: Scorer, tokenized: TokenizedExamples,
 
 
 def score_data(scorer: Scorer, data_paths: list[str], data_split: str, split: str, seed: int, cache_dir: str,
-               repo_root: str, log=print) -> tuple[dict[str, np.ndarray], np.ndarray, TokenizedExamples]:
+               repo_root: str, log=print,
+               bad_rows: str = "error") -> tuple[dict[str, np.ndarray], np.ndarray, TokenizedExamples]:
     """Score a split of training's data (same sources, cleaning, phase-2 split and truncation)."""
-    from utils.data.build import load_examples
+    from utils.data.build import DataOptions, load_examples
     from utils.data.tokenize import tokenize_examples
 
-    train, held_out = load_examples(data_paths, data_split, 2, seed, cache_dir, repo_root, log)
+    train, held_out = load_examples(data_paths, data_split, 2, seed, cache_dir, repo_root, log,
+                                    DataOptions(bad_rows=bad_rows))
     tokenized = tokenize_examples(held_out if split == "eval" else train, scorer.tokenizer, scorer.max_seq_len,
                                   scorer.end_of_conversation_token)
     log(f"data: {len(tokenized)} pairs to score, {tokenized.truncated} with the prompt cut from the left, "

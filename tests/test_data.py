@@ -361,8 +361,9 @@ def test_invalid_json_line_names_file_and_line(tmp_path):
     name = str(tmp_path / "broken.jsonl")
     with open(name, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(PAIRS[0]) + "\n\n" + '{"prompt": "oops", \n' + json.dumps(PAIRS[1]) + "\n")
-    message = user_error(load_source, name, str(tmp_path))
-    assert name in message and "line 3" in message
+    raw = load_source(name, str(tmp_path))  # a broken line is a row in its place, judged by --bad_rows
+    message = user_error(clean_source, raw, "train", raw.train)
+    assert name in message and "line 3" in message and "not valid JSON" in message
 
 
 def test_invalid_json_array_names_file_and_line(tmp_path):
@@ -429,20 +430,24 @@ def test_clean_rows_counts_each_reason_and_keeps_good_rows_in_order():
         "Q a b",  # not an object
         PAIRS[2],
     ]
-    examples, dropped = clean_rows(tagged(rows), SOURCES["Dahoas/rm-static"].adapter, "src")
+    adapter = SOURCES["Dahoas/rm-static"].adapter
+    examples, dropped = clean_rows(tagged(rows), adapter, "src", bad_rows="skip")
     assert as_tuples(examples) == EXPECTED
     assert [ex["source"] for ex in examples] == ["src"] * 3
     assert dropped == Counter({"empty prompt": 1, "empty response": 2, "chosen identical to rejected": 1,
-                               "missing field 'rejected'": 1, "field of the wrong type": 2,
-                               "row is not an object": 2})
+                               "missing field 'rejected'": 1, "field 'chosen' is a number": 1,
+                               "field 'prompt' is null": 1, "row is not an object": 2})
+    # By default the first malformed row stops the run, named by file, line and field.
+    message = user_error(clean_rows, tagged(rows), adapter, "src")
+    assert message.startswith("test.jsonl, line 7: missing field 'rejected'") and "--bad_rows skip" in message
 
 
 def test_clean_rows_hh_layout_reasons():
     rows = [HH_ROWS[0], {"chosen": 3, "rejected": "x"}, {"chosen": "Human: hi", "rejected": "Human: ho"},
             {"rejected": "x"}, {"chosen": HH_ROWS[1]["chosen"], "rejected": HH_ROWS[1]["chosen"]}, HH_ROWS[2]]
-    examples, dropped = clean_rows(tagged(rows), SOURCES["Anthropic/hh-rlhf"].adapter, "hh")
+    examples, dropped = clean_rows(tagged(rows), SOURCES["Anthropic/hh-rlhf"].adapter, "hh", bad_rows="skip")
     assert as_tuples(examples) == [EXPECTED[0], EXPECTED[2]]
-    assert dropped["field of the wrong type"] == 1
+    assert dropped["field 'chosen' is a number"] == 1
     assert dropped["missing field 'chosen'"] == 1
     assert dropped["chosen identical to rejected"] == 1
     assert sum(count for reason, count in dropped.items() if "Assistant" in reason) == 1

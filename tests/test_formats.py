@@ -25,8 +25,8 @@ def tagged(rows) -> list[tuple[str, object]]:
     return [(f"test.jsonl:line {i + 1}", row) for i, row in enumerate(rows)]
 
 
-def clean(rows) -> tuple[list[Example], Counter]:
-    return clean_rows(tagged(rows), _columns, "src")
+def clean(rows, bad_rows: str = "error") -> tuple[list[Example], Counter]:
+    return clean_rows(tagged(rows), _columns, "src", bad_rows)
 
 
 def user(text: str) -> dict:
@@ -89,10 +89,11 @@ def test_ties_and_bad_numbers_are_dropped_and_counted():
             {"prompt": "E?", "chosen": " a", "rejected": " b", "margin": "nan"},
             {"prompt": "F?", "chosen": " a", "rejected": " b", "score_chosen": True, "score_rejected": 1},
             {"prompt": "G?", "chosen": " a", "rejected": " b", "tie": "yes"}]  # only a boolean true is a tie
-    examples, dropped = clean(rows)
+    examples, dropped = clean(rows, "skip")
     assert [ex["prompt"] for ex in examples] == ["G?"]
-    assert dropped == Counter({"tie (equal scores)": 3, "'margin' is not a finite number": 2,
-                               "'score_chosen' is not a finite number": 1})
+    assert dropped == Counter({"tie (equal scores)": 3, "field 'margin' is not a finite number": 2,
+                               "field 'score_chosen' is not a finite number": 1})
+    assert user_error(clean, rows).startswith("test.jsonl, line 4: field 'margin' is not a finite number")
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,12 +141,15 @@ def test_ranked_rows_drop_reasons_are_counted():
         {"prompt": "Q?", "responses": [" a", " b"]},
         {"prompt": "Q?", "responses": [" a", " b"], "ranks": [1, 0]},
     ]
-    examples, dropped = clean(rows)
+    examples, dropped = clean(rows, "skip")
     assert examples == [{"prompt": "Q?", "responses": [" b", " a"], "ranks": [0, 1], "source": "src"}]
     assert dropped == Counter({"fewer than 2 responses": 2, "all responses tied": 1,
-                               "ranks and responses differ in length": 1, "identical responses ranked differently": 1,
-                               "empty response": 1, "empty prompt": 1, "field of the wrong type": 4,
+                               "fields 'ranks' and 'responses' differ in length": 1,
+                               "identical responses ranked differently": 1, "empty response": 1, "empty prompt": 1,
+                               "an item of field 'ranks' is text": 1, "an item of field 'ranks' is a boolean": 1,
+                               "an item of field 'responses' is a number": 1, "field 'ranked_outputs' is text": 1,
                                "missing field 'ranks'": 1})
+    assert user_error(clean, rows).startswith("test.jsonl, line 4: fields 'ranks' and 'responses' differ in length")
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,14 +201,17 @@ def test_chat_rows_drop_reasons_are_counted():
         {"chosen": [user("Hi?"), assistant("a"), user("x")], "rejected": [user("Hi?"), assistant("a"), user("y")]},
         {"prompt": [user("Hi?")], "chosen": [assistant("a")], "rejected": [assistant("b")]},
     ]
-    examples, dropped = clean(rows)
+    examples, dropped = clean(rows, "skip")
     assert [ex["responses"] for ex in examples] == [[[assistant("a")], [assistant("b")]]]
-    malformed = "malformed chat messages (need a list of {role, content} strings)"
     assert dropped == Counter({"no shared leading messages in chosen/rejected": 1,
                                "no messages after the shared prompt in chosen or rejected": 2,
-                               malformed: 3, "field of the wrong type": 1, "empty prompt": 2, "empty response": 2,
-                               "chosen identical to rejected": 1,
+                               "field 'chosen' is malformed chat messages": 2,
+                               "field 'rejected' is malformed chat messages": 1,
+                               "fields 'chosen' and 'rejected' mix text and chat messages": 1, "empty prompt": 2,
+                               "empty response": 2, "chosen identical to rejected": 1,
                                "response does not start with an assistant message": 2})
+    assert user_error(clean, rows) == ("test.jsonl, line 4: field 'chosen' is malformed chat messages (need a list "
+                                       "of {role, content} strings) (--bad_rows skip drops such rows and counts them)")
 
 
 def test_oasst_layout_maps_roles_and_wraps_replies():
@@ -214,12 +221,13 @@ def test_oasst_layout_maps_roles_and_wraps_replies():
            "ranked_responses": ["best", "second", "third"], "ranks": [0, 1, 2], "synthetic": [False] * 3}
     bad_role = {**row, "conversation": [{"role": "moderator", "text": "A?"}]}
     mismatch = {**row, "ranks": [0, 1]}
-    examples, dropped = clean([row, bad_role, mismatch, {"ranked_responses": ["a", "b"]}])
+    examples, dropped = clean([row, bad_role, mismatch, {"ranked_responses": ["a", "b"]}], "skip")
     assert examples == [{"prompt": [user("A?"), assistant("B."), user("C?")],
                          "responses": [[assistant("best")], [assistant("second")], [assistant("third")]],
                          "ranks": [0, 1, 2], "source": "src"}]
-    assert dropped == Counter({"malformed chat messages (need a list of {role, content} strings)": 1,
-                               "ranks and responses differ in length": 1, "missing field 'conversation'": 1})
+    assert dropped == Counter({"an item of field 'conversation' is not a {role, text} message": 1,
+                               "fields 'ranks' and 'ranked_responses' differ in length": 1,
+                               "missing field 'conversation'": 1})
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,9 +242,9 @@ def test_pretokenized_pairs_keep_ids_under_mask():
     examples, dropped = clean(rows)
     assert not dropped
     assert examples == [{"prompt": "", "responses": ["", ""], "ranks": [0, 1], "token_ids": [[5, 6, 7], [5, 9]],
-                         "margin": 0.5, "source": "src"},
+                         "margin": 0.5, "where": "test.jsonl:line 1", "source": "src"},
                         {"prompt": "", "responses": ["", ""], "ranks": [0, 1], "token_ids": [[1, 2], [1, 3]],
-                         "source": "src"}]
+                         "where": "test.jsonl:line 2", "source": "src"}]
 
 
 def test_pretokenized_drop_reasons_are_counted():
@@ -250,11 +258,13 @@ def test_pretokenized_drop_reasons_are_counted():
             {"input_ids_chosen": [1, 2, 0], "attention_mask_chosen": [1, 1, 0], "input_ids_rejected": [1, 2]},
             {"input_ids_chosen": [1, 2], "input_ids_rejected": [1, 3], "score_chosen": 1, "score_rejected": 1},
             {"input_ids_chosen": [1, 2]}]
-    examples, dropped = clean(rows)
+    examples, dropped = clean(rows, "skip")
     assert not examples
-    assert dropped == Counter({"input ids are not lists of integers": 3,
-                               "attention mask is not one 0/1 per input id": 2, "empty token sequence": 2,
-                               "chosen identical to rejected": 1, "tie (equal scores)": 1,
+    assert dropped == Counter({"an item of field 'input_ids_chosen' is text": 1,
+                               "an item of field 'input_ids_chosen' is a decimal number": 1,
+                               "field 'input_ids_chosen' is text": 1,
+                               "field 'attention_mask_chosen' is not one 0/1 per input id": 2,
+                               "empty token sequence": 2, "chosen identical to rejected": 1, "tie (equal scores)": 1,
                                "missing field 'input_ids_rejected'": 1})
 
 
@@ -282,7 +292,8 @@ def test_every_layout_loads_from_a_jsonl_file(tmp_path, layout):
     name = write_jsonl(tmp_path / f"{layout}.jsonl", rows)
     raw = load_source(name, str(tmp_path))
     examples, summary = clean_source(raw, "train", raw.train)
-    assert examples == [{**expected, "source": name}]
+    where = {"where": f"{name}:line 1"} if "token_ids" in expected else {}
+    assert examples == [{**expected, **where, "source": name}]
     assert summary == f"{name} [train]: 1 rows -> 1 examples (dropped: none)"
 
 

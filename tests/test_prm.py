@@ -36,6 +36,7 @@ from utils.data.steps import (
     tokenize_steps,
 )
 from utils.data.tokenize import special_affixes
+from utils.errors import UserError
 from utils.tiny import tiny_config, train_tokenizer
 
 SEP = "\n\n"
@@ -89,13 +90,17 @@ def test_every_drop_reason_is_counted():
             {"prompt": "p", "steps": ["a"], "labels": [2]}, {"prompt": "p", "steps": ["a"], "labels": ["good"]},
             {"prompt": "p", "steps": ["a", "b"], "labels": [None, None]},
             {"prompt": "p", "steps": ["a"], "labels": [1]}]
-    examples, dropped = clean_step_rows(tagged(rows), "src")
+    examples, dropped = clean_step_rows(tagged(rows), "src", bad_rows="skip")
     assert len(examples) == 1
     assert dropped == Counter({"row is not an object": 2, "missing field 'prompt'": 1, "missing field 'steps'": 1,
-                               "missing field 'labels'": 1, "field of the wrong type": 4,
-                               "labels and steps differ in length": 1, "empty prompt": 1, "no steps": 1,
-                               "empty step": 1, "label not one of true, false, 1, 0, -1, null": 2,
-                               "no labelled step": 1})
+                               "missing field 'labels'": 1, "field 'prompt' is a number": 1,
+                               "field 'steps' is text": 1, "field 'labels' is a number": 1,
+                               "an item of field 'steps' is a number": 1,
+                               "fields 'labels' and 'steps' differ in length": 1, "empty prompt": 1, "no steps": 1,
+                               "empty step": 1,
+                               "an item of field 'labels' is not a step label": 2, "no labelled step": 1})
+    with pytest.raises(UserError, match=r"^steps\.jsonl, line 1: row is not an object \(it is a list\)"):
+        clean_step_rows(tagged(rows), "src")
     neutral_only = [{"prompt": "p", "steps": ["a", "b"], "labels": [0, None]}]
     assert clean_step_rows(tagged(neutral_only), "src", neutral="ignore") == ([], Counter({"no labelled step": 1}))
 

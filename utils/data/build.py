@@ -14,19 +14,30 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch.distributed as dist
 
 from utils.data.collate import PairDataset
-from utils.data.examples import Example, clean_source, describe_drops, origin
+from utils.data.examples import (
+    Example,
+    Outcome,
+    describe_drops,
+    drop_leaks,
+    judge_rows,
+    origin,
+    row_problem,
+    summarise,
+    tally,
+)
 from utils.data.sources import RawSplits, load_source, local_path
 from utils.data.split import parse_split, phase_indices, shuffle_order
-from utils.data.steps import StepDataset, StepExample, clean_step_rows, load_steps, save_steps, tokenize_steps
+from utils.data.steps import StepDataset, StepExample, judge_step_rows, load_steps, save_steps, tokenize_steps
 from utils.data.tokenize import TokenizedExamples, load_tokenized, save_tokenized, tokenize_examples
 from utils.errors import UserError
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 
 
 def _file_stamps(path: str) -> list:
@@ -64,6 +75,7 @@ class DataOptions:
     margin_source: str = "column"  # column: a `margin` column; scores: score_chosen - score_rejected; none
     max_responses: int = 0  # > 0: keep this many of a prompt's ranked responses (best, worst, evenly between)
     chat_template: str | None = None  # Jinja text used instead of the tokenizer's own
+    bad_rows: str = "error"  # malformed rows: error (stop at the first) or skip (drop and count); see BAD_ROWS
 
 
 MARGIN_SOURCES = ("column", "scores", "none")
@@ -105,20 +117,36 @@ def _select(rows: list, indices: list[int]) -> list:
     return [rows[i] for i in indices]
 
 
-def _phase_rows(raw: RawSplits, data_split: str, phase: int, seed: int, cache_dir: str) -> dict[str, list]:
-    """This phase's train and eval rows of one source (a tenth of train is held out when it has one split)."""
+def _phase_positions(raw: RawSplits, data_split: str, phase: int, seed: int, cache_dir: str) -> dict[str, list[int]]:
+    """Positions in `raw.train + raw.eval` of this phase's train and eval rows (a tenth of train is held out
+    when the source has one split)."""
     key = re.sub(r"[^\w.-]+", "_", raw.name).strip("_")
-    train_rows, eval_rows = raw.train, raw.eval
-    if eval_rows is None:
-        halves = [phase_indices(len(train_rows), "9,1,0", i, seed, cache_dir, f"{key}_train_eval") for i in (0, 1)]
-        train_rows, eval_rows = _select(train_rows, halves[0]), _select(train_rows, halves[1])
+    size = len(raw.train)
+    if raw.eval is None:
+        parts = [phase_indices(size, "9,1,0", i, seed, cache_dir, f"{key}_train_eval") for i in (0, 1)]
+    else:
+        parts = [list(range(size)), list(range(size, size + len(raw.eval)))]
     picked = {}
-    for split, rows in (("train", train_rows), ("eval", eval_rows)):
-        indices = phase_indices(len(rows), data_split, phase - 1, seed, cache_dir, f"{key}_{split}")
-        picked[split] = _select(rows, indices)
+    for split, positions in zip(("train", "eval"), parts, strict=True):
+        indices = phase_indices(len(positions), data_split, phase - 1, seed, cache_dir, f"{key}_{split}")
+        picked[split] = _select(positions, indices)
         if not picked[split]:
             raise UserError(f"{raw.name}: --data_split {data_split} leaves no {split} rows for "
-                            f"phase {phase} ({len(rows)} rows in the split)")
+                            f"phase {phase} ({len(positions)} rows in the split)")
+    return picked
+
+
+def _phase_outcomes(raw: RawSplits, judge: Callable[[list], list[Outcome]], data_split: str, phase: int, seed: int,
+                    cache_dir: str) -> dict[str, tuple[list, list[Outcome]]]:
+    """This phase's train and eval rows of one source, with their outcomes. Every row of the source is
+    judged, whichever phase it belongs to, so error mode reports a broken line anywhere in the file.
+    An eval example that repeats one of this phase's training examples is dropped."""
+    positions = _phase_positions(raw, data_split, phase, seed, cache_dir)
+    rows = raw.train + (raw.eval or [])
+    outcomes = judge(rows)
+    picked = {split: (_select(rows, chosen), _select(outcomes, chosen)) for split, chosen in positions.items()}
+    eval_rows, eval_outcomes = picked["eval"]
+    picked["eval"] = eval_rows, drop_leaks(picked["train"][1], eval_outcomes)
     return picked
 
 
@@ -136,8 +164,9 @@ def load_examples(data_paths: list[str], data_split: str, phase: int, seed: int,
     evaluation: list[Example] = []
     for path in data_paths:
         raw = load_source(path, repo_root)
-        for split, picked in _phase_rows(raw, data_split, phase, seed, cache_dir).items():
-            examples, summary = clean_source(raw, split, picked)
+        judge = partial(judge_rows, problem=row_problem(raw.adapter, raw.name), bad_rows=options.bad_rows)
+        for split, (rows, outcomes) in _phase_outcomes(raw, judge, data_split, phase, seed, cache_dir).items():
+            examples, summary = summarise(raw, split, rows, outcomes)
             log(f"data: {summary}")
             examples = [limit_responses(apply_margin(ex, options.margin_source), options.max_responses)
                         for ex in examples]
@@ -158,15 +187,24 @@ def load_examples(data_paths: list[str], data_split: str, phase: int, seed: int,
 
 
 def _tokenize_split(examples: list[Example], split: str, tokenizer, max_seq_len: int, eot: str,
-                    log: Callable[[str], None], chat_template: str | None) -> TokenizedExamples:
-    tokenized = tokenize_examples(examples, tokenizer, max_seq_len, eot, chat_template)
+                    log: Callable[[str], None], options: DataOptions) -> TokenizedExamples:
+    tokenized = tokenize_examples(examples, tokenizer, max_seq_len, eot, options.chat_template, options.bad_rows)
+    bad_ids = f", {tokenized.bad_ids} dropped (token ids outside the tokenizer's range)" if tokenized.bad_ids else ""
     log(f"data: {split}: {len(tokenized)} examples tokenised, {tokenized.truncated} with the prompt "
         f"cut from the left, {tokenized.too_long} dropped (a response longer than --max_seq_len {max_seq_len}), "
-        f"{tokenized.responses_dropped} over-long responses left out of ranked lists")
+        f"{tokenized.responses_dropped} over-long responses left out of ranked lists{bad_ids}")
     if not len(tokenized):
-        raise UserError(f"--max_seq_len {max_seq_len} is too small: not one {split} pair fits "
+        sources = _sources(examples)
+        if tokenized.bad_ids:
+            raise UserError(f"{sources}: no {split} pair left ({tokenized.bad_ids} with token ids outside the "
+                            f"tokenizer's range, {tokenized.too_long} longer than --max_seq_len {max_seq_len})")
+        raise UserError(f"--max_seq_len {max_seq_len} is too small for {sources}: not one {split} pair fits "
                         "(every pair has a response longer than that)")
     return tokenized
+
+
+def _sources(examples: list) -> str:
+    return ", ".join(dict.fromkeys(example["source"] for example in examples))
 
 
 def _barrier() -> None:
@@ -190,18 +228,18 @@ def create_reward_datasets(data_paths: list[str], data_split: str, data_output_p
                                           options)
         for split, examples in (("train", train), ("eval", evaluation)):
             save_tokenized(_tokenize_split(examples, split, tokenizer, max_seq_len, end_of_conversation_token,
-                                           log, options.chat_template), paths[split])
+                                           log, options), paths[split])
     _barrier()
     return PairDataset(load_tokenized(paths["train"])), PairDataset(load_tokenized(paths["eval"]))
 
 
 def create_step_datasets(data_paths: list[str], data_split: str, data_output_path: str, seed: int, tokenizer,
                          max_seq_len: int, separator: str, neutral: str, last_step_only: bool, repo_root: str,
-                         local_rank: int = 0, phase: int = 2,
-                         log: Callable[[str], None] = print) -> tuple[StepDataset, StepDataset]:
+                         local_rank: int = 0, phase: int = 2, log: Callable[[str], None] = print,
+                         bad_rows: str = "error") -> tuple[StepDataset, StepDataset]:
     """Train and eval sets of step-labelled solutions for a process reward model, split and cached
-    like the preference sets."""
-    options = {"separator": separator, "neutral": neutral, "last_step_only": last_step_only}
+    like the preference sets, with the same `bad_rows` policy."""
+    options = {"separator": separator, "neutral": neutral, "last_step_only": last_step_only, "bad_rows": bad_rows}
     key = cache_key(data_paths, data_split, phase, seed, max_seq_len, json.dumps(options), tokenizer, repo_root)
     paths = {split: os.path.join(data_output_path, f"steps_{split}_{key}.npz") for split in ("train", "eval")}
     if local_rank <= 0 and not all(os.path.isfile(p) for p in paths.values()):
@@ -209,8 +247,10 @@ def create_step_datasets(data_paths: list[str], data_split: str, data_output_pat
         examples: dict[str, list[StepExample]] = {"train": [], "eval": []}
         for path in data_paths:
             raw = load_source(path, repo_root)
-            for split, rows in _phase_rows(raw, data_split, phase, seed, data_output_path).items():
-                cleaned, dropped = clean_step_rows(rows, raw.name, neutral)
+            judge = partial(judge_step_rows, source=raw.name, neutral=neutral, bad_rows=bad_rows)
+            for split, (rows, outcomes) in _phase_outcomes(raw, judge, data_split, phase, seed,
+                                                           data_output_path).items():
+                cleaned, dropped = tally(outcomes)
                 log(f"data: {raw.name} [{split}]: {len(rows)} rows -> {len(cleaned)} step-labelled solutions "
                     f"(dropped: {describe_drops(dropped)})")
                 if not cleaned:
@@ -223,7 +263,8 @@ def create_step_datasets(data_paths: list[str], data_split: str, data_output_pat
             log(f"data: {split}: {len(tokenized)} solutions tokenised, {tokenized.truncated} shortened, "
                 f"{tokenized.too_long} dropped (no labelled step fits in --max_seq_len {max_seq_len})")
             if not len(tokenized):
-                raise UserError(f"--max_seq_len {max_seq_len} is too small: no {split} solution keeps a labelled step")
+                raise UserError(f"--max_seq_len {max_seq_len} is too small for {_sources(items)}: no {split} "
+                                "solution keeps a labelled step")
             save_steps(tokenized, paths[split])
     _barrier()
     return StepDataset(load_steps(paths["train"])), StepDataset(load_steps(paths["eval"]))

@@ -4,21 +4,34 @@ An example is a prompt and its responses sorted best first, each with a rank: a 
 the case of two responses ranked [0, 1], so pairs, ranked lists and best-of-N sets (one best, the
 rest tied) share one representation and one set of checks. Prompts and responses are text or chat
 messages; messages are rendered with the model's chat template later (`utils.data.chat`), where the
-tokenizer is known. A bad row is never an exception: it is dropped and its reason counted.
+tokenizer is known.
+
+Rows that cannot be used are of two kinds. A malformed row (unreadable, or not matching its layout: the
+adapters raise `Malformed`) follows the `--bad_rows` policy: "error" stops at the first one with a
+one-line message naming its file, line and field; "skip" drops and counts it. A well-formed row that
+cannot train (an empty or tied answer, an eval example that repeats a training one, ...) is always
+dropped and counted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypedDict
 
-from utils.data.sources import ACCEPTED_LAYOUTS, MALFORMED_MESSAGES, Messages, RawSplits, is_messages
+from utils.data.sources import ACCEPTED_LAYOUTS, Malformed, Messages, RawSplits, as_object, place
 from utils.errors import UserError
 
-WRONG_TYPE = "field of the wrong type"
+BAD_ROWS = ("error", "skip")
+SKIP_HINT = "(--bad_rows skip drops such rows and counts them)"
 TIE = "tie (equal scores)"
+LEAK = "same as a training example"
 IDENTICAL = {True: "chosen identical to rejected", False: "identical responses ranked differently"}  # by: is a pair
+
+# (example, None) for a usable row, (None, why it is dropped) for the others.
+Outcome = tuple[Any, str | None]
 
 
 class Example(TypedDict, total=False):
@@ -28,16 +41,8 @@ class Example(TypedDict, total=False):
     margin: float  # only when the row gives one
     score_margin: float  # score_chosen - score_rejected, only when the row has both
     token_ids: list[list[int]]  # pretokenized examples only: each response's whole sequence, best first
+    where: str  # pretokenized examples only: the row's place, for errors found once the tokenizer is known
     source: str
-
-
-def _kind(value: Any) -> str:
-    """'text', 'chat', or the reason the value is neither."""
-    if isinstance(value, str):
-        return "text"
-    if isinstance(value, list):
-        return "chat" if is_messages(value) else MALFORMED_MESSAGES
-    return WRONG_TYPE
 
 
 def _blank(value: str | Messages) -> bool:
@@ -49,12 +54,7 @@ def _identity(value: str | Messages) -> Any:
     return value.strip() if isinstance(value, str) else tuple((m["role"], m["content"].strip()) for m in value)
 
 
-def _ranking_problem(responses: Any, ranks: Any) -> str | None:
-    if not isinstance(responses, list) or not isinstance(ranks, list) or not all(
-            isinstance(r, int) and not isinstance(r, bool) for r in ranks):
-        return WRONG_TYPE
-    if len(ranks) != len(responses):
-        return "ranks and responses differ in length"
+def _ranking_problem(responses: list, ranks: list[int]) -> str | None:
     if len(responses) < 2:
         return "fewer than 2 responses"
     if len(set(ranks)) == 1:
@@ -62,18 +62,12 @@ def _ranking_problem(responses: Any, ranks: Any) -> str | None:
     return None
 
 
-def _content_problem(prompt: Any, responses: list, ranks: list[int], pair: bool) -> str | None:
-    kinds = [_kind(prompt)] + [_kind(response) for response in responses]
-    bad = next((kind for kind in kinds if kind not in ("text", "chat")), None)
-    if bad:
-        return bad
-    if len(set(kinds[1:])) > 1:  # text and chat responses mixed
-        return WRONG_TYPE
+def _content_problem(prompt: str | Messages, responses: list, ranks: list[int], pair: bool) -> str | None:
     if _blank(prompt):
         return "empty prompt"
     if any(_blank(response) for response in responses):
         return "empty response"
-    if kinds[1] == "chat" and any(response[0]["role"] != "assistant" for response in responses):
+    if isinstance(responses[0], list) and any(response[0]["role"] != "assistant" for response in responses):
         return "response does not start with an assistant message"
     seen: dict[Any, int] = {}
     for response, rank in zip(responses, ranks, strict=True):
@@ -97,17 +91,11 @@ def _best_first(ranks: list[int]) -> tuple[list[int], list[int]]:
     return order, [dense[ranks[i]] for i in order]
 
 
-def _problem(row: Any, adapter, source: str) -> tuple[Example | None, str | None]:
-    """(clean example, None) or (None, the reason the row cannot be used)."""
-    if not isinstance(row, dict):
-        return None, "row is not an object"
+def _problem(where: str, row: Any, adapter, source: str) -> Outcome:
+    """(clean example, None) or (None, the reason a well-formed row cannot be used); Malformed for the others."""
     try:
-        adapted = adapter(row)
-    except KeyError as err:
-        return None, f"missing field {err}"
-    except (TypeError, AttributeError):
-        return None, WRONG_TYPE
-    except ValueError as err:
+        adapted = adapter(as_object(row))
+    except ValueError as err:  # the adapters' word for a well-formed row that cannot be used
         return None, str(err)
     if adapted.get("tie"):
         return None, TIE
@@ -118,7 +106,7 @@ def _problem(row: Any, adapter, source: str) -> tuple[Example | None, str | None
         if reason:
             return None, reason
         return Example(prompt="", responses=[""] * len(token_ids), ranks=list(range(len(token_ids))),
-                       token_ids=token_ids, **extras, source=source), None
+                       token_ids=token_ids, **extras, where=where, source=source), None
     pair = "chosen" in adapted
     if pair:
         responses, ranks = [adapted["chosen"], adapted["rejected"]], [0, 1]
@@ -132,43 +120,114 @@ def _problem(row: Any, adapter, source: str) -> tuple[Example | None, str | None
                    source=source), None
 
 
-def keep_usable(rows: list[tuple[str, Any]], problem: Callable[[Any], tuple[Any, str | None]]) -> tuple[list, Counter]:
-    """The rows `problem` turns into examples, and a count of the others by the reason it gives."""
-    examples: list = []
-    dropped: Counter = Counter()
-    for _, row in rows:
-        example, reason = problem(row)
-        if reason:
-            dropped[reason] += 1
-        else:
-            examples.append(example)
-    return examples, dropped
+def _fingerprint(example: dict) -> bytes:
+    """What makes two examples the same: everything but where they come from."""
+    content = {key: value for key, value in example.items() if key not in ("source", "where")}
+    return hashlib.blake2b(json.dumps(content, sort_keys=True).encode(), digest_size=16).digest()
 
 
-def clean_rows(rows: list[tuple[str, Any]], adapter, source: str) -> tuple[list[Example], Counter]:
+def _file(where: str) -> str:
+    """The file (or hub split) of a location tag `origin:where`."""
+    return where.rsplit(":", 1)[0]
+
+
+def malformed_error(where: str, err: Malformed) -> UserError:
+    return UserError(f"{place(where)}: {err.reason}{err.hint} {SKIP_HINT}")
+
+
+def _lacks_columns(rows: list[tuple[str, Any]], outcomes: list[Outcome], file: str) -> bool:
+    """Whether no row of `file` is usable and every one misses a field: the file has another layout, which
+    the summary's error explains better than its first row's."""
+    return all(example is None and reason.startswith("missing field")
+               for (where, _), (example, reason) in zip(rows, outcomes, strict=True) if _file(where) == file)
+
+
+def judge_rows(rows: list[tuple[str, Any]], problem: Callable[[str, Any], Outcome],
+               bad_rows: str = "error") -> list[Outcome]:
+    """Each row's outcome, in order. A malformed row is dropped with its reason in skip mode; in error
+    mode the first one is raised once every row has been read, unless no row of its file has the
+    needed fields (the caller's error about the layout is the better one then)."""
+    if bad_rows not in BAD_ROWS:
+        raise ValueError(f"bad_rows must be one of {', '.join(BAD_ROWS)}, not {bad_rows!r}")
+    outcomes: list[Outcome] = []
+    first: tuple[str, Malformed] | None = None
+    for where, row in rows:
+        try:
+            example, reason = problem(where, row)
+        except Malformed as err:
+            first = first or (where, err)
+            example, reason = None, err.reason
+        outcomes.append((example, reason))
+    if first and bad_rows == "error" and not _lacks_columns(rows, outcomes, _file(first[0])):
+        raise malformed_error(*first)
+    return outcomes
+
+
+def drop_leaks(train: list[Outcome], evaluation: list[Outcome]) -> list[Outcome]:
+    """The eval outcomes, with every example that repeats a training example dropped: a pair the
+    model trained on would inflate the held-out accuracy."""
+    seen = {_fingerprint(example) for example, _ in train if example is not None}
+    return [(None, LEAK) if example is not None and _fingerprint(example) in seen else (example, reason)
+            for example, reason in evaluation]
+
+
+def repeats(examples: list) -> int:
+    """How many examples repeat an earlier one of the same split. They are kept (a comparison
+    collected twice weighs twice, as in DeepSpeed-Chat and TRL), but the summary says how many."""
+    return len(examples) - len({_fingerprint(example) for example in examples})
+
+
+def tally(outcomes: list[Outcome]) -> tuple[list, Counter]:
+    """The examples of the usable rows, and a count of the others by reason."""
+    return ([example for example, reason in outcomes if reason is None],
+            Counter(reason for _, reason in outcomes if reason is not None))
+
+
+def row_problem(adapter, source: str) -> Callable[[str, Any], Outcome]:
+    """The `problem` of `judge_rows` for preference rows read by `adapter`."""
+    return lambda where, row: _problem(where, row, adapter, source)
+
+
+def clean_rows(rows: list[tuple[str, Any]], adapter, source: str,
+               bad_rows: str = "error") -> tuple[list[Example], Counter]:
     """Adapt and validate rows; returns the examples and a count of dropped rows per reason."""
-    return keep_usable(rows, lambda row: _problem(row, adapter, source))
+    return tally(judge_rows(rows, row_problem(adapter, source), bad_rows))
 
 
 def origin(rows: list[tuple[str, Any]]) -> str:
-    """The file (or hub split) the rows came from: their location tags are `origin:where`."""
-    return rows[0][0].rsplit(":", 1)[0]
+    """The file (or hub split) the rows came from."""
+    return _file(rows[0][0])
 
 
 def describe_drops(dropped: Counter) -> str:
     return ", ".join(f"{count} {reason}" for reason, count in dropped.most_common()) or "none"
 
 
-def clean_source(raw: RawSplits, split: str, rows: list[tuple[str, Any]]) -> tuple[list[Example], str]:
-    """Clean one split of one source; a split with nothing usable is an error that says why."""
-    examples, dropped = clean_rows(rows, raw.adapter, raw.name)
+def _column_names(row: dict) -> str:
+    """A row's keys for a one-line message (escaped, and cut when long)."""
+    return ", ".join(repr(key)[1:-1][:40] if isinstance(key, str) else repr(key)[:40] for key in row)[:300]
+
+
+def summarise(raw: RawSplits, split: str, rows: list[tuple[str, Any]],
+              outcomes: list[Outcome]) -> tuple[list[Example], str]:
+    """The examples of one split of one source and its summary line; a split with nothing usable is an
+    error that says why."""
+    examples, dropped = tally(outcomes)
+    repeated = repeats(examples)
     summary = (f"{raw.name} [{split}]: {len(rows)} rows -> {len(examples)} examples "
-               f"(dropped: {describe_drops(dropped)})")
+               f"(dropped: {describe_drops(dropped)})" + (f"; {repeated} repeat an earlier example, kept" if repeated
+                                                          else ""))
     if not examples:
         first = next((row for _, row in rows if isinstance(row, dict)), None)
         if first is not None and all(reason.startswith("missing field") for reason in dropped):
             raise UserError(f"{origin(rows)}: rows lack the needed columns, one of the layouts {ACCEPTED_LAYOUTS} "
-                            f"(found: {', '.join(first)})")
+                            f"(found: {_column_names(first)})")
         raise UserError(f"{origin(rows) if rows else raw.name}: no usable pairs or ranked lists in the {split} split "
                         f"after cleaning ({len(rows)} rows; dropped: {describe_drops(dropped)})")
     return examples, summary
+
+
+def clean_source(raw: RawSplits, split: str, rows: list[tuple[str, Any]],
+                 bad_rows: str = "error") -> tuple[list[Example], str]:
+    """Clean one split of one source (see `summarise`)."""
+    return summarise(raw, split, rows, judge_rows(rows, row_problem(raw.adapter, raw.name), bad_rows))

@@ -3,7 +3,8 @@
 A row is `{"prompt", "steps" (or "completions"), "labels"}`, as in PRM800K and Math-Shepherd. Labels come in
 several conventions (booleans; 1 good / 0 neutral / -1 wrong; null for steps nobody rated, as after the first
 error in PRM800K), so they are normalised here to 1 (good), 0 (bad) or None (unlabelled), with an explicit
-policy for "neutral". Bad rows are counted by reason, never raised, as for preference pairs.
+policy for "neutral". Malformed rows follow the `--bad_rows` policy and unusable ones are dropped and counted, as
+for preference pairs (`utils.data.examples`).
 
 Each step is tokenised on its own followed by the separator, the way a policy generates it in the PPO step,
 and is scored at the last token of that segment, where the step is complete. The prompt ends with the
@@ -27,9 +28,10 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.data.collate import pad_right
-from utils.data.examples import keep_usable
+from utils.data.examples import Outcome, judge_rows, tally
+from utils.data.sources import Malformed, as_object, as_text, list_of, required
 from utils.data.synthetic import is_held_out
-from utils.data.tokenize import special_affixes
+from utils.data.tokenize import encode_bounded, encode_tails, special_affixes
 
 NEUTRAL = ("positive", "negative", "ignore")
 UNLABELLED = -1.0  # stored label of a step that is not scored
@@ -47,57 +49,57 @@ def is_step_row(row: Any) -> bool:
     return isinstance(row, dict) and "labels" in row and ("steps" in row or "completions" in row)
 
 
-def _label(value: Any, neutral: str) -> tuple[int | None, bool]:
-    """(normalised label, valid): booleans and 1 / -1 map to good / bad, 0 follows the neutral policy."""
+def _label(value: Any, neutral: str, name: str) -> int | None:
+    """Booleans and 1 / -1 map to good / bad, 0 follows the neutral policy, null is unlabelled."""
     if value is None:
-        return None, True
+        return None
     if isinstance(value, bool):
-        return int(value), True
+        return int(value)
     if isinstance(value, int | float) and value in (1, 0, -1):
         if value == 0:
-            return {"positive": 1, "negative": 0, "ignore": None}[neutral], True
-        return int(value > 0), True
-    return None, False
+            return {"positive": 1, "negative": 0, "ignore": None}[neutral]
+        return int(value > 0)
+    raise Malformed(f"{name} is not a step label", " (true, false, 1, 0, -1 or null)")
 
 
-def _step_problem(row: Any, neutral: str, source: str) -> tuple[StepExample | None, str | None]:
-    """(example, None) or (None, the reason the row cannot be used)."""
-    if not isinstance(row, dict):
-        return None, "row is not an object"
+def _step_problem(row: Any, neutral: str, source: str) -> Outcome:
+    """(example, None) or (None, the reason a well-formed row cannot be used); Malformed for the others."""
+    row = as_object(row)
     steps_key = "completions" if "completions" in row and "steps" not in row else "steps"
-    for key in ("prompt", steps_key, "labels"):
-        if key not in row:
-            return None, f"missing field '{key}'"
-    prompt, steps, labels = row["prompt"], row[steps_key], row["labels"]
-    if (not isinstance(prompt, str) or not isinstance(steps, list) or not isinstance(labels, list)
-            or not all(isinstance(step, str) for step in steps)):
-        return None, "field of the wrong type"
+    prompt = as_text(required(row, "prompt"), "field 'prompt'")
+    steps = list_of(row, steps_key, as_text, "texts")
+    labels = list_of(row, "labels", lambda value, name: _label(value, neutral, name), "step labels")
     if len(labels) != len(steps):
-        return None, "labels and steps differ in length"
+        raise Malformed(f"fields 'labels' and '{steps_key}' differ in length",
+                        f" ({len(labels)} labels, {len(steps)} steps)")
     if not prompt.strip():
         return None, "empty prompt"
     if not steps:
         return None, "no steps"
     if not all(step.strip() for step in steps):
         return None, "empty step"
-    normalised = [_label(value, neutral) for value in labels]
-    if not all(valid for _, valid in normalised):
-        return None, "label not one of true, false, 1, 0, -1, null"
-    if all(label is None for label, _ in normalised):
+    if all(label is None for label in labels):
         return None, "no labelled step"
-    return StepExample(prompt=prompt, steps=steps, labels=[label for label, _ in normalised], source=source), None
+    return StepExample(prompt=prompt, steps=steps, labels=labels, source=source), None
 
 
-def clean_step_rows(rows: list[tuple[str, Any]], source: str,
-                    neutral: str = "positive") -> tuple[list[StepExample], Counter]:
-    """Validate and normalise step-wise rows; returns the examples and a count of dropped rows per reason.
+def judge_step_rows(rows: list[tuple[str, Any]], source: str, neutral: str = "positive",
+                    bad_rows: str = "error") -> list[Outcome]:
+    """Each step-wise row's outcome (see `utils.data.examples.judge_rows`).
 
     `neutral` says what a 0 label means: "positive" (good, PRM800K's own reading: the step is not a mistake),
-    "negative" (bad) or "ignore" (unlabelled).
+    "negative" (bad) or "ignore" (unlabelled). Equal rows are kept: PRM800K rates some trajectories more
+    than once (416 of the 3693 in the sample), and each rating counts.
     """
     if neutral not in NEUTRAL:
         raise ValueError(f"neutral must be one of {', '.join(NEUTRAL)}, not {neutral!r}")
-    return keep_usable(rows, lambda row: _step_problem(row, neutral, source))
+    return judge_rows(rows, lambda _, row: _step_problem(row, neutral, source), bad_rows)
+
+
+def clean_step_rows(rows: list[tuple[str, Any]], source: str, neutral: str = "positive",
+                    bad_rows: str = "error") -> tuple[list[StepExample], Counter]:
+    """Validate and normalise step-wise rows; returns the examples and a count of dropped rows per reason."""
+    return tally(judge_step_rows(rows, source, neutral, bad_rows))
 
 
 @dataclass
@@ -135,9 +137,9 @@ def tokenize_steps(examples: list[StepExample], tokenizer, max_seq_len: int, sep
         return out
     prefix, suffix = special_affixes(tokenizer)
     budget = max_seq_len - len(prefix) - len(suffix)
-    prompt_ids = tokenizer([ex["prompt"] + separator for ex in examples], add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_tails(tokenizer, [ex["prompt"] + separator for ex in examples], max_seq_len)
     flat = [step + separator for ex in examples for step in ex["steps"]]
-    flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"])
+    flat_ids = iter(encode_bounded(tokenizer, flat, max_seq_len))
     names: dict[str, int] = {}
     for example, prompt in zip(examples, prompt_ids, strict=True):
         steps = [next(flat_ids) for _ in example["steps"]]

@@ -1,7 +1,7 @@
 """A synthetic preference data set that a tiny model learns in minutes, for the offline demo and tests.
 
-Rows are split into train and held-out by a hash of the whole row, so no evaluation pair is ever
-a training pair. Three kinds of prompt, each with a better and a worse answer that differ in one learnable way:
+Rows are split into train and held-out by a hash of the whole row (of a ranked list in rank
+order), so no evaluation pair or list is ever a training one. Three kinds of prompt, each with a better and a worse answer that differ in one learnable way:
 - arithmetic: the right sum vs a wrong one;
 - topic: an answer about the asked-for topic vs one about another topic;
 - manners: a polite answer vs a rude one with the same content.
@@ -108,7 +108,8 @@ def make_ranked_rows(count: int, seed: int, held_out: bool = False, conversation
         else:
             row = {"prompt": f"\n\nHuman: {request}\n\nAssistant:", "responses": [" " + a for a in answers],
                    "ranks": ranks}
-        if is_held_out(row) == held_out:
+        # Split on the list in rank order, so that no held-out list is a training list reordered.
+        if is_held_out({"request": request, "ranked": sorted(zip(ranks, answers, strict=True))}) == held_out:
             rows.append(row)
     return rows
 

@@ -7,16 +7,30 @@ them (prompt tokens followed by generated tokens). When a pair is longer than `m
 prompt is cut from the left by the same amount for every response of the example, so the answers
 and their last token (the one that is scored) survive and the shared prompt stays shared. An
 example whose longest response cannot fit even with an empty prompt is dropped and counted.
+
+A text far longer than `max_seq_len` is not tokenised in full (a 10 MB string takes the tiny test
+tokenizers over 10 s): a prompt only needs its end, and a response that long can never fit.
+Pretokenized ids are checked against the tokenizer's range here, where it is known, under the
+`--bad_rows` policy.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from utils.data.examples import Example
+from utils.data.examples import Example, malformed_error
+from utils.data.sources import Malformed
+
+# More characters per token than real vocabularies average: a text longer than max_seq_len * CHARS_PER_TOKEN
+# characters holds more than max_seq_len tokens.
+CHARS_PER_TOKEN = 64
+# A space after a non-space starts a new pre-token (word) in byte-level BPE and SentencePiece vocabularies
+# alike, so the tokens from there on do not depend on the text before it.
+WORD_START = re.compile(r"(?<=\S) ")
 
 
 def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
@@ -27,6 +41,68 @@ def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
         if full[start:start + len(bare)] == bare:
             return full[:start], full[start + len(bare):]
     return [], []
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _tail(text: str, limit: int) -> str:
+    """The last `limit` characters of `text`, from the first word start in their first half (so that the
+    words kept are whole), or from the cut when a single word spans that half."""
+    if len(text) <= limit:
+        return text
+    start = len(text) - limit
+    word = WORD_START.search(text, start, start + limit // 2)
+    return text[word.start() if word else start:]
+
+
+def encode_tails(tokenizer, texts: list[str], max_seq_len: int) -> list[list[int]]:
+    """Token ids of prompts, which are cut from the left: of a text longer than max_seq_len * CHARS_PER_TOKEN
+    characters only the tail is tokenised. When the tail starts at a word and holds more than max_seq_len
+    tokens, its last max_seq_len tokens (more than a prompt ever keeps) are those of the whole text; a
+    tail that holds fewer falls back to the whole text."""
+    limit = max_seq_len * CHARS_PER_TOKEN
+    tails = [_tail(text, limit) for text in texts]
+    ids = _encode(tokenizer, tails)
+    redo = [i for i, (text, tail, tokens) in enumerate(zip(texts, tails, ids, strict=True))
+            if len(tail) < len(text) and len(tokens) <= max_seq_len]
+    for i, tokens in zip(redo, _encode(tokenizer, [texts[i] for i in redo]), strict=True):
+        ids[i] = tokens
+    return ids
+
+
+def encode_bounded(tokenizer, texts: list[str], max_seq_len: int) -> list[list[int]]:
+    """Token ids of responses or steps, which fit whole or not at all: a text longer than
+    max_seq_len * CHARS_PER_TOKEN characters cannot fit, and gets max_seq_len + 1 stand-in ids instead."""
+    limit = max_seq_len * CHARS_PER_TOKEN
+    short = [i for i, text in enumerate(texts) if len(text) <= limit]
+    ids = [[0] * (max_seq_len + 1) for _ in texts]
+    for i, tokens in zip(short, _encode(tokenizer, [texts[i] for i in short]), strict=True):
+        ids[i] = tokens
+    return ids
+
+
+def _id_problem(example: Example, vocab_size: int) -> Malformed | None:
+    """A pretokenized example's first id outside [0, vocab_size), as a malformed field."""
+    for side, ids in zip(("chosen", "rejected"), example["token_ids"], strict=False):
+        bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+        if bad is not None:
+            return Malformed(f"field 'input_ids_{side}' has a token id outside the tokenizer's range",
+                             f" ({str(bad)[:20]}; the tokenizer has {vocab_size} tokens)")
+    return None
+
+
+def _in_range(examples: list[Example], vocab_size: int, bad_rows: str) -> list[Example]:
+    """The examples whose token ids the tokenizer has; in error mode the first other one is raised."""
+    kept = []
+    for example in examples:
+        problem = _id_problem(example, vocab_size) if "token_ids" in example else None
+        if problem and bad_rows == "error":
+            raise malformed_error(example.get("where", example["source"]), problem)
+        if not problem:
+            kept.append(example)
+    return kept
 
 
 def fit_prompt(prompt: list[int], responses: list[list[int]], prefix_length: int,
@@ -53,6 +129,7 @@ class TokenizedExamples:
     truncated: int = 0
     too_long: int = 0
     responses_dropped: int = 0  # over-long answers left out of ranked lists that still have two ranks
+    bad_ids: int = 0  # pretokenized examples dropped (--bad_rows skip) for ids outside the tokenizer's range
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -82,8 +159,8 @@ def _fitting_responses(responses: list[list[int]], ranks: list[int],
     return [], []
 
 
-def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int,
-                      end_of_conversation_token: str, chat_template: str | None = None) -> TokenizedExamples:
+def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int, end_of_conversation_token: str,
+                      chat_template: str | None = None, bad_rows: str = "error") -> TokenizedExamples:
     """Conversations are rendered with the chat template first; pretokenized rows keep their ids
     (no specials or end token added) and split at their shared prefix."""
     from utils.data.chat import render
@@ -91,13 +168,14 @@ def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int,
     out = TokenizedExamples()
     if not examples:
         return out
-    examples = [render(tokenizer, ex, chat_template) if "token_ids" not in ex else ex for ex in examples]
+    kept = _in_range(examples, len(tokenizer), bad_rows)
+    out.bad_ids = len(examples) - len(kept)
+    examples = [render(tokenizer, ex, chat_template) if "token_ids" not in ex else ex for ex in kept]
     texts = [ex for ex in examples if "token_ids" not in ex]
     prefix, suffix = special_affixes(tokenizer)
-    prompt_ids = iter(tokenizer([ex["prompt"] for ex in texts], add_special_tokens=False)["input_ids"]
-                      if texts else [])
+    prompt_ids = iter(encode_tails(tokenizer, [ex["prompt"] for ex in texts], max_seq_len))
     flat = [resp + end_of_conversation_token for ex in texts for resp in ex["responses"]]
-    flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+    flat_ids = iter(encode_bounded(tokenizer, flat, max_seq_len))
     names: dict[str, int] = {}
     for example in examples:
         if "token_ids" in example:
@@ -145,7 +223,8 @@ def save_tokenized(tokenized: TokenizedExamples, path: str) -> None:
              margins=np.asarray(tokenized.margins, dtype=np.float64),
              sources=np.asarray(tokenized.sources, dtype=np.int64),
              source_names=np.asarray(tokenized.source_names, dtype=np.str_),
-             stats=np.array([tokenized.truncated, tokenized.too_long, tokenized.responses_dropped], dtype=np.int64))
+             stats=np.array([tokenized.truncated, tokenized.too_long, tokenized.responses_dropped, tokenized.bad_ids],
+                            dtype=np.int64))
     os.replace(tmp, path)
 
 
@@ -154,10 +233,11 @@ def load_tokenized(path: str) -> TokenizedExamples:
         flat_responses = _unflatten(saved["responses"], saved["response_offsets"])
         starts = np.concatenate([[0], np.cumsum(saved["counts"])]).astype(np.int64)
         groups = range(len(saved["counts"]))
-        truncated, too_long, responses_dropped = saved["stats"].tolist()
+        truncated, too_long, responses_dropped, bad_ids = saved["stats"].tolist()
         return TokenizedExamples(prompts=_unflatten(saved["prompts"], saved["prompt_offsets"]),
                                  responses=[flat_responses[starts[i]:starts[i + 1]] for i in groups],
                                  ranks=[saved["ranks"][starts[i]:starts[i + 1]] for i in groups],
                                  margins=saved["margins"].tolist(), sources=saved["sources"].tolist(),
                                  source_names=saved["source_names"].tolist(),
-                                 truncated=truncated, too_long=too_long, responses_dropped=responses_dropped)
+                                 truncated=truncated, too_long=too_long, responses_dropped=responses_dropped,
+                                 bad_ids=bad_ids)
