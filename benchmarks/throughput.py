@@ -191,6 +191,7 @@ def run_mode(mode: str, args: argparse.Namespace, data, vocab: int, pad_token_id
     from deepspeed.accelerator import get_accelerator
     from torch.utils.data import DataLoader
 
+    from step2_reward_model.guard import step_flags
     from utils.data.collate import PairCollator, PairDataset
     from utils.data.sampler import LengthGroupedBatches
     from utils.utils import init_single_process_env, to_device
@@ -219,6 +220,7 @@ def run_mode(mode: str, args: argparse.Namespace, data, vocab: int, pad_token_id
         sync(device)
         marks.append(time.perf_counter())
         loss = engine(**batch)["loss"]
+        step_flags(loss, False, 1)  # main.py's NaN/inf check: one read of the loss on the host
         sync(device)
         marks.append(time.perf_counter())
         engine.backward(loss)

@@ -14,9 +14,12 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
+from typing import NoReturn
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -30,8 +33,10 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import SchedulerType, get_scheduler  # noqa: E402
 
+from step2_reward_model import resume  # noqa: E402
 from step2_reward_model.checkpoint import save_reward_model  # noqa: E402
 from step2_reward_model.evaluation import reward_statistics  # noqa: E402
+from step2_reward_model.guard import StopRequest, step_flags  # noqa: E402
 from step2_reward_model.held_out import evaluate, evaluate_steps, worst_rows  # noqa: E402
 from step2_reward_model.lora import apply_lora, merge_lora  # noqa: E402
 from step2_reward_model.losses import LOSSES  # noqa: E402
@@ -44,6 +49,7 @@ from step2_reward_model.model import (  # noqa: E402
 from utils.data.build import MARGIN_SOURCES, DataOptions, create_reward_datasets, create_step_datasets  # noqa: E402
 from utils.data.chat import load_chat_template  # noqa: E402
 from utils.data.collate import EvalShard, PairCollator  # noqa: E402
+from utils.data.examples import BAD_ROWS  # noqa: E402
 from utils.data.sampler import LengthGroupedBatches  # noqa: E402
 from utils.data.steps import NEUTRAL, StepCollator  # noqa: E402
 from utils.data.tokenize import TokenizedExamples, has_ranked_lists  # noqa: E402
@@ -149,6 +155,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn_implementation", default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2"],
                    help="auto: the model's default (SDPA where it has it), or flash-attention 2 when it is "
                         "installed, on a GPU in fp16/bf16, with --no_prefix_sharing.")
+    p.add_argument("--save_interval", type=int, default=0,
+                   help="If > 0, save a training checkpoint (weights, optimizer, scheduler, random states, data "
+                        "position) into OUTPUT/checkpoints every this many steps, and at the end.")
+    p.add_argument("--keep_last", type=int, default=2,
+                   help="Keep only the newest this many training checkpoints (0: keep all).")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="Continue a run exactly where it stopped: from the newest complete checkpoint in "
+                        "OUTPUT/checkpoints (no value, or 'auto'; starts from the beginning if there is none) "
+                        "or from the checkpoint folder given.")
+    p.add_argument("--max_nonfinite_steps", type=int, default=10,
+                   help="A NaN or inf loss skips its step; this many in a row stop training (with a checkpoint).")
+    p.add_argument("--bad_rows", choices=BAD_ROWS, default="error",
+                   help="A malformed data row (unreadable, not an object, a missing field or one of the wrong "
+                        "type): error names its file, line and field; skip drops it and counts it in the summary.")
     p.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the checkpoint.")
     p.add_argument("--dry_run", action="store_true",
                    help="Print the resolved configuration and exit, loading no model or data.")
@@ -158,6 +178,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.dropout = 0.0
     if args.length_grouping_steps is None:
         args.length_grouping_steps = 0 if args.process_reward else 32
+    for flag, least in (("save_interval", 0), ("keep_last", 0), ("max_nonfinite_steps", 1)):
+        if getattr(args, flag) < least:
+            p.error(f"--{flag} must be at least {least}")
     return args
 
 
@@ -278,7 +301,41 @@ def make_loaders(args: argparse.Namespace, train_set, eval_set, collator, share_
     eval_order = np.argsort(-eval_set.lengths(share_prompt), kind="stable")
     eval_loader = DataLoader(EvalShard(Subset(eval_set, eval_order), rank, world_size),
                              batch_size=args.per_device_eval_batch_size, **options)
-    return sampler, DataLoader(train_set, batch_sampler=sampler, **options), eval_loader
+    # Its own generator: a loader draws a seed from the global one at every epoch's start, which
+    # would shift the dropout of a run resumed part way through an epoch.
+    train_loader = DataLoader(train_set, batch_sampler=sampler, generator=torch.Generator(), **options)
+    return sampler, train_loader, eval_loader
+
+
+def keep_sums(progress: resume.Progress, epoch_loss: torch.Tensor, window_loss: torch.Tensor) -> None:
+    """Copy the running loss sums (kept on the device) into `progress` before it is saved."""
+    progress.epoch_loss, progress.window_loss = epoch_loss.item(), window_loss.item()
+
+
+def stop_and_exit(args: argparse.Namespace, progress: resume.Progress, stop: StopRequest,
+                  save_checkpoint: Callable[[], str], writer) -> NoReturn:
+    """After a SIGTERM / SIGINT (on any rank): save, say how to go on, exit with 128 + the signal."""
+    name = stop.name or "a signal to another rank"
+    where = f"step {progress.update} (epoch {progress.epoch + 1}, batch {progress.batch})"
+    if args.output_dir:
+        print_rank_0(f"stopped by {name} after {where}: saved {save_checkpoint()}; run the same command with "
+                     "--resume to continue")
+    else:
+        print_rank_0(f"stopped by {name} after {where}; nothing saved (no --output_dir)")
+    if writer:
+        writer.close()
+    raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+
+
+def abort_nonfinite(args: argparse.Namespace, progress: resume.Progress, count: int,
+                    save_checkpoint: Callable[[], str]) -> NoReturn:
+    """Too many NaN / inf losses in a row: keep the last good weights and stop with one clear line."""
+    saved = ""
+    if args.output_dir and progress.micro_steps % args.gradient_accumulation_steps == 0:
+        saved = f"; the weights from before them are saved in {save_checkpoint()}"
+    raise UserError(f"the loss was NaN or inf in {count} steps in a row, up to epoch {progress.epoch + 1} batch "
+                    f"{progress.batch}: training stopped{saved}. Lower --learning_rate or check the data "
+                    "(--max_nonfinite_steps sets how many are skipped first)")
 
 
 def train(args: argparse.Namespace) -> None:
@@ -293,6 +350,12 @@ def train(args: argparse.Namespace) -> None:
         else torch.device("cpu")
     ds_config = build_ds_config(args, world_size)
     args.deepspeed_config = None  # merged into ds_config, which deepspeed.initialize gets below
+    if args.save_interval and not args.output_dir:
+        raise UserError("--save_interval needs --output_dir (checkpoints go into OUTPUT/checkpoints)")
+    resume_from = resume.resume_path(args.resume, args.output_dir)
+    if args.resume and not resume_from:
+        print_rank_0(f"note: --resume: no checkpoint in {resume.checkpoint_folder(args.output_dir)} yet; "
+                     "starting from the beginning")
     set_random_seed(args.seed)
 
     tokenizer = load_hf_tokenizer(args.model_name_or_path, args.add_eot_token, args.trust_remote_code)
@@ -302,11 +365,12 @@ def train(args: argparse.Namespace) -> None:
         train_set, eval_set = create_step_datasets(
             args.data_path, args.data_split, args.data_output_path, args.seed, tokenizer, args.max_seq_len,
             args.step_separator, args.prm_neutral, args.train_on_last_step_only, REPO_ROOT, local_rank=local_rank,
-            log=print_rank_0)
+            log=print_rank_0, bad_rows=args.bad_rows)
     else:
         options = DataOptions(data_weights=tuple(args.data_weights) if args.data_weights else None,
                               margin_source=args.margin_source, max_responses=args.max_responses_per_prompt,
-                              chat_template=tokenizer.chat_template if args.chat_template else None)
+                              chat_template=tokenizer.chat_template if args.chat_template else None,
+                              bad_rows=args.bad_rows)
         train_set, eval_set = create_reward_datasets(
             args.data_path, args.data_split, args.data_output_path, args.seed, tokenizer, args.max_seq_len,
             END_OF_CONVERSATION_TOKEN, REPO_ROOT, local_rank=local_rank, log=print_rank_0, options=options)
@@ -346,47 +410,90 @@ def train(args: argparse.Namespace) -> None:
     run_eval = partial(evaluate_steps, engine, eval_loader, args.eval_iters, device) if args.process_reward \
         else partial(evaluate, engine, eval_loader, args.eval_iters, device, eval_set.data.source_names)
 
+    settings = resume.run_settings(args, world_size, len(train_set))
+    progress = resume.Progress()
+    if resume_from:
+        progress = resume.load(engine, resume_from, rank, settings)
+        print_rank_0(f"resumed from {resume_from}: step {progress.update}, epoch {progress.epoch + 1}, "
+                     f"batch {progress.batch} of {len(train_loader)}")
+
+    def save_checkpoint() -> str:
+        return resume.save(engine, args.output_dir, progress, settings, rank, args.keep_last)
+
     print_rank_0(f"***** Running training: {len(train_set)} train pairs, {len(eval_set)} eval pairs, "
                  f"{world_size} rank(s), dtype {args.dtype}, ZeRO stage {args.zero_stage} *****")
-    metrics = run_eval()
-    report("Epoch 0 (before training)", metrics, writer, 0)
+    metrics = None
+    if not resume_from:
+        report("Epoch 0 (before training)", run_eval(), writer, 0)
     steps_per_print = ds_config.get("steps_per_print", 10)
-    micro_steps = 0
-    for epoch in range(args.num_train_epochs):
-        sampler.set_epoch(epoch)
-        epoch_loss = torch.zeros((), device=device)
-        window_loss = torch.zeros((), device=device)
-        started = time.time()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", disable=rank != 0,
-                   mininterval=1.0, dynamic_ncols=True)
-        for step, batch in enumerate(bar):
-            batch.pop("source", None)  # per-example metadata, for evaluation only
-            loss = engine(**to_device(batch, device))["loss"]
-            engine.backward(loss)
-            engine.step()
-            epoch_loss += loss.detach().float()
-            window_loss += loss.detach().float()
-            micro_steps += 1
-            at_boundary = micro_steps % args.gradient_accumulation_steps == 0
-            update = micro_steps // args.gradient_accumulation_steps
-            if micro_steps % steps_per_print == 0:
-                mean = window_loss.item() / steps_per_print
-                window_loss.zero_()
-                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if args.print_loss:
-                    print_rank_0(f"epoch {epoch + 1} step {step + 1}: loss {mean:.4f}")
-                if writer:
-                    writer.add_scalar("train/loss", mean, update)
-                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], update)
-            if args.eval_interval and at_boundary and update % args.eval_interval == 0:
-                report(f"Iter {update}", run_eval(), writer, update)
-        bar.close()
-        print_rank_0(f"Epoch {epoch + 1}/{args.num_train_epochs} with loss "
-                     f"{epoch_loss.item() / max(len(train_loader), 1):.4f} "
-                     f"({len(train_loader) / (time.time() - started):.2f} steps/s)")
+    bad_in_a_row, last_saved = 0, progress.update if resume_from else None
+    with StopRequest(rank) as stop:
+        for epoch in range(progress.epoch, args.num_train_epochs):
+            sampler.set_epoch(epoch, start=progress.batch)
+            engine.train()  # from_pretrained returns the model in eval mode: dropout off
+            epoch_loss = torch.tensor(progress.epoch_loss, device=device)
+            window_loss = torch.tensor(progress.window_loss, device=device)
+            started, steps_run = time.time(), 0
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", disable=rank != 0,
+                       initial=progress.batch, mininterval=1.0, dynamic_ncols=True)
+            for batch in bar:
+                batch.pop("source", None)  # per-example metadata, for evaluation only
+                progress.batch += 1
+                loss = engine(**to_device(batch, device))["loss"]
+                nonfinite, stopping = step_flags(loss, stop.signum is not None, world_size)
+                stepped = not nonfinite
+                if nonfinite:
+                    progress.skipped += 1
+                    bad_in_a_row += 1
+                    if bad_in_a_row >= args.max_nonfinite_steps:
+                        keep_sums(progress, epoch_loss, window_loss)
+                        abort_nonfinite(args, progress, bad_in_a_row, save_checkpoint)
+                else:
+                    bad_in_a_row = 0
+                    engine.backward(loss)
+                    engine.step()
+                    epoch_loss += loss.detach().float()
+                    window_loss += loss.detach().float()
+                    progress.micro_steps += 1
+                    progress.epoch_steps += 1
+                    steps_run += 1
+                at_boundary = progress.micro_steps % args.gradient_accumulation_steps == 0
+                progress.update = progress.micro_steps // args.gradient_accumulation_steps
+                if stepped and progress.micro_steps % steps_per_print == 0:
+                    mean = window_loss.item() / steps_per_print
+                    window_loss.zero_()
+                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                    if args.print_loss:
+                        print_rank_0(f"epoch {epoch + 1} step {progress.batch}: loss {mean:.4f}")
+                    if writer:
+                        writer.add_scalar("train/loss", mean, progress.update)
+                        writer.add_scalar("train/lr", scheduler.get_last_lr()[0], progress.update)
+                if not at_boundary:
+                    continue
+                if stopping:
+                    bar.close()
+                    keep_sums(progress, epoch_loss, window_loss)
+                    stop_and_exit(args, progress, stop, save_checkpoint, writer)
+                if stepped and args.save_interval and progress.update % args.save_interval == 0:
+                    keep_sums(progress, epoch_loss, window_loss)
+                    print_rank_0(f"saved {save_checkpoint()}")
+                    last_saved = progress.update
+                if stepped and args.eval_interval and progress.update % args.eval_interval == 0:
+                    report(f"Iter {progress.update}", run_eval(), writer, progress.update)
+            bar.close()
+            print_rank_0(f"Epoch {epoch + 1}/{args.num_train_epochs} with loss "
+                         f"{epoch_loss.item() / max(progress.epoch_steps, 1):.4f} "
+                         f"({steps_run / (time.time() - started):.2f} steps/s)")
+            progress = resume.Progress(epoch=epoch + 1, update=progress.update, micro_steps=progress.micro_steps,
+                                       skipped=progress.skipped)
+            metrics = run_eval()
+            report(f"Epoch {epoch + 1}/{args.num_train_epochs}", metrics, writer, progress.update)
+        if (args.save_interval or resume_from) and progress.update != last_saved:  # --resume then finds it done
+            print_rank_0(f"saved {save_checkpoint()}")
+    if progress.skipped:
+        print_rank_0(f"skipped {progress.skipped} step(s) with a NaN or inf loss")
+    if metrics is None:  # resumed after the last epoch had ended
         metrics = run_eval()
-        report(f"Epoch {epoch + 1}/{args.num_train_epochs}", metrics, writer,
-               micro_steps // args.gradient_accumulation_steps)
     unit = "solutions (step accuracy)" if args.process_reward else "pairs"
     print_rank_0(f"final held-out accuracy: {metrics['accuracy']:.4f} on {metrics['pairs']:.0f} {unit}")
 

@@ -177,6 +177,19 @@ def configure_dropout(config, dropout: float | None) -> None:
             setattr(config, key, dropout)
 
 
+def load_config(path: str, trust_remote_code: bool, flag: str):
+    """The model's config. A model that ships its own code (`auto_map`) is refused, with the reason,
+    unless the user passed --trust_remote_code."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        hint = ": it ships its own model code, which runs only with --trust_remote_code" \
+            if "custom code" in str(err) else ""
+        raise UserError(f"{flag} '{path}': {first_line(err)}{hint}") from None
+
+
 def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | None = None,
                         dropout: float | None = None, loss: str = "per_token", compute_fp32_loss: bool = False,
                         trust_remote_code: bool = False, center_coefficient: float = 0.0,
@@ -184,13 +197,10 @@ def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | No
     """A reward model on pretrained weights, with DeepSpeed-Chat's embedding size (a multiple of 8
     of the tokenizer's length) so that its step 3 can load the checkpoint as it is.
     `attn_implementation` None keeps the model's default (SDPA where transformers has it)."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
     from transformers.integrations import HfDeepSpeedConfig
 
-    try:
-        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--model_name_or_path '{model_name_or_path}': {first_line(err)}") from None
+    config = load_config(model_name_or_path, trust_remote_code, "--model_name_or_path")
     configure_dropout(config, dropout)
     zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
     # While this object lives, transformers partitions weights as it loads them (ZeRO-3) and
@@ -210,14 +220,14 @@ def load_reward_model(path: str, trust_remote_code: bool = False) -> RewardModel
     `pytorch_model.bin` (ours, or DeepSpeed-Chat's under either spelling of its prefix), or the
     `hf/` sequence-classification export. Missing or unexpected keys are an error, never a
     silently random head."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
     if not os.path.isdir(path):
         raise UserError(f"--model_path {path}: no such folder")
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise UserError(f"{path}: no config.json (not a step-2 output folder?)")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = load_config(path, trust_remote_code, "--model_path")
     weights = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         if any(arch.endswith("ForSequenceClassification") for arch in config.architectures or []):

@@ -390,3 +390,41 @@ def test_load_reward_model_without_config_is_user_error(reward_models, tmp_path)
     with pytest.raises(UserError) as excinfo:
         load_reward_model(str(tmp_path))
     assert_one_line_user_error(excinfo, "config.json")
+
+
+CUSTOM_CODE = """
+import pathlib
+pathlib.Path({marker!r}).write_text("executed")
+from transformers import PretrainedConfig
+
+
+class TinyCustomConfig(PretrainedConfig):
+    model_type = "tiny_custom"
+"""
+
+
+def test_model_code_runs_only_with_trust_remote_code(model_dirs, tmp_path):
+    """A model folder whose config points at its own Python file (`auto_map`): refused with a reason
+    by training and by loading, unless the user passes --trust_remote_code."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    folder = tmp_path / "custom"
+    shutil.copytree(model_dirs["opt"], folder)
+    marker = tmp_path / "executed.txt"
+    (folder / "custom_config.py").write_text(CUSTOM_CODE.format(marker=str(marker)))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="tiny_custom", auto_map={"AutoConfig": "custom_config.TinyCustomConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer = load_hf_tokenizer(model_dirs["opt"])
+    with pytest.raises(UserError) as excinfo:
+        create_reward_model(str(folder), tokenizer)
+    assert_one_line_user_error(excinfo, "--model_name_or_path", "runs only with --trust_remote_code")
+    with pytest.raises(UserError) as excinfo:
+        load_reward_model(str(folder))
+    assert_one_line_user_error(excinfo, "--model_path", "runs only with --trust_remote_code")
+    assert not marker.exists(), "the model's own code ran without --trust_remote_code"
+    AutoConfig.from_pretrained(str(folder), trust_remote_code=True)  # trusted: the same folder runs its code
+    assert marker.exists()

@@ -62,3 +62,17 @@ def test_same_seed_same_batches():
     first = list(LengthGroupedBatches(sizes, 8, seed=5))
     assert first == list(LengthGroupedBatches(sizes, 8, seed=5))
     assert first != list(LengthGroupedBatches(sizes, 8, seed=6))
+
+
+@pytest.mark.parametrize("window", [0, 16])
+def test_an_epoch_started_part_way_gives_the_batches_not_yet_taken(window):
+    """What a resumed run relies on: the same epoch from batch `start` is the rest of that epoch."""
+    sizes = lengths(500)
+    sampler = LengthGroupedBatches(sizes, 8, rank=1, world_size=2, seed=3, window=window)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    sampler.set_epoch(2, start=11)
+    assert list(sampler) == whole[11:]
+    assert len(sampler) == len(whole)  # still the whole epoch: the schedule's length does not change
+    sampler.set_epoch(3)
+    assert len(list(sampler)) == len(whole)

@@ -6,6 +6,8 @@ within a window and cut into batches; the batches are then shuffled. Which examp
 batch, and the order of the batches, change every epoch, as with a plain shuffle. Every rank
 takes its slice of the same global batch, so all ranks run the same number of steps on similar
 lengths. The batch holding the longest example runs first, so a memory limit shows at step 1.
+An epoch's order depends only on the seed and the epoch, so a resumed run starts an epoch part
+way (`set_epoch(epoch, start)`) on exactly the batches the interrupted run had not yet taken.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ class LengthGroupedBatches(Sampler[list[int]]):
                  seed: int = 0, window: int = 64):
         self.lengths = np.asarray(lengths)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.window, self.epoch = seed, window, 0
+        self.seed, self.window, self.epoch, self.start = seed, window, 0, 0
         # As DistributedSampler: repeat examples so that every rank gets the same number.
         self.total = math.ceil(len(self.lengths) / world_size) * world_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Run `epoch`'s batches from batch `start` on (`len` still counts the whole epoch)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return math.ceil(self.total / (self.batch_size * self.world_size))
@@ -52,5 +55,5 @@ class LengthGroupedBatches(Sampler[list[int]]):
         return [batches[longest], *rest]
 
     def __iter__(self):
-        for batch in self.global_batches():
+        for batch in self.global_batches()[self.start:]:
             yield np.array_split(batch, self.world_size)[self.rank].tolist()
