@@ -79,13 +79,13 @@ def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: 
         if hf_export:
             hf_staging = os.path.join(staging, HF_DIR)
             save_sequence_classification(state, config, tokenizer, hf_staging, manifest["end_of_conversation_token"])
-            _write_json(os.path.join(hf_staging, MANIFEST_NAME), {**manifest, "padding_side": "right"})
+            write_json(os.path.join(hf_staging, MANIFEST_NAME), {**manifest, "padding_side": "right"})
         torch.save(step3_state(state, key_prefix), os.path.join(staging, WEIGHTS_NAME))
         config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        _write_json(os.path.join(staging, MANIFEST_NAME), manifest)
+        write_json(os.path.join(staging, MANIFEST_NAME), manifest)
         if stats is not None:
-            _write_json(os.path.join(staging, STATS_NAME), stats)
+            write_json(os.path.join(staging, STATS_NAME), stats)
         for name in sorted(os.listdir(staging), key=lambda n: n == WEIGHTS_NAME):  # weights last
             if os.path.isdir(os.path.join(staging, name)):
                 _replace_folder(os.path.join(staging, name), os.path.join(output_dir, name))
@@ -112,7 +112,10 @@ def handoff_manifest(tokenizer, meta: dict) -> dict:
             else None}
 
 
-def _write_json(path: str, data: dict) -> None:
+def write_json(path: str, data: dict) -> None:
+    """Indented JSON, flushed to disk before it is renamed or marked complete."""
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, allow_nan=False)
         handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())

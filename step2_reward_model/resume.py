@@ -32,6 +32,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from step2_reward_model.checkpoint import write_json
 from utils.errors import UserError, first_line
 
 FOLDER = "checkpoints"
@@ -164,14 +165,6 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def _write_json(path: str, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, allow_nan=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def save(engine, output_dir: str, progress: Progress, settings: dict, rank: int, keep_last: int) -> str:
     """Write the checkpoint of step `progress.update` atomically (every rank calls this) and prune
     to the newest `keep_last` (0 keeps all). Returns the checkpoint's folder."""
@@ -187,7 +180,7 @@ def save(engine, output_dir: str, progress: Progress, settings: dict, rank: int,
     _barrier()
     final = os.path.join(folder, name)
     if rank == 0:
-        _write_json(os.path.join(partial, STATE),
+        write_json(os.path.join(partial, STATE),
                     {"format": STATE_FORMAT, "progress": asdict(progress), "settings": settings})
         files = {}
         for root, _, names in os.walk(partial):
@@ -195,7 +188,7 @@ def save(engine, output_dir: str, progress: Progress, settings: dict, rank: int,
                 path = os.path.join(root, file_name)
                 _fsync(path)
                 files[os.path.relpath(path, partial)] = os.path.getsize(path)
-        _write_json(os.path.join(partial, MARKER), {"step": progress.update, "files": files})
+        write_json(os.path.join(partial, MARKER), {"step": progress.update, "files": files})
         _fsync(partial)
         if os.path.isdir(final):  # the same step saved again (a stop right after a scheduled save)
             _discard(final)

@@ -125,9 +125,10 @@ def score_data(scorer: Scorer, data_paths: list[str], data_split: str, split: st
     train, held_out = load_examples(data_paths, data_split, 2, seed, cache_dir, repo_root, log,
                                     DataOptions(bad_rows=bad_rows))
     tokenized = tokenize_examples(held_out if split == "eval" else train, scorer.tokenizer, scorer.max_seq_len,
-                                  scorer.end_of_conversation_token)
+                                  scorer.end_of_conversation_token, bad_rows=bad_rows)
     log(f"data: {len(tokenized)} pairs to score, {tokenized.truncated} with the prompt cut from the left, "
-        f"{tokenized.too_long} skipped (an answer longer than {scorer.max_seq_len} tokens)")
+        f"{tokenized.too_long} skipped (an answer longer than {scorer.max_seq_len} tokens), "
+        f"{tokenized.bad_ids} skipped (token ids outside the tokenizer's range)")
     if not len(tokenized):
         raise UserError(f"--data_path {' '.join(data_paths)}: no pair to score in the {split} split")
     return *score_tokenized(scorer, tokenized), tokenized

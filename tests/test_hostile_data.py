@@ -702,3 +702,24 @@ def test_every_adapter_drops_or_names_a_bad_row(rows, dataset_id):
         clean_rows(tagged, SOURCES[dataset_id].adapter, dataset_id)
     except UserError as err:
         assert re.match(r"rows\.jsonl, line \d+: ", str(err)) and "\n" not in str(err), str(err)
+
+
+def test_rw_eval_scoring_follows_bad_rows_for_token_ids(saved_models, tmp_path):
+    """Scoring a data file (rw_eval, the converter) applies --bad_rows to pretokenized ids too."""
+    from step2_reward_model.model import load_reward_model
+    from step2_reward_model.scoring import Scorer, score_data
+    from utils.utils import load_hf_tokenizer
+
+    folder = str(tmp_path / "data")
+    write_folder(folder, "jsonl", jsonl([{"input_ids_chosen": [5, 6, i], "input_ids_rejected": [5, 7, i]}
+                                         for i in range(8)]),
+                 eval_lines=jsonl([{"input_ids_chosen": [5, 10**6], "input_ids_rejected": [5, 8]}]))
+    path = saved_models["gpt2"]
+    scorer = Scorer(load_reward_model(path), load_hf_tokenizer(path), MAX_SEQ_LEN, EOT)
+    args = ([folder], "0,1,0", "eval", 1234, str(tmp_path / "cache"), folder)
+    with pytest.raises(UserError, match=r"eval.jsonl, line 4: field 'input_ids_chosen' has a token id outside"):
+        score_data(scorer, *args, log=lambda _: None)
+    lines: list[str] = []
+    scored, _, tokenized = score_data(scorer, *args, log=lines.append, bad_rows="skip")
+    assert tokenized.bad_ids == 1 and len(scored["chosen"]) == 3  # the three clean eval pairs
+    assert "1 skipped (token ids outside the tokenizer's range)" in lines[-1]

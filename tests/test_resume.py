@@ -235,11 +235,14 @@ sys.exit(main())
 """
 
 
+def run_poisoned(bad: str, cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run `cmd` (a main.py command) with NaN losses at the training steps in the set `bad`."""
+    return run_cli([sys.executable, "-c", f"BAD = {bad}\n" + NAN_AT, *cmd[2:]], env=ENV)
+
+
 def test_nan_losses_are_skipped_and_counted(tmp_path, model_dirs, data, ds_config):
     out = tmp_path / "out"
-    cmd = command(out, model_dirs["opt"], data, ds_config, "--num_train_epochs", "1")
-    code = "BAD = {3, 7, 8}\n" + NAN_AT
-    result = run_cli([sys.executable, "-c", code, *cmd[2:]], env=ENV)
+    result = run_poisoned("{3, 7, 8}", command(out, model_dirs["opt"], data, ds_config, "--num_train_epochs", "1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped 3 step(s) with a NaN or inf loss" in result.stdout
     steps = losses(out)
@@ -249,9 +252,8 @@ def test_nan_losses_are_skipped_and_counted(tmp_path, model_dirs, data, ds_confi
 
 def test_nan_losses_in_a_row_stop_with_a_checkpoint(tmp_path, model_dirs, data, ds_config):
     out = tmp_path / "out"
-    cmd = command(out, model_dirs["opt"], data, ds_config, "--max_nonfinite_steps", "4")
-    code = "BAD = set(range(6, 10**6))\n" + NAN_AT
-    result = run_cli([sys.executable, "-c", code, *cmd[2:]], env=ENV)
+    result = run_poisoned("set(range(6, 10**6))",
+                          command(out, model_dirs["opt"], data, ds_config, "--max_nonfinite_steps", "4"))
     assert result.returncode == 2, result.stderr[-3000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert error == [f"error: the loss was NaN or inf in 4 steps in a row, up to epoch 1 batch 9: training stopped; "

@@ -1,7 +1,8 @@
 """A synthetic preference data set that a tiny model learns in minutes, for the offline demo and tests.
 
 Rows are split into train and held-out by a hash of the whole row (of a ranked list in rank
-order), so no evaluation pair or list is ever a training one. Three kinds of prompt, each with a better and a worse answer that differ in one learnable way:
+order), so no evaluation pair or list is ever a training one. Three kinds of prompt, each with a
+better and a worse answer that differ in one learnable way:
 - arithmetic: the right sum vs a wrong one;
 - topic: an answer about the asked-for topic vs one about another topic;
 - manners: a polite answer vs a rude one with the same content.
