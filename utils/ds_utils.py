@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 DTYPE_SECTIONS = {"fp16": ("fp16", {"enabled": True, "loss_scale_window": 100}),
                   "bf16": ("bf16", {"enabled": True}),
@@ -45,8 +45,11 @@ def merge_user_config(config: dict, path: str | None) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             user = json.load(handle)
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"--deepspeed_config {path}: {err}") from None
+    except (OSError, ValueError) as err:  # ValueError: invalid JSON or not UTF-8
+        raise UserError(f"--deepspeed_config {path}: {first_line(err)}") from None
+    if not isinstance(user, dict):
+        raise UserError(f"--deepspeed_config {path}: not a JSON object of DeepSpeed settings "
+                        f"(it is a {type(user).__name__})")
 
     def overlay(base: dict, extra: dict) -> dict:
         merged = dict(base)

@@ -12,8 +12,6 @@ import torch.distributed as dist
 from utils.errors import UserError, first_line
 
 END_OF_CONVERSATION_TOKEN = "<|endoftext|>"
-NO_DECAY_NAMES = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight",
-                  "ln_1.weight", "ln_2.weight")
 LORA_NAMES = ("lora_A", "lora_B")
 
 
@@ -67,12 +65,13 @@ def load_hf_tokenizer(model_name_or_path: str, add_eot_token: bool = False,
 
 def get_optimizer_grouped_parameters(model: torch.nn.Module, weight_decay: float,
                                      lora_learning_rate: float) -> list[dict]:
-    """Weight decay on matrices but not on biases and norms; LoRA factors at their own rate."""
+    """Weight decay on matrices (embeddings, linear layers, the value head), not on vectors (biases
+    and norm scales, whatever a model family names them); LoRA factors at their own rate."""
     groups = {"decay": [], "lora": [], "no_decay": []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if any(part in name for part in NO_DECAY_NAMES):
+        if param.dim() < 2:
             groups["no_decay"].append(param)
         elif any(part in name for part in LORA_NAMES):
             groups["lora"].append(param)
