@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test lint install install-dev clean
+.PHONY: demo test test-numerics lint install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,22 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	bash training_scripts/cpu/run_demo.sh $(OUTPUT)
 
+# CPUs of this project's machines differ (AVX-512 with or without bf16, or only AVX2), and rounding
+# differs with the kernels each one runs. The tests marked `numerics` (equal computations compared
+# to a stated tolerance) run again as on a CPU without AVX-512 and as on one without bf16
+# instructions, so a tolerance that holds on one CPU only fails here, not on the next machine.
+NUMERICS_ISAS := "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2" \
+                 "ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE"
+
 test: install-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+	$(MAKE) --no-print-directory test-numerics
+
+test-numerics: install-dev
+	@for isa in $(NUMERICS_ISAS); do \
+		echo "numerics tests with $$isa"; \
+		env $$isa $(BIN)/python -m pytest -q -m numerics || exit 1; \
+	done
 
 lint: install-dev
 	$(BIN)/ruff check .

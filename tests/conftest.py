@@ -17,6 +17,36 @@ from utils.data.synthetic import make_pairs, write_dataset  # noqa: E402
 from utils.tiny import save_tiny_model, train_tokenizer  # noqa: E402
 
 FAMILIES = ("opt", "gpt2", "gpt_neox", "llama")
+# Two computations of the same float32 values that round differently (another batch layout, another
+# code path, another CPU's kernels) agree to a few float32 epsilons of the magnitudes involved; 64
+# leaves room for sums over a tiny model's widths and lengths, and is far below any real error.
+ROUNDING_SLACK = 64
+
+
+def rounding_tolerance(*values, dtype=None, slack: int = ROUNDING_SLACK) -> float:
+    """Absolute tolerance for comparing values computed in `dtype` (float32 unless given) by two
+    different routes: `slack` epsilons of the largest magnitude among `values` (at least 1)."""
+    import torch
+
+    largest = max([1.0, *(torch.as_tensor(value).detach().double().abs().max().item() for value in values)])
+    return slack * torch.finfo(dtype or torch.float32).eps * largest
+
+
+def launcher_env(ranks: int) -> dict[str, str]:
+    """Environment for a run of `ranks` processes: DeepSpeed gives each rank a GPU where there are
+    enough, and otherwise runs on its CPU accelerator (as on a machine without a GPU)."""
+    import torch
+
+    if 0 < torch.cuda.device_count() < ranks:
+        return {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    return {}
+
+
+def training_device(ranks: int = 1) -> str:
+    """Where a training subprocess of `ranks` processes runs: 'cuda' or 'cpu' (see launcher_env)."""
+    import torch
+
+    return "cuda" if torch.cuda.device_count() >= ranks else "cpu"
 
 
 def corpus() -> list[str]:

@@ -1,9 +1,14 @@
-"""The vectorised losses against plain per-row implementations written here, values and gradients."""
+"""The vectorised losses against plain per-row implementations written here, values and gradients,
+in float64: the two sum in different orders, so in float32 their rounding would depend on the CPU's
+kernels; in float64 the default tolerance (1e-7) sits far above rounding and far below any error."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from step2_reward_model.losses import bradley_terry_loss, end_index, per_token_loss
+
+pytestmark = pytest.mark.numerics
 
 PAD = 1
 
@@ -26,7 +31,7 @@ def random_pairs(pairs: int, seed: int, bos: int | None = 2):
     for i, row in enumerate(chosen + rejected):
         ids[i, :len(row)] = row
         mask[i, :len(row)] = 1
-    values = torch.randn(2 * pairs, width, generator=gen, requires_grad=True)
+    values = torch.randn(2 * pairs, width, generator=gen, dtype=torch.float64, requires_grad=True)
     return ids, mask, values
 
 
@@ -69,18 +74,18 @@ def test_per_token_loss_with_opt_pad_equal_to_bos():
 def test_per_token_loss_counts_only_the_span_where_answers_differ():
     ids = torch.tensor([[2, 5, 6, 7, 1, 1], [2, 5, 6, 9, 9, 1]])
     mask = (ids != 1).long()
-    values = torch.zeros(2, 6)
+    values = torch.zeros(2, 6, dtype=torch.float64)
     values[0, 3] = 2.0  # chosen value where the answers start to differ
     values[0, 0] = 100.0  # shared prompt: outside the span, must not count
     loss = per_token_loss(values[:1], values[1:], ids[:1], ids[1:], mask[:1], mask[1:])
-    expected = (-F.logsigmoid(torch.tensor(2.0)) - F.logsigmoid(torch.tensor(0.0))) / 2  # span = [3, 5)
+    expected = -F.logsigmoid(torch.tensor([2.0, 0.0], dtype=torch.float64)).mean()  # span = [3, 5)
     torch.testing.assert_close(loss, expected)
 
 
 def test_bradley_terry_matches_per_row_formula_and_gradient():
     gen = torch.Generator().manual_seed(0)
-    chosen = torch.randn(8, generator=gen, requires_grad=True)
-    rejected = torch.randn(8, generator=gen, requires_grad=True)
+    chosen = torch.randn(8, generator=gen, dtype=torch.float64, requires_grad=True)
+    rejected = torch.randn(8, generator=gen, dtype=torch.float64, requires_grad=True)
     loss = bradley_terry_loss(chosen, rejected)
     expected = sum(torch.log1p(torch.exp(-(c - r))) for c, r in zip(chosen, rejected, strict=True)) / 8
     torch.testing.assert_close(loss, expected)

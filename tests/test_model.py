@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from conftest import rounding_tolerance
 from transformers import AutoModel
 
 from step2_reward_model.model import WEIGHTS_NAME, RewardModel, create_reward_model, load_reward_model
@@ -19,7 +20,6 @@ from utils.utils import load_hf_tokenizer
 FAMILIES = ("opt", "gpt2", "gpt_neox", "llama")
 HIDDEN = 64
 OPT_PROJ = 32  # OPT-350m style: word_embed_proj_dim (512) differs from hidden_size (1024)
-ATOL = 1e-5
 
 
 def build_backbone(family: str, tokenizer, seed: int = 0):
@@ -73,6 +73,11 @@ def pad_id_of(tokenizer) -> int:
 
 
 @torch.no_grad()
+def assert_scores_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Scores of the same sequences computed in float32 by another route (another batch or padding)."""
+    torch.testing.assert_close(actual, expected, atol=rounding_tolerance(expected), rtol=0)
+
+
 def score_alone(model: RewardModel, sequence: torch.Tensor) -> torch.Tensor:
     """The end score of one sequence, with no padding at all and no mask."""
     return model.forward_value(sequence[None])["chosen_end_scores"][0]
@@ -96,6 +101,7 @@ def test_value_head_width(family, reward_models):
 # --------------------------------------------------------------------------- forward / forward_value
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("loss", ["per_token", "end_token"])
 @torch.no_grad()
@@ -112,10 +118,11 @@ def test_forward_scores_match_unpadded_sequences(family, loss, reward_models, to
     assert out["chosen_mean_scores"].shape == (3,) and out["rejected_mean_scores"].shape == (3,)
     expected_chosen = torch.stack([score_alone(model, s) for s in chosen])
     expected_rejected = torch.stack([score_alone(model, s) for s in rejected])
-    torch.testing.assert_close(out["chosen_mean_scores"], expected_chosen, atol=ATOL, rtol=0)
-    torch.testing.assert_close(out["rejected_mean_scores"], expected_rejected, atol=ATOL, rtol=0)
+    assert_scores_close(out["chosen_mean_scores"], expected_chosen)
+    assert_scores_close(out["rejected_mean_scores"], expected_rejected)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_forward_value_left_and_right_padding_agree(family, reward_models, tokenizers):
@@ -126,11 +133,11 @@ def test_forward_value_left_and_right_padding_agree(family, reward_models, token
     left = model.forward_value(*pad(sequences, pad_id_of(tokenizer), side="left"))["chosen_end_scores"]
     alone = torch.stack([score_alone(model, s) for s in sequences])
     assert right.shape == left.shape == (6,)
-    torch.testing.assert_close(left, right, atol=ATOL, rtol=0)
-    torch.testing.assert_close(left, alone, atol=ATOL, rtol=0)
+    assert_scores_close(left, right)
+    assert_scores_close(left, alone)
     # The pad id itself is irrelevant: only the mask says where a row ends.
     other_pad = model.forward_value(*pad(sequences, 7, side="left"))["chosen_end_scores"]
-    torch.testing.assert_close(other_pad, left, atol=ATOL, rtol=0)
+    assert_scores_close(other_pad, left)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -155,6 +162,7 @@ def test_forward_value_return_value_only(family, reward_models, tokenizers):
 # --------------------------------------------------------------------------- scoring position quirks
 
 
+@pytest.mark.numerics
 @torch.no_grad()
 def test_opt_scores_last_real_token_when_pad_is_eos_and_bos(model_dirs):
     """OPT after load_hf_tokenizer: `</s>` is bos, eos and pad; every text starts with it and is padded
@@ -186,9 +194,10 @@ def test_opt_scores_last_real_token_when_pad_is_eos_and_bos(model_dirs):
     assert not torch.allclose(end, values[rows_, first_pad], atol=1e-3)
     # ... and each end score is the score of the sequence on its own.
     for i, length in enumerate(lengths.tolist()):
-        torch.testing.assert_close(end[i], score_alone(model, ids[i, :length]), atol=ATOL, rtol=0)
+        assert_scores_close(end[i], score_alone(model, ids[i, :length]))
 
 
+@pytest.mark.numerics
 @torch.no_grad()
 def test_gpt2_scores_final_eos_when_pad_is_eos(model_dirs):
     """GPT-2 style pad == eos: a sequence ending in eos, right-padded with eos, is scored at its eos."""
@@ -211,9 +220,9 @@ def test_gpt2_scores_final_eos_when_pad_is_eos(model_dirs):
     torch.testing.assert_close(end, values[rows_, lengths - 1], atol=0, rtol=0)
     assert not torch.allclose(end, values[rows_, lengths - 2], atol=1e-3), "scored the token before eos"
     train_out = model(input_ids=torch.cat([ids, ids]), attention_mask=torch.cat([mask, mask]))
-    torch.testing.assert_close(train_out["chosen_mean_scores"], end, atol=ATOL, rtol=0)
+    assert_scores_close(train_out["chosen_mean_scores"], end)
     for i, seq in enumerate(sequences):
-        torch.testing.assert_close(end[i], score_alone(model, seq), atol=ATOL, rtol=0)
+        assert_scores_close(end[i], score_alone(model, seq))
 
 
 # --------------------------------------------------------------------------- load_reward_model
@@ -351,10 +360,36 @@ def test_create_then_load_round_trip(model_dirs, tmp_path):
                            model.forward_value(ids, mask)["chosen_end_scores"])
 
 
-def test_create_reward_model_dropout(model_dirs):
-    tokenizer = load_hf_tokenizer(model_dirs["opt"])
-    model = create_reward_model(model_dirs["opt"], tokenizer, dropout=0.25)
-    assert model.config.dropout == 0.25 and model.config.attention_dropout == 0.25
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", FAMILIES)
+def test_create_reward_model_dropout_acts_in_training_only(model_dirs, family):
+    """--dropout reaches the backbone's layers (the saved tiny models have none): at 0.25 two training passes
+    differ from each other and from evaluation at over 90% of tokens, while two evaluation passes are identical; at 0.0
+    (--disable_dropout) every training pass is exactly the evaluation pass."""
+    tokenizer = load_hf_tokenizer(model_dirs[family])
+    ids, mask = pad(pair_sequences(tokenizer)[0], pad_id_of(tokenizer))
+    real = mask.bool()
+
+    def changed(a: torch.Tensor, b: torch.Tensor) -> float:
+        """The share of real tokens whose value differs by more than rounding could explain."""
+        return ((a - b).abs() > 1e-6 * (1 + a.abs())).float().mean().item()
+
+    for dropout in (0.25, 0.0):
+        torch.manual_seed(0)  # the dropout masks
+        model = create_reward_model(model_dirs[family], tokenizer, dropout=dropout).double()
+        torch.nn.init.normal_(model.v_head.weight, std=1.0, generator=torch.Generator().manual_seed(0))
+        passes = {}
+        for mode in ("eval", "train"):
+            model.train(mode == "train")
+            with torch.no_grad():
+                passes[mode] = [model.forward_value(ids, mask, return_value_only=True)[real] for _ in range(2)]
+        assert torch.equal(*passes["eval"]), f"dropout {dropout}: two evaluation passes differ"
+        if dropout:
+            assert changed(*passes["train"]) > 0.9, "two training passes agree: dropout is off"
+            assert changed(passes["train"][0], passes["eval"][0]) > 0.9, "training agrees with evaluation"
+        else:
+            assert torch.equal(*passes["train"]), "dropout 0.0: two training passes differ"
+            assert torch.equal(passes["train"][0], passes["eval"][0]), "dropout 0.0: training differs from evaluation"
 
 
 def test_create_reward_model_nonexistent_path(tokenizers, tmp_path):

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +14,11 @@ from step2_reward_model.losses import (
     ranking_metrics,
     step_loss,
 )
+from step2_reward_model.main import parse_args
+from step2_reward_model.model import create_reward_model
+from utils.utils import load_hf_tokenizer
+
+pytestmark = pytest.mark.numerics
 
 
 def softplus(x):
@@ -66,8 +72,8 @@ def mixed_batch(seed: int):
 def pairs_batch(pairs: int, seed: int):
     """K=2: chosen rows first, then rejected rows, as the pairwise collator lays them out."""
     gen = torch.Generator().manual_seed(seed)
-    chosen = torch.randn(pairs, generator=gen, requires_grad=True)
-    rejected = torch.randn(pairs, generator=gen, requires_grad=True)
+    chosen = torch.randn(pairs, generator=gen, dtype=torch.float64, requires_grad=True)
+    rejected = torch.randn(pairs, generator=gen, dtype=torch.float64, requires_grad=True)
     group = torch.cat([torch.arange(pairs), torch.arange(pairs)])
     rank = torch.cat([torch.zeros(pairs, dtype=torch.long), torch.ones(pairs, dtype=torch.long)])
     return chosen, rejected, group, rank
@@ -79,8 +85,67 @@ def assert_same_value_and_grad(ours, ref, inputs):
         torch.testing.assert_close(g_ours, g_ref)
 
 
-def test_losses_registry_appends_plackett_luce():
-    assert LOSSES == ("per_token", "end_token", "plackett_luce")
+PROMPT_TOKENS, ANSWER_TOKENS = 5, 7
+# Responses per prompt of the batch on which each loss differs from every other loss that can score it:
+# on pairs Plackett-Luce is Bradley-Terry, and the per-token loss takes pairs only.
+TELLING_RESPONSES = {"per_token": 2, "end_token": 3, "plackett_luce": 3}
+
+
+def responses_batch(prompts: int, responses: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    """Unpadded rows in PairCollator's layout: block k holds every prompt's answer of rank k (for pairs: all
+    chosen, then all rejected), with `group`, `rank` and a zero `margin`. The answers of a prompt differ from
+    their first token on, and every row ends at its last column."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(vocab, (prompts, PROMPT_TOKENS), generator=gen)
+    answers = torch.randint(vocab, (responses, prompts, ANSWER_TOKENS), generator=gen)
+    answers[:, :, 0] = torch.randperm(vocab, generator=gen)[:responses, None]
+    input_ids = torch.cat([prompt.expand(responses, -1, -1), answers], -1).reshape(responses * prompts, -1)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "group": torch.arange(prompts).repeat(responses),
+            "rank": torch.arange(responses).repeat_interleave(prompts), "margin": torch.zeros(prompts)}
+
+
+def reference_per_token(values: torch.Tensor, input_ids: torch.Tensor, pairs: int) -> torch.Tensor:
+    """Unpadded rows of one length: per pair, the mean of -log sigmoid(v_chosen - v_rejected) from the first
+    token where the two rows differ to the end; then the mean over pairs."""
+    width, pair_losses = input_ids.shape[1], []
+    for p in range(pairs):
+        start = next(t for t in range(width) if input_ids[p, t] != input_ids[pairs + p, t])
+        terms = [softplus(values[pairs + p, t] - values[p, t]) for t in range(start, width)]
+        pair_losses.append(sum(terms) / len(terms))
+    return sum(pair_losses) / pairs
+
+
+def reference_losses(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every loss that can score this batch, by loops over the model's per-token values."""
+    scores, group, rank = values[:, -1], batch["group"], batch["rank"]
+    losses = {"end_token": reference_pair_loss(scores, group, rank),
+              "plackett_luce": reference_plackett_luce(scores, group, rank)}
+    if rank.max() == 1:
+        losses["per_token"] = reference_per_token(values, batch["input_ids"], len(batch["margin"]))
+    return losses
+
+
+def test_every_loss_name_parses_and_reaches_its_own_loss(model_dirs):
+    """Each --loss choice, built into a reward model as main builds it, trains on its own loss and on no other;
+    a name that is not a choice is refused instead of falling through to RewardModel's pairwise branch."""
+    assert set(TELLING_RESPONSES) == set(LOSSES)
+    with pytest.raises(SystemExit):
+        parse_args(["--model_name_or_path", model_dirs["opt"], "--loss", "bradley_terry"])
+    tokenizer = load_hf_tokenizer(model_dirs["opt"])
+    eps = torch.finfo(torch.float64).eps
+    for name in LOSSES:
+        args = parse_args(["--model_name_or_path", model_dirs["opt"], "--loss", name])
+        model = create_reward_model(args.model_name_or_path, tokenizer, loss=args.loss).double()
+        torch.nn.init.normal_(model.v_head.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+        batch = responses_batch(prompts=3, responses=TELLING_RESPONSES[name], vocab=len(tokenizer), seed=0)
+        loss = model(**batch)["loss"]
+        with torch.no_grad():
+            references = reference_losses(model.values(batch["input_ids"], batch["attention_mask"]), batch)
+        torch.testing.assert_close(loss, references.pop(name), rtol=100 * eps, atol=0,
+                                   msg=lambda message, name=name: f"--loss {name}: {message}")
+        for other, reference in references.items():
+            assert abs(loss.item() - reference.item()) > 0.01, f"--loss {name} gives the {other} loss"
 
 
 def test_ranked_pair_loss_best_of_n_by_hand():
@@ -119,7 +184,7 @@ def test_ranked_pair_loss_with_k2_is_bradley_terry():
     scores = torch.cat([chosen, rejected])
     assert_same_value_and_grad(ranked_pair_loss(scores, group, rank), bradley_terry_loss(chosen, rejected),
                                [chosen, rejected])
-    margin = torch.rand(8)
+    margin = torch.rand(8, dtype=torch.float64)
     assert_same_value_and_grad(ranked_pair_loss(scores, group, rank, margin=margin),
                                bradley_terry_loss(chosen - margin, rejected), [chosen, rejected])
     centered = bradley_terry_loss(chosen, rejected) + 0.2 * ((chosen + rejected) ** 2).mean()

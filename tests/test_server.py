@@ -11,6 +11,7 @@ import os
 import queue
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import time
 from contextlib import contextmanager
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, rounding_tolerance
 
 from step2_reward_model.model import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.scoring import Scorer
@@ -101,6 +102,11 @@ def offline_pairs(scorer: Scorer, pairs: list[tuple[str, str]]) -> list[float]:
     return scorer.score_ids(scorer.encode_pairs([p for p, _ in pairs], [a for _, a in pairs]))
 
 
+def scored_offline(rewards: list[float]):
+    """Served rewards equal offline scoring to float32 rounding (the server batches them differently)."""
+    return pytest.approx(rewards, abs=rounding_tolerance(rewards))
+
+
 def as_json(pairs: list[tuple[str, str]]) -> dict:
     return {"pairs": [{"prompt": prompt, "answer": answer} for prompt, answer in pairs]}
 
@@ -114,16 +120,16 @@ def test_pairs_score_as_offline_in_request_order(scorer, port):
     expected = offline_pairs(scorer, PAIRS)
     status, body, _ = call(port, "POST", "/score", as_json(PAIRS))
     assert status == 200
-    assert body["rewards"] == pytest.approx(expected, abs=1e-5)
+    assert body["rewards"] == scored_offline(expected)
     status, body, _ = call(port, "POST", "/score", as_json(PAIRS[::-1]))
-    assert body["rewards"] == pytest.approx(expected[::-1], abs=1e-5)
+    assert body["rewards"] == scored_offline(expected[::-1])
     assert len(set(round(reward, 4) for reward in expected)) == len(PAIRS)  # the order check means something
 
 
 def test_texts_score_as_offline(scorer, port):
     status, body, _ = call(port, "POST", "/score", {"texts": TEXTS})
     assert status == 200
-    assert body["rewards"] == pytest.approx(scorer.score_ids(scorer.encode_texts(TEXTS)), abs=1e-5)
+    assert body["rewards"] == scored_offline(scorer.score_ids(scorer.encode_texts(TEXTS)))
 
 
 def test_concurrent_requests_are_batched(scorer):
@@ -156,7 +162,7 @@ def test_concurrent_requests_are_batched(scorer):
     for number, rewards in enumerate(expected):
         status, body = answers[number]
         assert status == 200
-        assert body["rewards"] == pytest.approx(rewards, abs=1e-5)
+        assert body["rewards"] == scored_offline(rewards)
     assert sum(calls) == sum(len(pairs) for pairs in requests)
     assert len(calls) < len(requests) / 2, calls
 
@@ -195,7 +201,7 @@ def test_expect_continue_then_score(scorer, port):
     status, body, _ = send_raw(port, "POST", "/score", {"Authorization": f"Bearer {TOKEN}", "Expect": "100-continue",
                                                         "Content-Length": str(len(data))}, data)
     assert status == 200
-    assert body["rewards"] == pytest.approx(offline_pairs(scorer, PAIRS[:2]), abs=1e-5)
+    assert body["rewards"] == scored_offline(offline_pairs(scorer, PAIRS[:2]))
 
 
 def test_too_many_items(port):
@@ -306,9 +312,46 @@ def test_make_server_checks_its_arguments(scorer, port):
         socket.create_connection(server.server_address, timeout=5)
 
 
-def test_still_serving_after_bad_requests(scorer, port):
-    status, body, _ = call(port, "POST", "/score", as_json(PAIRS))
-    assert status == 200 and body["rewards"] == pytest.approx(offline_pairs(scorer, PAIRS), abs=1e-5)
+def send_cut_body(port: int, reset: bool) -> tuple[int, dict] | None:
+    """A /score request whose body stops after 20 of its declared 200 bytes. Then either half-close and return
+    (status, body) of the reply, or vanish with a TCP reset while the server waits for the rest (None)."""
+    head = f"POST /score HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 200\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode() + b'{"texts": ["cut shor')
+        if reset:
+            time.sleep(0.2)  # time for the handler to start waiting for the rest
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return None
+        sock.shutdown(socket.SHUT_WR)
+        reply = sock.makefile("rb").read()
+    head_bytes, _, payload = reply.partition(b"\r\n\r\n")
+    return int(head_bytes.split(b" ", 2)[1]), json.loads(payload)
+
+
+def test_still_serving_after_bad_requests(scorer):
+    """A server of its own gets a run of bad requests, each answered with its own status and error (a client that
+    resets mid-body gets none), and then still scores a good request exactly as offline scoring does."""
+    refused = [  # (request, status, start of the error); sent with the token unless the token is what is wrong
+        (lambda port: call(port, "POST", "/score", b"{not json"), 400, "the body is not valid JSON"),
+        (lambda port: call(port, "POST", "/score", {"pair": [GOOD]}), 400, 'unknown field "pair"'),
+        (lambda port: call(port, "POST", "/score", {"texts": ["a", 3]}), 400, "texts[1] must be a string"),
+        (lambda port: call(port, "POST", "/score", {"texts": ["a"] * 5}), 413, "5 texts, more than the 4 allowed"),
+        (lambda port: call(port, "POST", "/score", {"pairs": [{"prompt": "p", "answer": "word " * 300}]}), 400,
+         "pairs: item 0: the answer is"),
+        (lambda port: send_raw(port, "POST", "/score", {"Authorization": f"Bearer {TOKEN}",
+                                                        "Content-Length": str(5 << 10)}), 413,
+         "a body of 5120 bytes is over the limit of 4096"),
+        (lambda port: call(port, "POST", "/score", as_json(PAIRS), token=None), 401, "this server needs"),
+        (lambda port: call(port, "POST", "/score", as_json(PAIRS), token="wrong"), 401, "this server needs"),
+        (lambda port: send_cut_body(port, reset=False), 400, "the body ended after 20 of its 200 bytes"),
+    ]
+    with running(scorer, token=TOKEN, max_request_bytes=4 << 10, max_items=4) as port:
+        for request, status, message in refused:
+            answer_status, answer = request(port)[:2]
+            assert answer_status == status and answer["error"].startswith(message), (status, message, answer)
+        send_cut_body(port, reset=True)  # nothing to read back: the request below shows the server outlived it
+        status, body, _ = call(port, "POST", "/score", as_json(PAIRS))
+    assert status == 200 and body["rewards"] == offline_pairs(scorer, PAIRS)
 
 
 def free_port() -> int:
@@ -339,7 +382,7 @@ def test_rw_eval_serve(saved_models, scorer, tmp_path):
             assert line == f"serving rewards on http://127.0.0.1:{port} (POST /score)\n"
             assert call(port, "POST", "/score", as_json(PAIRS), token=None)[0] == 401
             status, body, _ = call(port, "POST", "/score", as_json(PAIRS))
-            assert status == 200 and body["rewards"] == pytest.approx(offline_pairs(scorer, PAIRS), abs=1e-5)
+            assert status == 200 and body["rewards"] == scored_offline(offline_pairs(scorer, PAIRS))
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=10) == 0
             stderr.seek(0)
