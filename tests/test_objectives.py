@@ -11,13 +11,16 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_cli
-from test_train import bad_run, train
+from conftest import REPO_ROOT, run_cli
+from test_train import train
 
+from step2_reward_model import main
 from step2_reward_model.model import load_reward_model
 from step2_reward_model.scoring import Scorer
+from utils.data.build import DataOptions, create_reward_datasets
 from utils.data.synthetic import make_pairs, make_ranked_rows, write_jsonl
-from utils.utils import load_hf_tokenizer
+from utils.errors import UserError
+from utils.utils import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -93,20 +96,32 @@ def test_plackett_luce_learns_conversational_ranked_lists(tmp_path, model_dirs):
     assert int(np.argmax(rewards)) == 0
 
 
-@pytest.mark.parametrize("loss, flags, expected", [
-    ("per_token", [], "--loss per_token compares two answers"),
-    ("plackett_luce", ["--margin_source", "column"], "--loss plackett_luce has no margin"),
+@pytest.mark.parametrize("loss, flags, data, expected", [
+    ("per_token", [], "ranked", "--loss per_token compares two answers token by token and cannot use ranked lists"),
+    ("per_token", [], "margins", "--loss per_token compares two answers token by token and cannot use margins"),
+    ("per_token", ["--center_rewards_coefficient", "0.1"], "pairs", "cannot use --center_rewards_coefficient"),
+    ("plackett_luce", [], "margins", "--loss plackett_luce has no margin"),
+    ("plackett_luce", ["--margin_source", "none"], "margins", None),
+    ("end_token", ["--center_rewards_coefficient", "0.1"], "ranked", None),
+    ("end_token", [], "margins", None),
+    ("per_token", [], "pairs", None),
 ])
-def test_objective_and_data_mismatch_is_one_line_error(loss, flags, expected, tmp_path, model_dirs):
-    if loss == "per_token":
-        data = write_source(tmp_path / "ranked", make_ranked_rows(40, 0), make_ranked_rows(10, 1, held_out=True))
-    else:
-        data = write_source(tmp_path / "pairs", [{**r, "margin": 1.0} for r in make_pairs(40, 0)],
-                            [{**r, "margin": 1.0} for r in make_pairs(10, 1, held_out=True)])
-    result = bad_run(tmp_path, model_dirs["opt"], [data], "--loss", loss, *flags)
-    assert result.returncode == 2, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and expected in last, last
+def test_objective_and_data_mismatch_is_one_line_error(loss, flags, data, expected, tmp_path, tokenizers):
+    """main.check_objective, on the examples the data module builds, before any model is loaded."""
+    rows = {"ranked": lambda seed, **kw: make_ranked_rows(40, seed, **kw),
+            "margins": lambda seed, **kw: [{**row, "margin": 1.0} for row in make_pairs(40, seed, **kw)],
+            "pairs": lambda seed, **kw: make_pairs(40, seed, **kw)}[data]
+    folder = write_source(tmp_path / data, rows(0), rows(1, held_out=True))
+    args = main.parse_args(["--model_name_or_path", "m", "--data_path", folder, "--loss", loss, *flags])
+    options = DataOptions(margin_source=args.margin_source)
+    train_set, _ = create_reward_datasets([folder], "0,1,0", str(tmp_path / "cache"), 1234, tokenizers["opt"], 128,
+                                          END_OF_CONVERSATION_TOKEN, str(REPO_ROOT), options=options)
+    if expected is None:
+        main.check_objective(args, train_set.data)
+        return
+    with pytest.raises(UserError) as excinfo:
+        main.check_objective(args, train_set.data)
+    assert expected in str(excinfo.value) and "\n" not in str(excinfo.value)
 
 
 def test_process_reward_model_trains_saves_and_scores_steps(tmp_path):

@@ -3,11 +3,18 @@ note where the asked-for one is slow."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from test_scripts import FP16_WARNING
 
 from step2_reward_model import main
+
+
+def on_device(monkeypatch, name: str) -> None:
+    """Make main see DeepSpeed's accelerator as `name`, so each device's rule is tested on any machine."""
+    monkeypatch.setattr(main, "get_accelerator", lambda: SimpleNamespace(device_name=lambda: name))
 
 
 @pytest.mark.parametrize("capabilities,dtype,expected,says,silent", [
@@ -18,6 +25,7 @@ from step2_reward_model import main
     ({}, "fp32", "fp32", None, "note"),
 ])
 def test_dtype_on_the_cpu(monkeypatch, capsys, capabilities, dtype, expected, says, silent):
+    on_device(monkeypatch, "cpu")
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
     args = main.parse_args(["--model_name_or_path", "m", "--dtype", dtype])
     main.resolve_dtype(args)
@@ -25,6 +33,39 @@ def test_dtype_on_the_cpu(monkeypatch, capsys, capabilities, dtype, expected, sa
     assert args.dtype == expected
     assert says is None or says in printed
     assert silent is None or silent not in printed
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_dtype_on_a_gpu_is_as_asked(monkeypatch, capsys, dtype):
+    """A GPU runs fp16 and bf16 as configured, and says nothing of the CPU's instructions."""
+    on_device(monkeypatch, "cuda")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {})
+    args = main.parse_args(["--model_name_or_path", "m", "--dtype", dtype])
+    main.resolve_dtype(args)
+    assert args.dtype == dtype
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("device,flash_installed,dtype,sharing,expected", [
+    ("cuda", True, "bf16", False, "flash_attention_2"),
+    ("cuda", True, "fp16", False, "flash_attention_2"),
+    ("cuda", True, "bf16", True, None),  # flash-attention takes no custom mask: prefix sharing needs SDPA
+    ("cuda", True, "fp32", False, None),  # flash-attention runs in half precision only
+    ("cuda", False, "bf16", False, None),
+    ("cpu", True, "bf16", False, None),
+])
+def test_attention_auto_per_device(monkeypatch, device, flash_installed, dtype, sharing, expected):
+    import importlib.util
+
+    on_device(monkeypatch, device)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: object() if name == "flash_attn" and flash_installed
+                        else None if name == "flash_attn" else find_spec(name, *rest))
+    argv = ["--model_name_or_path", "m", "--dtype", dtype] + ([] if sharing else ["--no_prefix_sharing"])
+    args = main.parse_args(argv)
+    main.resolve_attention(args)
+    assert args.attn_implementation == expected
 
 
 def test_attention_auto_keeps_the_models_default_without_flash_attention():

@@ -15,17 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_cli
+from conftest import REPO_ROOT, launcher_env, run_cli
 
-from step2_reward_model import resume
+from step2_reward_model import main, resume
 from utils.errors import UserError
 
 VENV_BIN = os.path.dirname(sys.executable)
 ENV = {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-# Dropout on, so that a resume that lost the random states would train differently.
-FLAGS = ["--data_split", "0,1,0", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
-         "--max_seq_len", "128", "--learning_rate", "1e-3", "--num_warmup_steps", "5", "--num_train_epochs", "2",
-         "--dropout", "0.1", "--eval_iters", "2", "--seed", "5", "--enable_tensorboard", "--print_loss", "--deepspeed"]
+# Dropout on, so that a resume that lost the random states would train differently; fp32 on every
+# device, so that a run means the same on a GPU as on the CPU (where fp16 falls back to it).
+FLAGS = ["--dtype", "fp32", "--data_split", "0,1,0", "--per_device_train_batch_size", "8",
+         "--per_device_eval_batch_size", "32", "--max_seq_len", "128", "--learning_rate", "1e-3",
+         "--num_warmup_steps", "5", "--num_train_epochs", "2", "--dropout", "0.1", "--eval_iters", "2", "--seed", "5",
+         "--enable_tensorboard", "--print_loss", "--deepspeed"]
 STEPS = 2 * 38  # 300 training pairs, 8 per step, 2 epochs
 
 
@@ -55,8 +57,12 @@ def command(out: Path, model_dir: str, data: str, ds_config: str, *extra: str, r
     return [sys.executable, "step2_reward_model/main.py", *args]
 
 
+def ranks(cmd: list[str]) -> int:
+    return int(cmd[cmd.index("--num_gpus") + 1]) if "--num_gpus" in cmd else 1
+
+
 def run(cmd: list[str], expect: int = 0) -> str:
-    result = run_cli(cmd, env=ENV)
+    result = run_cli(cmd, env={**ENV, **launcher_env(ranks(cmd))})
     log = result.stdout + result.stderr
     assert result.returncode == expect, log[-4000:]
     return log
@@ -96,7 +102,7 @@ def signal_when(process: subprocess.Popen, log: Path, text: str, signum: int, gr
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, **ENV, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **ENV, **launcher_env(ranks(cmd)), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
 
@@ -165,12 +171,32 @@ def test_without_resume_earlier_checkpoints_are_not_overwritten(uninterrupted, t
     assert resume.resume_path("auto", str(tmp_path)) is None  # nothing yet: start from the beginning
 
 
-def test_resume_refuses_changed_settings(uninterrupted, tmp_path, model_dirs, data, ds_config):
-    out = tmp_path / "out"
-    (out / "checkpoints").mkdir(parents=True)
-    os.symlink(uninterrupted / "checkpoints" / "step-000010", out / "checkpoints" / "step-000010")
-    log = run(command(out, model_dirs["opt"], data, ds_config, "--resume", "--learning_rate", "2e-3"), expect=2)
-    assert "error: --resume" in log and "learning_rate 0.001 -> 0.002" in log
+def test_resume_refuses_changed_settings(uninterrupted, model_dirs, data, ds_config):
+    """A checkpoint keeps the settings of the command that wrote it; the same command resumes from
+    it, and a change to any of them is an error naming the flag, raised before anything is loaded."""
+    path = str(uninterrupted / "checkpoints" / "step-000010")
+    saved = json.loads((Path(path) / resume.STATE).read_text())["settings"]
+    argv = command(uninterrupted, model_dirs["opt"], data, ds_config, "--save_interval", "10", "--keep_last", "0")[2:]
+
+    def settings(*extra: str, world_size: int = 1) -> dict:
+        return resume.run_settings(main.parse_args([*argv, *extra]), world_size, saved["train_examples"])
+
+    resume.check_settings(saved, settings(), path)
+    with pytest.raises(UserError) as excinfo:
+        resume.load(None, path, 0, settings("--learning_rate", "2e-3"))
+    assert str(excinfo.value).startswith(f"--resume {path}: the run's settings changed since this checkpoint "
+                                         "(learning_rate 0.001 -> 0.002): ")
+    changes = {"seed": ["--seed", "6"], "per_device_train_batch_size": ["--per_device_train_batch_size", "4"],
+               "zero_stage": ["--zero_stage", "2"], "loss": ["--loss", "end_token"],
+               "prefix_sharing": ["--no_prefix_sharing"], "dropout": ["--dropout", "0.2"]}
+    for flag, extra in changes.items():
+        with pytest.raises(UserError, match=rf"\({flag} "):
+            resume.check_settings(saved, settings(*extra), path)
+    with pytest.raises(UserError, match=r"\(world_size 1 -> 2\)"):
+        resume.check_settings(saved, settings(world_size=2), path)
+    for flag in resume.RUN_FLAGS:  # every flag that changes the computation is compared
+        with pytest.raises(UserError, match=rf"\({flag} .* -> 'changed'\)"):
+            resume.check_settings(saved, {**settings(), flag: "changed"}, path)
 
 
 KILL_IN_SAVE = """

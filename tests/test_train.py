@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_cli
+from conftest import REPO_ROOT, launcher_env, rounding_tolerance, run_cli, training_device
 from torch.utils.data import DataLoader
 
 from step2_reward_model.model import load_reward_model
@@ -29,6 +29,11 @@ MIN_ACCURACY = 0.72
 PACKED = "batches: one packed row per prompt, computing it once, padded to their longest, grouped by length"
 
 
+def trained_dtype(ranks: int = 1) -> torch.dtype:
+    """--dtype is left at DeepSpeed-Chat's default, fp16: a GPU trains and evaluates in it, the CPU in fp32."""
+    return torch.float16 if training_device(ranks) == "cuda" else torch.float32
+
+
 def train(tmp_path, model_dir: str, data_dir: str, *extra: str, ranks: int | None = None):
     out = tmp_path / "out"
     args = ["--model_name_or_path", model_dir, "--data_path", data_dir, "--data_output_path",
@@ -37,7 +42,7 @@ def train(tmp_path, model_dir: str, data_dir: str, *extra: str, ranks: int | Non
         command = [os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", str(ranks), "step2_reward_model/main.py", *args]
     else:
         command = [sys.executable, "step2_reward_model/main.py", *args]
-    result = run_cli(command, env={"PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+    result = run_cli(command, env={"PATH": f"{VENV_BIN}:{os.environ['PATH']}", **launcher_env(ranks or 1)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(out / "reward_model.json") as handle:
         return out, json.load(handle), result.stdout + result.stderr
@@ -64,9 +69,13 @@ def rescore(out, data_dir: str, cache: str, batch_size: int = 32) -> dict[str, f
             "rejected": rejected.mean().item(), "pairs": len(chosen)}
 
 
-def assert_reproduces(saved: dict, rescored: dict, tolerance: float) -> None:
+def assert_reproduces(saved: dict, rescored: dict, dtype: torch.dtype) -> None:
+    """Rescored in fp32 from OUTPUT, the training-time evaluation (in `dtype`) is reproduced to the
+    rounding of `dtype`: a tie may flip in fp32, and in fp16 any pair closer than its rounding."""
     assert rescored["pairs"] == saved["pairs"]
-    assert rescored["accuracy"] == pytest.approx(saved["accuracy"], abs=1.5 / saved["pairs"])
+    flips = 1.5 if dtype == torch.float32 else 0.02 * saved["pairs"]
+    assert rescored["accuracy"] == pytest.approx(saved["accuracy"], abs=flips / saved["pairs"])
+    tolerance = rounding_tolerance(saved["chosen"], saved["rejected"], dtype=dtype)
     assert rescored["chosen"] == pytest.approx(saved["chosen"], abs=tolerance)
     assert rescored["rejected"] == pytest.approx(saved["rejected"], abs=tolerance)
 
@@ -82,7 +91,8 @@ def assert_hf_export_matches(out) -> None:
              "\n\nHuman: Hello\n\nAssistant: Hi, how can I help you today?" + END_OF_CONVERSATION_TOKEN]
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     ours = load_reward_model(str(out)).forward_value(batch["input_ids"], batch["attention_mask"])
-    assert classifier(**batch).logits[:, 0].tolist() == pytest.approx(ours["chosen_end_scores"].tolist(), abs=1e-5)
+    expected = ours["chosen_end_scores"].tolist()
+    assert classifier(**batch).logits[:, 0].tolist() == pytest.approx(expected, abs=rounding_tolerance(expected))
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +109,17 @@ def test_zero0_one_rank_learns_saves_and_reloads_exactly(zero0_run, synthetic_di
     final = meta["final_eval"]
     assert final["pairs"] == 300
     assert final["accuracy"] >= MIN_ACCURACY, log[-2000:]
-    assert "training in fp32" in log  # --dtype defaults to fp16, which this CPU cannot run
+    if training_device() == "cpu":  # --dtype defaults to fp16, which the CPU cannot run
+        assert "warning: --dtype fp16 needs a GPU; training in fp32 on the CPU" in log and "dtype fp32" in log
+    else:
+        assert "dtype fp16" in log and "training in fp32" not in log
     state = torch.load(out / "pytorch_model.bin", weights_only=True)
     assert "v_head.weight" in state and all(k == "v_head.weight" or k.startswith("rwtransformer.") for k in state)
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file()
     assert not [p for p in os.listdir(out) if p.startswith(".saving")]
     # Same batches as the training-time evaluation: the reloaded model gives the same numbers.
-    assert_reproduces(final, rescore(out, synthetic_dir, str(tmp_path / "cache")), tolerance=1e-6)
+    assert_reproduces(final, rescore(out, synthetic_dir, str(tmp_path / "cache")), trained_dtype())
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -126,7 +139,7 @@ def test_zero2_end_token_loss_with_accumulation_and_checkpointing(tmp_path, mode
     assert all(k == "v_head.weight" or k.startswith("rwtranrsformer.") for k in state)
     assert not (out / "hf").exists() and meta["hf_export"] is None
     assert meta["final_eval"]["accuracy"] >= MIN_ACCURACY, log[-2000:]
-    assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), tolerance=1e-5)
+    assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), trained_dtype())
 
 
 def test_zero3_two_ranks_through_the_launcher(tmp_path, model_dirs, synthetic_dir):
@@ -136,7 +149,7 @@ def test_zero3_two_ranks_through_the_launcher(tmp_path, model_dirs, synthetic_di
     assert meta["final_eval"]["pairs"] == 300  # each eval pair counted once across the two ranks
     assert meta["final_eval"]["accuracy"] >= MIN_ACCURACY, log[-2000:]
     # Gathered from both ranks' shards: full-size tensors that reload and score as in training.
-    assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), tolerance=1e-5)
+    assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), trained_dtype(2))
     assert_hf_export_matches(out)
 
 
@@ -155,7 +168,7 @@ def test_a_model_without_prefix_sharing_falls_back_and_learns(tmp_path, model_di
     assert "note: prefix sharing is off (model type gpt_neox is not among" in log
     assert "batches: one row per response" in log
     assert meta["final_eval"]["accuracy"] >= MIN_ACCURACY, log[-2000:]
-    assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), tolerance=1e-5)
+    assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), trained_dtype())
 
 
 def test_lora_only_adapters_train_and_are_merged_into_the_saved_weights(tmp_path, model_dirs, synthetic_dir):
@@ -172,7 +185,7 @@ def test_lora_only_adapters_train_and_are_merged_into_the_saved_weights(tmp_path
     embed = state["rwtransformer.decoder.embed_tokens.weight"]
     assert torch.equal(embed[: base["decoder.embed_tokens.weight"].shape[0]], base["decoder.embed_tokens.weight"])
     assert meta["final_eval"]["accuracy"] > 0.6, log[-2000:]
-    assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), tolerance=1e-5)
+    assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), trained_dtype())
 
 
 def test_rw_eval_scores_what_training_saved(zero0_run):
@@ -200,36 +213,18 @@ def bad_run(tmp_path, model_dir: str, data: list[str], *extra: str) -> subproces
                    env={"HF_HUB_OFFLINE": "1"})
 
 
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
-@pytest.mark.parametrize("case", ["unknown_id", "hub_offline", "missing_file", "no_columns", "empty_after_cleaning",
-                                  "missing_model", "max_seq_len_too_small"])
+@pytest.mark.parametrize("case", ["missing_file", "missing_model"])
 def test_bad_input_is_one_clear_line(case, tmp_path, model_dirs, synthetic_dir):
-    model, data, extra, expected = model_dirs["opt"], [synthetic_dir], [], None
-    if case == "unknown_id":
-        data, expected = ["not_a_dataset"], "not_a_dataset"
-    elif case == "hub_offline":
-        data, expected = ["someorg/somedata"], "someorg/somedata"
-    elif case == "missing_file":
+    """main.py turns an error in the data or the model into one `error:` line and exit status 2. Each
+    error's wording is tested in-process where it is raised (tests/test_data.py, test_model.py,
+    test_hostile_data.py): unknown ids, the hub offline, missing columns, nothing left after
+    cleaning, --max_seq_len too small."""
+    model, data, expected = model_dirs["opt"], [synthetic_dir], None
+    if case == "missing_file":
         data, expected = [str(tmp_path / "nope.jsonl")], "nope.jsonl"
-    elif case == "no_columns":
-        data = [write_jsonl(tmp_path / "cols.jsonl", [{"question": "q", "answer": "a"}] * 4)]
-        expected = "cols.jsonl"
-    elif case == "empty_after_cleaning":
-        folder = tmp_path / "same"
-        folder.mkdir()
-        rows = [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 4
-        write_jsonl(folder / "train.jsonl", rows)
-        write_jsonl(folder / "eval.jsonl", rows)
-        data, expected = [str(folder)], "identical"
     elif case == "missing_model":
         model, expected = str(tmp_path / "no_model"), "no_model"
-    elif case == "max_seq_len_too_small":
-        extra, expected = ["--max_seq_len", "4"], "--max_seq_len 4"
-    result = bad_run(tmp_path, model, data, *extra)
+    result = bad_run(tmp_path, model, data)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -273,8 +268,9 @@ def test_saved_stats_and_full_evaluation_match_training(zero0_run, synthetic_dir
     with open(out / "reward_stats.json") as handle:
         stats = json.load(handle)
     assert stats["pairs"] == final["pairs"] == 300 and stats["all"]["count"] == 600
-    assert stats["chosen"]["mean"] == pytest.approx(final["chosen"], abs=1e-5)
-    assert stats["rejected"]["mean"] == pytest.approx(final["rejected"], abs=1e-5)
+    tolerance = rounding_tolerance(final["chosen"], final["rejected"], dtype=trained_dtype())
+    assert stats["chosen"]["mean"] == pytest.approx(final["chosen"], abs=tolerance)
+    assert stats["rejected"]["mean"] == pytest.approx(final["rejected"], abs=tolerance)
     assert stats["all"]["min"] <= stats["all"]["q25"] <= stats["all"]["median"] <= stats["all"]["max"]
     assert (out / "hf" / "model.safetensors").is_file() and meta["hf_export"] == "hf"
 
@@ -286,9 +282,9 @@ def test_saved_stats_and_full_evaluation_match_training(zero0_run, synthetic_dir
     report = json.loads(report_path.read_text())
     summary = report["summary"]
     assert summary["pairs"] == 300
-    assert summary["accuracy"] == pytest.approx(final["accuracy"], abs=1.5 / 300)
-    assert summary["chosen_mean"] == pytest.approx(final["chosen"], abs=1e-5)
-    assert report["rewards"]["all"]["mean"] == pytest.approx(stats["all"]["mean"], abs=1e-5)
+    assert_reproduces(final, {"pairs": summary["pairs"], "accuracy": summary["accuracy"],
+                              "chosen": summary["chosen_mean"], "rejected": summary["rejected_mean"]}, trained_dtype())
+    assert report["rewards"]["all"]["mean"] == pytest.approx(stats["all"]["mean"], abs=tolerance)
     assert [source["pairs"] for source in report["by_source"].values()] == [300]
     assert sum(bucket["pairs"] for bucket in report["by_length"]) == 300
     assert 0 <= report["calibration"]["ece"] <= 1 and report["calibration"]["brier"] < 0.25
