@@ -8,7 +8,9 @@
 
 The state is gathered on rank 0 one parameter at a time (ZeRO-3 shards included), written into a
 staging folder, then moved into place file by file with atomic renames, so a crash while writing
-never leaves a half-written `pytorch_model.bin` where a good one was.
+never leaves a half-written `pytorch_model.bin` where a good one was. The export is optional: a
+model that cannot be exported (no sequence-classification class takes its weights) still gets
+everything else, and the manifest says why `hf/` is missing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from step2_reward_model.export import HF_DIR, save_sequence_classification
 from step2_reward_model.lora import plain_state_dict
 from step2_reward_model.model import BACKBONE, MANIFEST_NAME, WEIGHTS_NAME
+from utils.errors import UserError
 
 STATS_NAME = "reward_stats.json"
 MANIFEST_FORMAT = 1
@@ -64,22 +67,31 @@ def _replace_folder(source: str, target: str) -> None:
 
 def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: int, rank: int,
                       meta: dict, stats: dict | None = None, key_prefix: str = BACKBONE,
-                      hf_export: bool = True) -> None:
+                      hf_export: bool = True) -> str | None:
     """Write OUTPUT: the step-3 `pytorch_model.bin`, config, tokenizer, the manifest, the reward
-    statistics (when given) and the Hugging Face export in `hf/`."""
+    statistics (when given) and the Hugging Face export in `hf/`. Returns why the export was
+    skipped (on rank 0), or None; everything else is saved either way."""
     state = plain_state_dict(gather_state_dict(model, zero_stage, rank))
+    skipped = None
     if rank == 0:
         config = model.rwtransformer.config
         manifest = {**meta, **handoff_manifest(tokenizer, meta), "step3_key_prefix": key_prefix,
                     "hf_export": HF_DIR if hf_export else None}
+        manifest.pop("hf_export_skipped", None)  # a converted folder's manifest may carry an old reason
         os.makedirs(output_dir, exist_ok=True)
         staging = os.path.join(output_dir, f".saving-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         if hf_export:
             hf_staging = os.path.join(staging, HF_DIR)
-            save_sequence_classification(state, config, tokenizer, hf_staging, manifest["end_of_conversation_token"])
-            write_json(os.path.join(hf_staging, MANIFEST_NAME), {**manifest, "padding_side": "right"})
+            try:
+                save_sequence_classification(state, config, tokenizer, hf_staging,
+                                             manifest["end_of_conversation_token"])
+                write_json(os.path.join(hf_staging, MANIFEST_NAME), {**manifest, "padding_side": "right"})
+            except UserError as err:
+                skipped = str(err)
+                shutil.rmtree(hf_staging, ignore_errors=True)
+                manifest.update(hf_export=None, hf_export_skipped=skipped)
         torch.save(step3_state(state, key_prefix), os.path.join(staging, WEIGHTS_NAME))
         config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -92,8 +104,17 @@ def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: 
             else:
                 os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
         os.rmdir(staging)
+        if skipped:  # an export of an earlier run would not match these weights
+            shutil.rmtree(os.path.join(output_dir, HF_DIR), ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
+    return skipped
+
+
+def export_skipped_error(output_dir: str, reason: str) -> UserError:
+    """The one line a command ends with when it saved the model but not its export."""
+    return UserError(f"saved the reward model to {output_dir} (step 3 loads it), but not its Hugging Face export "
+                     f"{HF_DIR}/: {reason} (--no_hf_export skips the export)")
 
 
 def handoff_manifest(tokenizer, meta: dict) -> dict:

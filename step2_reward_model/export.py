@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def convert(args: argparse.Namespace) -> None:
-    from step2_reward_model.checkpoint import save_reward_model
+    from step2_reward_model.checkpoint import export_skipped_error, save_reward_model
     from step2_reward_model.evaluation import reward_statistics
     from step2_reward_model.model import load_manifest, load_reward_model, load_scoring_tokenizer
     from step2_reward_model.scoring import Scorer, score_data
@@ -140,8 +140,10 @@ def convert(args: argparse.Namespace) -> None:
         stats = reward_statistics(scored["chosen"], scored["rejected"], "--data_path " + " ".join(args.data_path),
                                   all_rewards=table[:, 0])
     output_dir = args.output_dir or args.model_path
-    save_reward_model(model, tokenizer, output_dir, zero_stage=0, rank=0, meta=manifest, stats=stats,
-                      key_prefix=args.step3_key_prefix)
+    skipped = save_reward_model(model, tokenizer, output_dir, zero_stage=0, rank=0, meta=manifest, stats=stats,
+                                key_prefix=args.step3_key_prefix)
+    if skipped:
+        raise export_skipped_error(output_dir, skipped)
     print(f"wrote {output_dir} (step-3 weights with prefix {args.step3_key_prefix}, manifest, {HF_DIR}/"
           f"{', reward_stats.json' if stats else ''})")
 

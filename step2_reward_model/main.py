@@ -34,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 from transformers import SchedulerType, get_scheduler  # noqa: E402
 
 from step2_reward_model import resume  # noqa: E402
-from step2_reward_model.checkpoint import save_reward_model  # noqa: E402
+from step2_reward_model.checkpoint import export_skipped_error, save_reward_model  # noqa: E402
 from step2_reward_model.evaluation import reward_statistics  # noqa: E402
 from step2_reward_model.guard import StopRequest, step_flags  # noqa: E402
 from step2_reward_model.held_out import evaluate, evaluate_steps, worst_rows  # noqa: E402
@@ -496,6 +496,8 @@ def train(args: argparse.Namespace) -> None:
         metrics = run_eval()
     unit = "solutions (step accuracy)" if args.process_reward else "pairs"
     print_rank_0(f"final held-out accuracy: {metrics['accuracy']:.4f} on {metrics['pairs']:.0f} {unit}")
+    if writer:
+        writer.close()
 
     if args.output_dir:
         print_rank_0(f"saving the reward model to {args.output_dir}")
@@ -514,10 +516,10 @@ def train(args: argparse.Namespace) -> None:
                                       all_rewards=rows[:, 0])
         else:
             stats = reward_statistics(rows[rows[:, 2] == 0, 0], worst_rows(rows)[:, 0], data, all_rewards=rows[:, 0])
-        save_reward_model(engine.module, tokenizer, args.output_dir, args.zero_stage, rank, meta, stats=stats,
-                          key_prefix=args.step3_key_prefix, hf_export=not args.no_hf_export)
-    if writer:
-        writer.close()
+        skipped = save_reward_model(engine.module, tokenizer, args.output_dir, args.zero_stage, rank, meta,
+                                    stats=stats, key_prefix=args.step3_key_prefix, hf_export=not args.no_hf_export)
+        if skipped:
+            raise export_skipped_error(args.output_dir, skipped)
 
 
 def dry_run(args: argparse.Namespace) -> None:

@@ -301,3 +301,42 @@ def test_rw_eval_on_real_hh_rlhf_pairs(saved_models, tmp_path):
     assert 0.08 * rows <= held_out <= 0.12 * rows  # a single-split source gives a tenth to evaluation
     assert report["length_bias"]["pairs_with_different_lengths"] > 0.8 * report["summary"]["pairs"]
     assert sum(bucket["pairs"] for bucket in report["by_length"]) == report["summary"]["pairs"]
+
+
+def test_a_model_without_an_export_keeps_everything_else(saved_models, tokenizers, tmp_path, capsys):
+    """A BERT encoder has no sequence-classification class that takes a value head: the export is
+    skipped with its reason, while the step-3 weights, config, tokenizer and manifest are saved
+    whole, an earlier run's hf/ (which would not match) is removed, and the converter says so on
+    one line with exit status 2."""
+    from transformers import BertConfig
+
+    from step2_reward_model import export
+    from step2_reward_model.checkpoint import export_skipped_error, save_reward_model
+
+    out = str(tmp_path / "out")
+    shutil.copytree(saved_models["gpt2"], out)  # an earlier run's OUTPUT, hf/ included
+    tokenizer = tokenizers["gpt2"]
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64)
+    model = RewardModel(AutoModel.from_config(config)).eval()
+    meta = {"base_model": "tiny-bert", "end_of_conversation_token": "<|endoftext|>", "max_seq_len": 128}
+    skipped = save_reward_model(model, tokenizer, out, zero_stage=0, rank=0, meta=meta)
+
+    assert skipped.startswith("cannot export as BertForSequenceClassification: keys without a source: ")
+    assert sorted(os.listdir(out)) == ["config.json", "pytorch_model.bin", "reward_model.json", "tokenizer.json",
+                                       "tokenizer_config.json"]
+    manifest = load_manifest(out)
+    assert manifest["hf_export"] is None and manifest["hf_export_skipped"] == skipped
+    ids = torch.tensor([tokenizer("Human: Hi! Assistant: Hello.<|endoftext|>")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(load_reward_model(out).forward_value(ids)["chosen_end_scores"],
+                           model.forward_value(ids)["chosen_end_scores"])
+    message = str(export_skipped_error(out, skipped))
+    assert "\n" not in message and message.startswith(f"saved the reward model to {out} (step 3 loads it), but not")
+
+    capsys.readouterr()
+    assert export.main([out]) == 2  # the converter: weights rewritten, export skipped, one line
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert os.path.isfile(os.path.join(out, "pytorch_model.bin")) and not os.path.exists(os.path.join(out, "hf"))
+    assert load_manifest(out)["hf_export_skipped"] == skipped
