@@ -330,7 +330,7 @@ def send_cut_body(port: int, reset: bool) -> tuple[int, dict] | None:
 
 def test_still_serving_after_bad_requests(scorer):
     """A server of its own gets a run of bad requests, each answered with its own status and error (a client that
-    resets mid-body gets none), and then still scores a good request exactly as offline scoring does."""
+    resets mid-body gets none), and then still scores a good request as offline scoring does."""
     refused = [  # (request, status, start of the error); sent with the token unless the token is what is wrong
         (lambda port: call(port, "POST", "/score", b"{not json"), 400, "the body is not valid JSON"),
         (lambda port: call(port, "POST", "/score", {"pair": [GOOD]}), 400, 'unknown field "pair"'),
@@ -351,7 +351,7 @@ def test_still_serving_after_bad_requests(scorer):
             assert answer_status == status and answer["error"].startswith(message), (status, message, answer)
         send_cut_body(port, reset=True)  # nothing to read back: the request below shows the server outlived it
         status, body, _ = call(port, "POST", "/score", as_json(PAIRS))
-    assert status == 200 and body["rewards"] == offline_pairs(scorer, PAIRS)
+    assert status == 200 and body["rewards"] == scored_offline(offline_pairs(scorer, PAIRS))
 
 
 def free_port() -> int:
