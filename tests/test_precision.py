@@ -58,10 +58,14 @@ def test_attention_auto_per_device(monkeypatch, device, flash_installed, dtype, 
     import importlib.util
 
     on_device(monkeypatch, device)
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *rest: object() if name == "flash_attn" and flash_installed
-                        else None if name == "flash_attn" else find_spec(name, *rest))
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *rest):
+        if name == "flash_attn":
+            return object() if flash_installed else None
+        return real_find_spec(name, *rest)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     argv = ["--model_name_or_path", "m", "--dtype", dtype] + ([] if sharing else ["--no_prefix_sharing"])
     args = main.parse_args(argv)
     main.resolve_attention(args)
