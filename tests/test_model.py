@@ -72,12 +72,12 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-@torch.no_grad()
 def assert_scores_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Scores of the same sequences computed in float32 by another route (another batch or padding)."""
     torch.testing.assert_close(actual, expected, atol=rounding_tolerance(expected), rtol=0)
 
 
+@torch.no_grad()
 def score_alone(model: RewardModel, sequence: torch.Tensor) -> torch.Tensor:
     """The end score of one sequence, with no padding at all and no mask."""
     return model.forward_value(sequence[None])["chosen_end_scores"][0]
