@@ -10,7 +10,8 @@ The state is gathered on rank 0 one parameter at a time (ZeRO-3 shards included)
 staging folder, then moved into place file by file with atomic renames, so a crash while writing
 never leaves a half-written `pytorch_model.bin` where a good one was. The export is optional: a
 model that cannot be exported (no sequence-classification class takes its weights) still gets
-everything else, and the manifest says why `hf/` is missing.
+everything else, and the manifest says why `hf/` is missing; for a model type known to have no
+such class (DeBERTa-v2, T5) that is a note, not a failure.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from step2_reward_model.export import HF_DIR, save_sequence_classification
+from step2_reward_model.export import HF_DIR, ExportUnavailable, save_sequence_classification
 from step2_reward_model.lora import plain_state_dict
-from step2_reward_model.model import BACKBONE, MANIFEST_NAME, WEIGHTS_NAME
+from step2_reward_model.model import BACKBONE, ENCODERS, MANIFEST_NAME, WEIGHTS_NAME
 from utils.errors import UserError
 
 STATS_NAME = "reward_stats.json"
@@ -69,13 +70,14 @@ def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: 
                       meta: dict, stats: dict | None = None, key_prefix: str = BACKBONE,
                       hf_export: bool = True) -> str | None:
     """Write OUTPUT: the step-3 `pytorch_model.bin`, config, tokenizer, the manifest, the reward
-    statistics (when given) and the Hugging Face export in `hf/`. Returns why the export was
-    skipped (on rank 0), or None; everything else is saved either way."""
+    statistics (when given) and the Hugging Face export in `hf/`. Returns why the export failed
+    (on rank 0), or None; everything else is saved either way. A model type known to have no export
+    gets a note and the reason in the manifest, and None."""
     state = plain_state_dict(gather_state_dict(model, zero_stage, rank))
     skipped = None
     if rank == 0:
         config = model.rwtransformer.config
-        manifest = {**meta, **handoff_manifest(tokenizer, meta), "step3_key_prefix": key_prefix,
+        manifest = {**meta, **handoff_manifest(tokenizer, meta, config), "step3_key_prefix": key_prefix,
                     "hf_export": HF_DIR if hf_export else None}
         manifest.pop("hf_export_skipped", None)  # a converted folder's manifest may carry an old reason
         os.makedirs(output_dir, exist_ok=True)
@@ -89,9 +91,12 @@ def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: 
                                              manifest["end_of_conversation_token"])
                 write_json(os.path.join(hf_staging, MANIFEST_NAME), {**manifest, "padding_side": "right"})
             except UserError as err:
-                skipped = str(err)
                 shutil.rmtree(hf_staging, ignore_errors=True)
-                manifest.update(hf_export=None, hf_export_skipped=skipped)
+                manifest.update(hf_export=None, hf_export_skipped=str(err))
+                if isinstance(err, ExportUnavailable):
+                    print(f"note: {err}; the manifest records why there is no {HF_DIR}/")
+                else:
+                    skipped = str(err)
         torch.save(step3_state(state, key_prefix), os.path.join(staging, WEIGHTS_NAME))
         config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -104,7 +109,7 @@ def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: 
             else:
                 os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
         os.rmdir(staging)
-        if skipped:  # an export of an earlier run would not match these weights
+        if "hf_export_skipped" in manifest:  # an export of an earlier run would not match these weights
             shutil.rmtree(os.path.join(output_dir, HF_DIR), ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
@@ -117,20 +122,40 @@ def export_skipped_error(output_dir: str, reason: str) -> UserError:
                      f"{HF_DIR}/: {reason} (--no_hf_export skips the export)")
 
 
-def handoff_manifest(tokenizer, meta: dict) -> dict:
+def handoff_manifest(tokenizer, meta: dict, config) -> dict:
     """What the PPO step must reproduce to get the rewards training measured."""
     eot = meta["end_of_conversation_token"]
     template = getattr(tokenizer, "chat_template", None)
-    return {"format": MANIFEST_FORMAT,
-            "scored_token": "the last token the attention mask marks: the end of prompt + answer + "
-                            "end-of-conversation token",
-            "padding_side": "right (any padding scores the same: positions and the end come from the mask)",
+    return {"format": MANIFEST_FORMAT, **scoring_manifest(config),
+            "padding_side": "right (any padding scores the same: positions and the scored token come from the mask)",
             "end_of_conversation_token": eot,
             "end_of_conversation_token_ids": tokenizer(eot, add_special_tokens=False)["input_ids"],
             "truncation": "prompt cut from the left; answers kept whole",
             "pad_token_id": tokenizer.pad_token_id, "tokenizer_length": len(tokenizer),
             "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str)
             else None}
+
+
+def scoring_manifest(config) -> dict:
+    """Which token is scored, and whether step 3 can start its PPO critic from this model: the critic
+    needs a value per generated token from a causal LM, which an encoder's pooled score is not."""
+    encoder = ENCODERS.get(config.model_type)
+    if encoder is None:
+        return {"scored_token": "the last token the attention mask marks: the end of prompt + answer + "
+                                "end-of-conversation token",
+                "ppo_critic": True, "ppo_critic_note": "a causal LM: step 3 can start its critic from these weights"}
+    if encoder.first_token:
+        scored = "the first token the attention mask marks (the tokenizer's leading [CLS])" + \
+            (", through the backbone's pooler (dense + tanh)" if encoder.pooler else "")
+    else:
+        scored = "the last token the attention mask marks (the </s> the tokenizer appends)"
+    return {"scored_token": f"{scored}; an encoder sees the whole prompt + answer + end-of-conversation "
+                            "token from there",
+            "ppo_critic": False,
+            "ppo_critic_note": f"model type {config.model_type} is an encoder: one score per sequence, not the "
+                               "value per generated token that the PPO critic needs. Start the critic from a "
+                               "causal LM, and use this model as the reward model only through this package "
+                               "(load_reward_model, or rw_eval.py --serve), which scores it as training did"}
 
 
 def write_json(path: str, data: dict) -> None:

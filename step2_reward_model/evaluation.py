@@ -88,14 +88,19 @@ def reward_stats(rewards: ArrayLike) -> dict:
     }
 
 
-def reward_statistics(chosen: ArrayLike, rejected: ArrayLike, data: str, all_rewards: ArrayLike | None = None) -> dict:
+def reward_statistics(chosen: ArrayLike, rejected: ArrayLike, data: str, all_rewards: ArrayLike | None = None,
+                      margins: ArrayLike | None = None) -> dict:
     """What `reward_stats.json` holds for step 3's reward normalisation: the distribution over
     held-out answers, all together (`all_rewards`, default chosen + rejected: ranked lists have
-    answers between best and worst) and best / worst apart."""
+    answers between best and worst) and best / worst apart; with the pairs' `margins` (best minus
+    worst), how well sigmoid(margin) works as the probability that the best answer wins."""
     chosen, rejected = _vector(chosen), _vector(rejected)
     everything = np.concatenate([chosen, rejected]) if all_rewards is None else _vector(all_rewards)
-    return {"data": data, "pairs": len(chosen), "all": reward_stats(everything),
-            "chosen": reward_stats(chosen), "rejected": reward_stats(rejected)}
+    stats = {"data": data, "pairs": len(chosen), "all": reward_stats(everything),
+             "chosen": reward_stats(chosen), "rejected": reward_stats(rejected)}
+    if margins is not None:
+        stats["calibration"] = {key: value for key, value in calibration(margins).items() if key != "bins"}
+    return stats
 
 
 def calibration(margins: ArrayLike, bins: int = 10) -> dict:

@@ -5,7 +5,9 @@
 safetensors, and a tokenizer that pads on the right. Its logit is our end score on the same token
 ids: transformers scores the rightmost token that is not the pad id, so the export gets a pad
 token that no text ever produces (a tokenizer whose pad is eos, like GPT-2's, would otherwise make
-it score the token before a final eos).
+it score the token before a final eos). A BERT export scores [CLS] through BERT's pooler, as
+training does, with the classifier's bias zero. Encoders with no matching classifier (DeBERTa-v2,
+T5) are known in advance: their export is skipped with the reason, which is no failure.
 
 Converter, for a folder written by an older version or by DeepSpeed-Chat:
 
@@ -27,13 +29,17 @@ sys.path.insert(0, REPO_ROOT)
 
 import torch  # noqa: E402
 
-from step2_reward_model.model import BACKBONE, TYPO_BACKBONE  # noqa: E402
+from step2_reward_model.model import BACKBONE, ENCODERS, TYPO_BACKBONE  # noqa: E402
 from utils.data.collate import round_up  # noqa: E402
 from utils.data.examples import BAD_ROWS  # noqa: E402
 from utils.errors import UserError, exit_status  # noqa: E402
 
 HF_DIR = "hf"
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>")
+
+
+class ExportUnavailable(UserError):
+    """The model type has no sequence-classification class for our weights: known before trying."""
 
 
 def export_tokenizer(tokenizer, end_of_conversation_token: str):
@@ -54,9 +60,13 @@ def export_tokenizer(tokenizer, end_of_conversation_token: str):
 
 def sequence_classification_state(state: dict[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], object]:
     """Our `rwtransformer.*` / `v_head.weight` state renamed for `AutoModelForSequenceClassification`
-    of `config` (num_labels 1); the embedding grows in steps of 8 rows if the vocabulary needs it."""
+    of `config` (num_labels 1); the embedding grows in steps of 8 rows if the vocabulary needs it,
+    and a head bias (BERT's classifier has one) is zero, as our value head has none."""
     from transformers import AutoModelForSequenceClassification
 
+    encoder = ENCODERS.get(config.model_type)
+    if encoder is not None and encoder.no_export:
+        raise ExportUnavailable(f"model type {config.model_type} has no Hugging Face export: {encoder.no_export}")
     with torch.device("meta"):
         target = AutoModelForSequenceClassification.from_config(config)
     prefix = target.base_model_prefix
@@ -69,6 +79,8 @@ def sequence_classification_state(state: dict[str, torch.Tensor], config) -> tup
             missing.append(key)
             continue
         tensor = state[source]
+        if source == "v_head.weight" and key.endswith(".bias") and expected.shape == (1,):
+            tensor = tensor.new_zeros(1)
         if key == embedding_key and tensor.shape[0] < expected.shape[0]:
             tensor = torch.cat([tensor, tensor.new_zeros(expected.shape[0] - tensor.shape[0], tensor.shape[1])])
         if tensor.shape != expected.shape:
@@ -138,7 +150,7 @@ def convert(args: argparse.Namespace) -> None:
                                       REPO_ROOT, log=lambda message: print(message, file=sys.stderr),
                                       bad_rows=args.bad_rows)
         stats = reward_statistics(scored["chosen"], scored["rejected"], "--data_path " + " ".join(args.data_path),
-                                  all_rewards=table[:, 0])
+                                  all_rewards=table[:, 0], margins=scored["chosen"] - scored["rejected"])
     output_dir = args.output_dir or args.model_path
     skipped = save_reward_model(model, tokenizer, output_dir, zero_stage=0, rank=0, meta=manifest, stats=stats,
                                 key_prefix=args.step3_key_prefix)

@@ -28,6 +28,21 @@ def worst_rows(rows: np.ndarray) -> np.ndarray:
     return rows[rows[:, 2] == worst[prompt]]
 
 
+def best_worst_margins(rows: np.ndarray) -> np.ndarray:
+    """Per prompt, the mean score of its best rank minus that of its worst, from (score, prompt,
+    rank, source) rows: the margin of each pair, whatever order the rows come in."""
+    _, prompt = np.unique(rows[:, 1], return_inverse=True)
+    count = prompt.max() + 1 if len(prompt) else 0
+    best, worst = np.full(count, np.inf), np.full(count, -np.inf)
+    np.minimum.at(best, prompt, rows[:, 2])
+    np.maximum.at(worst, prompt, rows[:, 2])
+
+    def mean_score(members: np.ndarray) -> np.ndarray:
+        return np.bincount(prompt[members], rows[members, 0], count) / np.bincount(prompt[members], minlength=count)
+
+    return mean_score(rows[:, 2] == best[prompt]) - mean_score(rows[:, 2] == worst[prompt])
+
+
 def gather_rows(local: torch.Tensor) -> torch.Tensor:
     """Every rank's rows (their counts may differ: ranked lists vary in length), on every rank."""
     counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]

@@ -37,13 +37,16 @@ from step2_reward_model import resume  # noqa: E402
 from step2_reward_model.checkpoint import export_skipped_error, save_reward_model  # noqa: E402
 from step2_reward_model.evaluation import reward_statistics  # noqa: E402
 from step2_reward_model.guard import StopRequest, step_flags  # noqa: E402
-from step2_reward_model.held_out import evaluate, evaluate_steps, worst_rows  # noqa: E402
+from step2_reward_model.held_out import best_worst_margins, evaluate, evaluate_steps, worst_rows  # noqa: E402
 from step2_reward_model.lora import apply_lora, merge_lora  # noqa: E402
 from step2_reward_model.losses import LOSSES  # noqa: E402
+from step2_reward_model.memory import check_memory  # noqa: E402
 from step2_reward_model.model import (  # noqa: E402
     BACKBONE,
+    ENCODERS,
     TYPO_BACKBONE,
     create_reward_model,
+    load_config,
     prefix_sharing_problem,
 )
 from utils.data.build import MARGIN_SOURCES, DataOptions, create_reward_datasets, create_step_datasets  # noqa: E402
@@ -117,9 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--print_loss", action="store_true", help="Print the loss at every logging interval.")
     p.add_argument("--no_fused_kernels", action="store_true", help="Use torch's AdamW instead of FusedAdam.")
     p.add_argument("--loss", type=str, default="per_token", choices=LOSSES,
-                   help="per_token: DeepSpeed-Chat's loss over the tokens where the two answers differ (pairs); "
-                        "end_token: Bradley-Terry on the end scores, over every ordered pair of a ranked list "
-                        "(InstructGPT); plackett_luce: the listwise likelihood of each ranking.")
+                   help="per_token: DeepSpeed-Chat's loss over the tokens where the two answers differ (pairs, "
+                        "causal LMs); end_token: Bradley-Terry on the end scores, over every ordered pair of a "
+                        "ranked list (InstructGPT); plackett_luce: the listwise likelihood of each ranking.")
     p.add_argument("--center_rewards_coefficient", type=float, default=0.0,
                    help="Add this times mean((r_chosen + r_rejected)^2) to the loss, to keep rewards centred on 0.")
     p.add_argument("--margin_source", choices=MARGIN_SOURCES, default="column",
@@ -172,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the checkpoint.")
     p.add_argument("--dry_run", action="store_true",
                    help="Print the resolved configuration and exit, loading no model or data.")
+    p.add_argument("--no_memory_check", action="store_false", dest="memory_check",
+                   help="Train even when the estimated peak memory of the largest batch exceeds the memory free.")
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
     if args.disable_dropout:
@@ -255,6 +260,20 @@ def check_objective(args: argparse.Namespace, data: TokenizedExamples) -> None:
         raise UserError("--loss plackett_luce has no margin: pass --margin_source none or --loss end_token")
 
 
+def check_backbone(args: argparse.Namespace, config) -> None:
+    """An encoder's every token sees the whole text, so its one score per sequence is all it has:
+    refuse objectives that read values token by token, before any data is read."""
+    if config.model_type not in ENCODERS:
+        return
+    encoder = f"model type {config.model_type} is an encoder, whose every token sees the whole text"
+    if args.process_reward:
+        raise UserError(f"--process_reward scores each step where it ends, but {encoder} (later steps included): "
+                        "start from a causal LM")
+    if args.loss == "per_token":
+        raise UserError(f"--loss per_token compares the two answers token by token, but {encoder}: "
+                        "pass --loss end_token (or --loss plackett_luce) to compare the pooled scores")
+
+
 def report(label: str, metrics: dict[str, float], writer, step: int) -> None:
     if "first_error_accuracy" in metrics:
         print_rank_0(f"{label}: step accuracy {metrics['accuracy']:.4f}, first-error accuracy "
@@ -291,7 +310,8 @@ def make_loaders(args: argparse.Namespace, train_set, eval_set, collator, share_
     """Length-grouped shuffled training batches; evaluation batches sorted by length, longest
     first, each rank taking every world_size-th."""
     sampler = LengthGroupedBatches(train_set.lengths(share_prompt), args.per_device_train_batch_size, rank,
-                                   world_size, seed=args.seed, window=args.length_grouping_steps)
+                                   world_size, seed=args.seed, window=args.length_grouping_steps,
+                                   shapes=train_set.row_shapes(share_prompt))
     layout = "one row per solution" if args.process_reward else \
         "one packed row per prompt, computing it once" if share_prompt else "one row per response"
     grouping = f"grouped by length within windows of {args.length_grouping_steps} steps" \
@@ -357,6 +377,7 @@ def train(args: argparse.Namespace) -> None:
         print_rank_0(f"note: --resume: no checkpoint in {resume.checkpoint_folder(args.output_dir)} yet; "
                      "starting from the beginning")
     set_random_seed(args.seed)
+    check_backbone(args, load_config(args.model_name_or_path, args.trust_remote_code, "--model_name_or_path"))
 
     tokenizer = load_hf_tokenizer(args.model_name_or_path, args.add_eot_token, args.trust_remote_code)
     if args.chat_template:
@@ -391,6 +412,7 @@ def train(args: argparse.Namespace) -> None:
         collator = PairCollator(tokenizer.pad_token_id, share_prompt=share_prompt)
     sampler, train_loader, eval_loader = make_loaders(args, train_set, eval_set, collator, share_prompt, rank,
                                                       world_size, device)
+    check_memory(args, model, sampler, device, world_size)
 
     optimizer = make_optimizer(args, model)
     updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
@@ -481,9 +503,10 @@ def train(args: argparse.Namespace) -> None:
                 if stepped and args.eval_interval and progress.update % args.eval_interval == 0:
                     report(f"Iter {progress.update}", run_eval(), writer, progress.update)
             bar.close()
+            seconds = time.time() - started
             print_rank_0(f"Epoch {epoch + 1}/{args.num_train_epochs} with loss "
                          f"{epoch_loss.item() / max(progress.epoch_steps, 1):.4f} "
-                         f"({steps_run / (time.time() - started):.2f} steps/s)")
+                         f"({steps_run} steps in {seconds:.1f} s, {steps_run / seconds:.2f} steps/s)")
             progress = resume.Progress(epoch=epoch + 1, update=progress.update, micro_steps=progress.micro_steps,
                                        skipped=progress.skipped)
             metrics = run_eval()
@@ -515,7 +538,8 @@ def train(args: argparse.Namespace) -> None:
             stats = reward_statistics(rows[rows[:, 1] > 0.5, 0], rows[rows[:, 1] < 0.5, 0], data,
                                       all_rewards=rows[:, 0])
         else:
-            stats = reward_statistics(rows[rows[:, 2] == 0, 0], worst_rows(rows)[:, 0], data, all_rewards=rows[:, 0])
+            stats = reward_statistics(rows[rows[:, 2] == 0, 0], worst_rows(rows)[:, 0], data, all_rewards=rows[:, 0],
+                                      margins=best_worst_margins(rows))
         skipped = save_reward_model(engine.module, tokenizer, args.output_dir, args.zero_stage, rank, meta,
                                     stats=stats, key_prefix=args.step3_key_prefix, hf_export=not args.no_hf_export)
         if skipped:

@@ -1,4 +1,4 @@
-"""The reward model: a causal-LM backbone and a linear value head on its last hidden states.
+"""The reward model: a causal-LM (or encoder) backbone and a linear value head on its last hidden states.
 
 The reward of a sequence is the value at its last real token, located from the attention mask,
 so left padding (as in the PPO step), right padding (as in training) and tokenizers whose pad id
@@ -12,6 +12,12 @@ attention mask that SDPA and eager attention take as it is. The prompt is comput
 of once per response, and the values are gathered back into the usual one-row-per-response
 layout, so every loss sees the same numbers as without sharing. Model types whose attention or
 positions cannot take such a mask (ALiBi, flash-attention 2) fall back to unshared rows.
+
+Encoders (BERT, DeBERTa-v2/v3, T5's encoder; the `ENCODERS` table) see the whole text at every
+position, so the first token is as good a summary as the last: BERT-style models are scored at
+their first real token ([CLS]), T5 at its last (the `</s>` its tokenizer appends). They attend
+both ways through a plain padding mask, and never share prefixes: a shared prompt's hidden states
+would depend on each response.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import json
 import math
 import os
 import pickle
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from step2_reward_model.losses import end_index, per_token_loss, plackett_luce_loss, ranked_pair_loss, step_loss
 from utils.errors import UserError, first_line
+from utils.utils import pretrained_source
 
 WEIGHTS_NAME = "pytorch_model.bin"
 MANIFEST_NAME = "reward_model.json"
@@ -36,10 +44,35 @@ BACKBONE, TYPO_BACKBONE = "rwtransformer", "rwtranrsformer"  # newer DeepSpeed-C
 # gradients packed as unpacked (tests/test_prefix_sharing.py), and the attentions that take the mask.
 PREFIX_SHARING_MODELS = ("opt", "gpt2", "llama", "mistral", "qwen2")
 PREFIX_SHARING_ATTENTION = ("sdpa", "eager")
+T5_NO_EXPORT = "transformers has no encoder-only T5 sequence classifier (T5ForSequenceClassification runs a decoder)"
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """How an encoder family is built, scored and exported; any model type not in `ENCODERS` is a
+    causal LM, scored at its last real token."""
+
+    first_token: bool  # scored at the first real token ([CLS]); else at the last (T5's `</s>`)
+    backbone: str = "AutoModel"  # the transformers class of the encoder alone
+    pooler: bool = False  # through the backbone's pooler (dense + tanh), as its sequence classifier does
+    no_export: str | None = None  # why no AutoModelForSequenceClassification takes our weights
+
+
+ENCODERS = {
+    "bert": Encoder(first_token=True, pooler=True),
+    "deberta-v2": Encoder(first_token=True, no_export="DebertaV2ForSequenceClassification scores through a "
+                          "ContextPooler dense layer that this model does not have"),
+    "t5": Encoder(first_token=False, backbone="T5EncoderModel", no_export=T5_NO_EXPORT),
+    "mt5": Encoder(first_token=False, backbone="MT5EncoderModel", no_export=T5_NO_EXPORT),
+    "umt5": Encoder(first_token=False, backbone="UMT5EncoderModel", no_export=T5_NO_EXPORT),
+}
 
 
 def prefix_sharing_problem(config) -> str | None:
     """Why a model cannot run packed prefix-shared rows, or None when it can."""
+    if config.model_type in ENCODERS:
+        return (f"model type {config.model_type} is an encoder: every token sees the whole text, so a shared "
+                "prompt's hidden states would depend on each response")
     if config.model_type not in PREFIX_SHARING_MODELS:
         return f"model type {config.model_type} is not among {', '.join(PREFIX_SHARING_MODELS)}"
     attention = getattr(config, "_attn_implementation", None) or "sdpa"
@@ -52,18 +85,40 @@ def segment_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> tor
     """Additive `[rows, 1, seq, seq]` mask: causal, and a key is visible if it is in the prompt
     (segment 0) or in the query's own segment. Padding (-1) sees the prompt and padding, so no
     query row is empty (an empty row would make softmax NaN). An ordinary padded row is the case
-    of segments 0 (real) and -1 (padding, left or right)."""
+    of segments 0 (real) and -1 (padding, left or right).
+
+    Float, not boolean: SDPA turns a boolean mask into a float one inside every layer, and on the
+    CPU each layer keeps its copy for the backward pass; this one copy serves all layers. Built
+    with a single float allocation, as it has `rows x seq^2` elements."""
     seq = segment_ids.shape[1]
     causal = torch.ones((seq, seq), dtype=torch.bool, device=segment_ids.device).tril()
     query, key = segment_ids[:, :, None], segment_ids[:, None, :]
     visible = causal & ((key == 0) | (key == query))
-    return torch.zeros(visible.shape, dtype=dtype, device=segment_ids.device).masked_fill(
-        ~visible, torch.finfo(dtype).min)[:, None]
+    zero = torch.zeros((), dtype=dtype, device=segment_ids.device)
+    return torch.where(visible, zero, torch.finfo(dtype).min)[:, None]
 
 
 def value_head_width(config) -> int:
     """OPT's last hidden states have `word_embed_proj_dim` features; other models `hidden_size`."""
     return getattr(config, "word_embed_proj_dim", None) or config.hidden_size
+
+
+def backbone_class(config):
+    """AutoModel, or the encoder-only class where AutoModel would build an encoder-decoder (T5)."""
+    import transformers
+
+    encoder = ENCODERS.get(config.model_type)
+    return getattr(transformers, encoder.backbone if encoder else "AutoModel")
+
+
+def new_backbone(config, trust_remote_code: bool) -> nn.Module:
+    """A randomly initialised float32 backbone of `config`'s class, for saved weights to load into."""
+    from transformers import AutoModel
+
+    cls = backbone_class(config)
+    if cls is AutoModel:
+        return AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    return cls(config)
 
 
 class RewardModel(nn.Module):
@@ -76,6 +131,7 @@ class RewardModel(nn.Module):
         self.loss = loss
         self.compute_fp32_loss = compute_fp32_loss
         self.center_coefficient = center_coefficient
+        self.encoder = ENCODERS.get(self.config.model_type)
         self._takes_positions = "position_ids" in inspect.signature(backbone.forward).parameters
 
     def gradient_checkpointing_enable(self) -> None:
@@ -96,7 +152,17 @@ class RewardModel(nn.Module):
             mask = segment_attention_mask(attention_mask.long() - 1, self.v_head.weight.dtype)
         hidden = self.rwtransformer(input_ids=input_ids, attention_mask=mask, use_cache=False,
                                     **extra).last_hidden_state
+        if self.encoder is not None and self.encoder.pooler:
+            # Every token through the pooler: it reads position 0, which left padding fills with a pad.
+            pooler = self.rwtransformer.pooler
+            hidden = pooler.activation(pooler.dense(hidden))
         return self.v_head(hidden).squeeze(-1)
+
+    def scored_index(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Each row's scored token: the first real one ([CLS]) for such encoders, else the last."""
+        if self.encoder is not None and self.encoder.first_token:
+            return attention_mask.argmax(-1)
+        return end_index(attention_mask)
 
     def packed_values(self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor,
                       row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,7 +197,7 @@ class RewardModel(nn.Module):
         if step_positions is not None:
             logits = values[step_rows, step_positions]
             return {"loss": step_loss(logits, step_labels, step_mask), "step_logits": logits}
-        scores = values.gather(-1, end_index(attention_mask)[:, None]).squeeze(-1)
+        scores = values.gather(-1, self.scored_index(attention_mask)[:, None]).squeeze(-1)
         if group is None:
             pairs = input_ids.shape[0] // 2
             group = torch.arange(pairs, device=scores.device).repeat(2)
@@ -155,16 +221,17 @@ class RewardModel(nn.Module):
     def forward_value(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       return_value_only: bool = False, prompt_length: int = 0,
                       use_cache: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
-        """The PPO step's call: per-token values, and the end score of each sequence.
+        """The PPO step's call: per-token values, and the score of each sequence (at its end, or at
+        an encoder's pooled token).
 
-        `prompt_length` and `use_cache` are accepted for the step-3 call signature; the end is
-        found from the mask, which already excludes left-padded prompt and right-padded answer."""
+        `prompt_length` and `use_cache` are accepted for the step-3 call signature; the scored token
+        is found from the mask, which already excludes left-padded prompt and right-padded answer."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         values = self.values(input_ids, attention_mask)
         if return_value_only:
             return values
-        end_scores = values.gather(-1, end_index(attention_mask)[:, None]).squeeze(-1)
+        end_scores = values.gather(-1, self.scored_index(attention_mask)[:, None]).squeeze(-1)
         return {"values": values, "chosen_end_scores": end_scores}
 
 
@@ -182,12 +249,27 @@ def load_config(path: str, trust_remote_code: bool, flag: str):
     unless the user passed --trust_remote_code."""
     from transformers import AutoConfig
 
+    source, gguf = pretrained_source(path, flag)
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
     except (OSError, ValueError) as err:
         hint = ": it ships its own model code, which runs only with --trust_remote_code" \
             if "custom code" in str(err) else ""
         raise UserError(f"{flag} '{path}': {first_line(err)}{hint}") from None
+
+
+def dequantized(gguf: dict) -> dict:
+    """`from_pretrained` arguments that unpack a GGUF's weights into plain float tensors at load, as
+    training needs: transformers may otherwise keep them in quantized blocks, which cannot be
+    trained, and records a `quantization_config` that would send a reload of the saved config.json
+    looking for the GGUF file. Releases without `GgufConfig` always unpack."""
+    if not gguf:
+        return gguf
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return gguf
+    return {**gguf, "quantization_config": GgufConfig(dequantize=True)}
 
 
 def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | None = None,
@@ -197,7 +279,6 @@ def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | No
     """A reward model on pretrained weights, with DeepSpeed-Chat's embedding size (a multiple of 8
     of the tokenizer's length) so that its step 3 can load the checkpoint as it is.
     `attn_implementation` None keeps the model's default (SDPA where transformers has it)."""
-    from transformers import AutoModel
     from transformers.integrations import HfDeepSpeedConfig
 
     config = load_config(model_name_or_path, trust_remote_code, "--model_name_or_path")
@@ -206,8 +287,10 @@ def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | No
     # While this object lives, transformers partitions weights as it loads them (ZeRO-3) and
     # gathers them where it needs whole tensors (the embedding resize).
     zero3_context = HfDeepSpeedConfig(ds_config) if zero3 else None
-    backbone = AutoModel.from_pretrained(model_name_or_path, config=config, dtype=torch.float32,
-                                         trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    source, gguf = pretrained_source(model_name_or_path)
+    backbone = backbone_class(config).from_pretrained(
+        source, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation, **dequantized(gguf))
     backbone.config.end_token_id = tokenizer.eos_token_id
     backbone.config.pad_token_id = backbone.config.eos_token_id
     backbone.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
@@ -220,8 +303,6 @@ def load_reward_model(path: str, trust_remote_code: bool = False) -> RewardModel
     `pytorch_model.bin` (ours, or DeepSpeed-Chat's under either spelling of its prefix), or the
     `hf/` sequence-classification export. Missing or unexpected keys are an error, never a
     silently random head."""
-    from transformers import AutoModel
-
     if not os.path.isdir(path):
         raise UserError(f"--model_path {path}: no such folder")
     config_file = os.path.join(path, "config.json")
@@ -234,7 +315,7 @@ def load_reward_model(path: str, trust_remote_code: bool = False) -> RewardModel
             return _load_sequence_classification(path, trust_remote_code)
         raise UserError(f"{path}: no {WEIGHTS_NAME} and no sequence-classification export "
                         "(not a step-2 output folder?)")
-    model = RewardModel(AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code))
+    model = RewardModel(new_backbone(config, trust_remote_code))
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -271,11 +352,16 @@ def _load_sequence_classification(path: str, trust_remote_code: bool) -> RewardM
     if classifier.config.num_labels != 1:
         raise UserError(f"{path}: a reward model has one label, this classifier has {classifier.config.num_labels}")
     prefix = classifier.base_model_prefix
-    head = [param for name, param in classifier.named_parameters() if not name.startswith(f"{prefix}.")]
+    head = {name: param for name, param in classifier.named_parameters() if not name.startswith(f"{prefix}.")}
+    weights = [param for name, param in head.items() if not name.endswith(".bias")]
+    biases = [param for name, param in head.items() if name.endswith(".bias")]
     model = RewardModel(getattr(classifier, prefix))
-    if len(head) != 1 or head[0].shape != model.v_head.weight.shape:
-        raise UserError(f"{path}: expected one bias-free linear score head of width {model.v_head.in_features}")
-    model.v_head.weight.data.copy_(head[0].data)
+    # BERT's classifier has a bias, which our export sets to zero; the value head has none.
+    if len(weights) != 1 or weights[0].shape != model.v_head.weight.shape or len(biases) > 1 \
+            or any(bias.any() for bias in biases):
+        raise UserError(f"{path}: expected one linear score head of width {model.v_head.in_features} "
+                        "without a bias (or with a zero one)")
+    model.v_head.weight.data.copy_(weights[0].data)
     return model.eval()
 
 

@@ -304,11 +304,11 @@ def test_rw_eval_on_real_hh_rlhf_pairs(saved_models, tmp_path):
 
 
 def test_a_model_without_an_export_keeps_everything_else(saved_models, tokenizers, tmp_path, capsys):
-    """A BERT encoder has no sequence-classification class that takes a value head: the export is
-    skipped with its reason, while the step-3 weights, config, tokenizer and manifest are saved
-    whole, an earlier run's hf/ (which would not match) is removed, and the converter says so on
-    one line with exit status 2."""
-    from transformers import BertConfig
+    """An ELECTRA model's sequence classifier has a dense layer before its score head, which a value
+    head cannot fill: the export is skipped with its reason, while the step-3 weights, config,
+    tokenizer and manifest are saved whole, an earlier run's hf/ (which would not match) is
+    removed, and the converter says so on one line with exit status 2."""
+    from transformers import ElectraConfig
 
     from step2_reward_model import export
     from step2_reward_model.checkpoint import export_skipped_error, save_reward_model
@@ -317,13 +317,13 @@ def test_a_model_without_an_export_keeps_everything_else(saved_models, tokenizer
     shutil.copytree(saved_models["gpt2"], out)  # an earlier run's OUTPUT, hf/ included
     tokenizer = tokenizers["gpt2"]
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64)
+    config = ElectraConfig(vocab_size=len(tokenizer), embedding_size=32, hidden_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=64)
     model = RewardModel(AutoModel.from_config(config)).eval()
-    meta = {"base_model": "tiny-bert", "end_of_conversation_token": "<|endoftext|>", "max_seq_len": 128}
+    meta = {"base_model": "tiny-electra", "end_of_conversation_token": "<|endoftext|>", "max_seq_len": 128}
     skipped = save_reward_model(model, tokenizer, out, zero_stage=0, rank=0, meta=meta)
 
-    assert skipped.startswith("cannot export as BertForSequenceClassification: keys without a source: ")
+    assert skipped.startswith("cannot export as ElectraForSequenceClassification: keys without a source: ")
     assert sorted(os.listdir(out)) == ["config.json", "pytorch_model.bin", "reward_model.json", "tokenizer.json",
                                        "tokenizer_config.json"]
     manifest = load_manifest(out)

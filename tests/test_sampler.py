@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from utils.data.collate import PairCollator, PairDataset, RowShapes
 from utils.data.sampler import LengthGroupedBatches
+from utils.data.tokenize import TokenizedExamples
 
 
 def lengths(count: int = 1000, seed: int = 0) -> np.ndarray:
@@ -76,3 +78,64 @@ def test_an_epoch_started_part_way_gives_the_batches_not_yet_taken(window):
     assert len(sampler) == len(whole)  # still the whole epoch: the schedule's length does not change
     sampler.set_epoch(3)
     assert len(list(sampler)) == len(whole)
+
+
+def shapes(count: int, seed: int = 0) -> RowShapes:
+    rng = np.random.default_rng(seed)
+    return RowShapes(rng.integers(1, 5, size=count), lengths(count, seed) * 2)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_with_shapes_an_epoch_is_still_seeded_complete_and_resumable(world_size):
+    sizes, rows = lengths(500), shapes(500)
+    samplers = [LengthGroupedBatches(sizes, 8, rank, world_size, seed=3, window=16, shapes=rows)
+                for rank in range(world_size)]
+    per_rank = [list(sampler) for sampler in samplers]
+    assert set(np.concatenate([np.concatenate(batches) for batches in per_rank])) == set(range(500))
+    assert per_rank[0] == list(LengthGroupedBatches(sizes, 8, 0, world_size, seed=3, window=16, shapes=rows))
+    samplers[-1].set_epoch(0, start=7)
+    assert list(samplers[-1]) == per_rank[-1][7:]
+
+
+def ranked_and_pairs(seed: int = 0) -> PairDataset:
+    """8 pairs with long prompts (300 tokens, answers of 10), 8 lists of four answers of 150 tokens
+    to short prompts, and 48 short pairs. The long pairs hold the longest rows, but the lists cost
+    more: 32 rows of 170 tokens unshared (16 of 310 for the pairs), and packed rows of 620
+    tokens (320 for the pairs)."""
+    rng = np.random.default_rng(seed)
+    kinds = [(300, [10, 10])] * 8 + [(20, [150] * 4)] * 8 + \
+        [(10, list(rng.integers(20, 60, size=2))) for _ in range(48)]
+    data = TokenizedExamples(source_names=["hand"])
+    for prompt, answers in kinds:
+        data.prompts.append(np.ones(prompt, dtype=np.int32))
+        data.responses.append([np.ones(answer, dtype=np.int32) for answer in answers])
+        data.ranks.append(np.arange(len(answers), dtype=np.int32))
+        data.margins.append(0.0)
+        data.sources.append(0)
+    return PairDataset(data)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_batch_that_costs_most_memory_runs_first_not_the_one_with_the_longest_row(share_prompt, world_size):
+    """What the model runs, collated: the first batch has the most rows x padded length, on every rank."""
+    dataset = ranked_and_pairs()
+    collate = PairCollator(0, share_prompt=share_prompt)
+    ordered = [LengthGroupedBatches(dataset.lengths(share_prompt), 8 // world_size, rank, world_size, seed=1,
+                                    window=16, shapes=dataset.row_shapes(share_prompt)) for rank in range(world_size)]
+    by_length = LengthGroupedBatches(dataset.lengths(share_prompt), 8, seed=1, window=16)
+    first_by_length = collate([dataset[i] for i in next(iter(by_length))])["input_ids"]
+    for epoch in range(2):
+        for sampler in ordered:
+            sampler.set_epoch(epoch)
+            sizes = [collate([dataset[i] for i in batch])["input_ids"].numel() for batch in sampler]
+            assert sizes[0] == max(sizes) > first_by_length.numel() // world_size
+
+
+def test_the_first_batch_is_the_one_that_costs_most_on_any_rank():
+    """Two global batches of 100-token examples: one where rank 1 gets two 8-row lists and rank 0 two
+    single rows, one where every rank gets two 4-row lists. The first costs more, on rank 1."""
+    sizes = np.array([100, 99, 98, 97, 50, 50, 50, 50])
+    rows = RowShapes(np.array([1, 1, 8, 8, 4, 4, 4, 4]), np.full(8, 100))
+    firsts = [next(iter(LengthGroupedBatches(sizes, 2, rank, 2, window=4, shapes=rows))) for rank in range(2)]
+    assert firsts == [[0, 1], [2, 3]]

@@ -1,7 +1,9 @@
-"""Small helpers shared by the RLHF steps: ranks, seeds, tokenizer loading, optimizer groups."""
+"""Small helpers shared by the RLHF steps: ranks, seeds, model paths (GGUF files), tokenizer loading,
+optimizer groups."""
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 
@@ -13,6 +15,7 @@ from utils.errors import UserError, first_line
 
 END_OF_CONVERSATION_TOKEN = "<|endoftext|>"
 LORA_NAMES = ("lora_A", "lora_B")
+GGUF_SUFFIX = ".gguf"
 
 
 def global_rank() -> int:
@@ -38,16 +41,45 @@ def to_device(batch: dict, device: torch.device) -> dict:
             for key, value in batch.items()}
 
 
+def pretrained_source(path: str, flag: str = "--model_name_or_path") -> tuple[str, dict]:
+    """`from_pretrained`'s path and extra arguments for a model path. A GGUF file (llama.cpp's single
+    file of config, tokenizer and weights) is read from its folder with `gguf_file=` its name, after a
+    check that turns a missing or damaged file into one line naming it; any other path (a folder, a
+    hub name) is passed on as it is."""
+    if not path.lower().endswith(GGUF_SUFFIX):
+        return path, {}
+    check_gguf(path, flag)
+    folder, name = os.path.split(os.path.abspath(path))
+    return folder, {"gguf_file": name}
+
+
+@functools.lru_cache
+def check_gguf(path: str, flag: str) -> None:
+    """Parse the file's header and tensor table once per process (a big vocabulary takes seconds),
+    instead of letting each of the tokenizer, config and weight loaders fail on it differently."""
+    from gguf import GGUFReader
+
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} '{path}': no such GGUF file")
+    try:
+        GGUFReader(path)
+    except (OSError, ValueError, IndexError) as err:  # what a truncated or corrupt file raises
+        raise UserError(f"{flag} '{path}': not a readable GGUF file (truncated or corrupt?): "
+                        f"{first_line(err)}") from None
+
+
 def load_hf_tokenizer(model_name_or_path: str, add_eot_token: bool = False,
                       trust_remote_code: bool = False):
     """The tokenizer with DeepSpeed-Chat's conventions, so step 3 sees the same vocabulary size:
-    right padding; pad = eos, except Llama paths, which get a `[PAD]` token when they have none;
+    right padding; pad = eos, except Llama paths, which get a `[PAD]` token when they have none, and
+    tokenizers without an eos (BERT), which keep their own pad;
     `<|endoftext|>` added as a special token with `--add_eot_token`."""
     from transformers import AutoTokenizer
 
+    source, gguf = pretrained_source(model_name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, use_fast=True,
-                                                  trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, trust_remote_code=trust_remote_code,
+                                                  **gguf)
     except (OSError, ValueError) as err:
         raise UserError(f"--model_name_or_path '{model_name_or_path}': cannot load a tokenizer "
                         f"(not a local model folder, or the hub is unreachable): "
@@ -55,7 +87,7 @@ def load_hf_tokenizer(model_name_or_path: str, add_eot_token: bool = False,
     if "llama" in model_name_or_path.lower():
         if tokenizer.pad_token is None:
             tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    else:
+    elif tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     if add_eot_token:

@@ -17,12 +17,38 @@ packed rows (-1 for padding), so the loss sees the same rows either way.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from utils.data.tokenize import TokenizedExamples
+
+# The padded length at which a row's attention costs as much memory as the rest of its
+# activations, for ordering batches. Eager attention keeps heads x length^2 scores per layer beside
+# about 20 vectors of the hidden size (heads x head size) per token: they meet near 1300 tokens for
+# heads of 64 (measured, Llama shapes). SDPA keeps one mask for all layers, so it meets far later;
+# this lies between.
+ATTENTION_WIDTH = 2048
+
+
+@dataclass(frozen=True)
+class RowShapes:
+    """Per example, how many rows it adds to a batch and how long they are before padding: what a
+    batch's memory depends on, as every row is padded to the batch's longest."""
+
+    rows: np.ndarray
+    widths: np.ndarray
+
+    def size(self, batch: np.ndarray, multiple: int = 8) -> tuple[int, int]:
+        """Rows of the batch of these examples, and the length they are padded to."""
+        return int(self.rows[batch].sum()), round_up(int(self.widths[batch].max()), multiple)
+
+    def cost(self, batch: np.ndarray, attention_width: float = ATTENTION_WIDTH) -> float:
+        """Memory of the batch in padded tokens, its attention counted as tokens too."""
+        rows, width = self.size(batch)
+        return rows * width * (1 + width / attention_width)
 
 
 class PairDataset(Dataset):
@@ -43,6 +69,16 @@ class PairDataset(Dataset):
                              for prompt, responses in zip(self.data.prompts, self.data.responses, strict=True)])
         return np.array([(len(prompt) + sum(map(len, responses))) / len(responses)
                          for prompt, responses in zip(self.data.prompts, self.data.responses, strict=True)])
+
+    def row_shapes(self, share_prompt: bool = False) -> RowShapes:
+        """The rows each example adds to a batch: one per response, of prompt + its longest response,
+        or with `share_prompt` one packed row of prompt + all responses."""
+        pairs = list(zip(self.data.prompts, self.data.responses, strict=True))
+        if share_prompt:
+            return RowShapes(np.ones(len(pairs), dtype=np.int64),
+                             np.array([len(prompt) + sum(map(len, responses)) for prompt, responses in pairs]))
+        return RowShapes(np.array([len(responses) for _, responses in pairs]),
+                         np.array([len(prompt) + max(map(len, responses)) for prompt, responses in pairs]))
 
     def __getitem__(self, index: int) -> dict:
         data = self.data

@@ -5,7 +5,10 @@ epoch the examples are shuffled, cut into windows of `window` global steps, sort
 within a window and cut into batches; the batches are then shuffled. Which examples share a
 batch, and the order of the batches, change every epoch, as with a plain shuffle. Every rank
 takes its slice of the same global batch, so all ranks run the same number of steps on similar
-lengths. The batch holding the longest example runs first, so a memory limit shows at step 1.
+lengths. The batch that costs the most memory runs first, so a memory limit shows at step 1: with
+`shapes`, the one with the most rows x padded length (attention counted too) on any rank, as a
+ranked list adds a row per response and a packed row is as long as all its responses; without,
+the one holding the longest example.
 An epoch's order depends only on the seed and the epoch, so a resumed run starts an epoch part
 way (`set_epoch(epoch, start)`) on exactly the batches the interrupted run had not yet taken.
 """
@@ -17,14 +20,17 @@ import math
 import numpy as np
 from torch.utils.data import Sampler
 
+from utils.data.collate import RowShapes
+
 
 class LengthGroupedBatches(Sampler[list[int]]):
     """Batch sampler for this rank: `batch_size` examples per rank and step. `window` <= 0 turns
     the grouping off (a plain shuffle, batched), for comparison."""
 
     def __init__(self, lengths: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, window: int = 64):
+                 seed: int = 0, window: int = 64, shapes: RowShapes | None = None):
         self.lengths = np.asarray(lengths)
+        self.shapes = shapes
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.window, self.epoch, self.start = seed, window, 0, 0
         # As DistributedSampler: repeat examples so that every rank gets the same number.
@@ -50,10 +56,20 @@ class LengthGroupedBatches(Sampler[list[int]]):
             chunk = order[start:start + step * self.window]
             chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
             batches += [chunk[i:i + step] for i in range(0, len(chunk), step)]
-        longest = max(range(len(batches)), key=lambda i: self.lengths[batches[i]].max())
-        rest = [batches[i] for i in rng.permutation(len(batches)) if i != longest]
-        return [batches[longest], *rest]
+        costliest = max(range(len(batches)), key=lambda i: self.cost(batches[i]))
+        rest = [batches[i] for i in rng.permutation(len(batches)) if i != costliest]
+        return [batches[costliest], *rest]
+
+    def parts(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every rank's share of a global batch."""
+        return np.array_split(batch, self.world_size)
+
+    def cost(self, batch: np.ndarray) -> float:
+        """The memory a global batch takes on the rank it costs most."""
+        if self.shapes is None:
+            return self.lengths[batch].max()
+        return max(self.shapes.cost(part) for part in self.parts(batch))
 
     def __iter__(self):
         for batch in self.global_batches()[self.start:]:
-            yield np.array_split(batch, self.world_size)[self.rank].tolist()
+            yield self.parts(batch)[self.rank].tolist()

