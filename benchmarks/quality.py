@@ -35,7 +35,7 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from step2_reward_model.evaluation import calibration  # noqa: E402
+from step2_reward_model.evaluation import calibration, pair_summary, reward_stats  # noqa: E402
 from utils.data.pair_files import read_pairs, write_split  # noqa: E402
 from utils.pretrained import BACKBONES, default_cache, fetch  # noqa: E402
 
@@ -81,13 +81,12 @@ def run(command: list[str], log: str, env: dict | None = None) -> tuple[int, flo
 
 
 def summary(chosen: list[float], rejected: list[float]) -> dict:
-    """Accuracy (ties count half), ECE and the rewards' mean and std over the held-out answers."""
+    """Accuracy (ties count half), ECE and the rewards' mean and std over the held-out answers, as
+    training's own evaluation computes them."""
+    pairs, rewards = pair_summary(chosen, rejected), reward_stats(chosen + rejected)
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
-    rewards = chosen + rejected
-    return {"pairs": len(margins),
-            "accuracy": sum((m > 0) + 0.5 * (m == 0) for m in margins) / len(margins),
-            "ece": calibration(margins)["ece"], "reward_mean": statistics.fmean(rewards),
-            "reward_std": statistics.pstdev(rewards)}
+    return {"pairs": pairs["pairs"], "accuracy": pairs["accuracy"], "ece": calibration(margins)["ece"],
+            "reward_mean": rewards["mean"], "reward_std": rewards["std"]}
 
 
 def ours(args: argparse.Namespace, extra: list[str], model: str, data: str, seed: int, folder: str) -> dict:
