@@ -4,6 +4,7 @@ side with TRL's RewardTrainer on the same model, data, split and settings.
 
     python benchmarks/quality.py                                  # SmolLM2-135M and MiniLM-L6, 3 seeds
     python benchmarks/quality.py --compare trl                    # and TRL, in its own virtualenv
+    python benchmarks/quality.py --compare trl trl-nogc           # and TRL without gradient checkpointing
     python benchmarks/quality.py --backbone smollm2 --seeds 1 --train_pairs 100 --eval_pairs 100
     python benchmarks/quality.py --backbone /path/to/model --data_path pairs.jsonl -- --dropout 0.0
 
@@ -12,8 +13,13 @@ and converts them once), anything else is a --model_name_or_path. Data: --data_p
 HH-RLHF harmless sample beside the repository, else the one shipped with the real demo), split once
 with a fixed seed into --train_pairs for training and --eval_pairs held out; every run of every
 trainer sees the same two sets. Each seed trains from scratch: this project through
-step2_reward_model/main.py (one process, as a user runs it) and, with --compare trl, TRL 1.16 through
-benchmarks/trl_reward.py. Arguments after `--` go to main.py only, to try settings.
+step2_reward_model/main.py (one process, as a user runs it) and, with --compare, TRL 1.16 through
+benchmarks/trl_reward.py: `trl` with TRL's own defaults (gradient checkpointing on, dropout off),
+`trl-nogc` with checkpointing off, as this project trains by default. This project runs with
+dropout off, as TRL does. Arguments after `--` go to main.py only, to try settings.
+
+A finished run leaves summary.json in its folder; run again with the same settings, the benchmark
+reuses it (so an interrupted benchmark goes on where it stopped). Remove --output to start over.
 
 Per run: held-out accuracy (pairs the training never saw), calibration (ECE of sigmoid(margin) as
 P(chosen wins)), the rewards' mean and std over the held-out answers, training pairs/s and wall
@@ -27,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +50,7 @@ SHARED_HH = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "hh_rlhf_
 SHIPPED_HH = os.path.join(REPO_ROOT, "training_scripts", "cpu", "data", "hh_rlhf_harmless_sample.jsonl.gz")
 TRL_PINS = ("trl==1.16.0",)  # with this project's torch, transformers, datasets and accelerate versions
 TRL_MATCHED = ("torch", "transformers", "datasets", "accelerate")
+TRL_RUNS = {"trl": ["--gradient_checkpointing"], "trl-nogc": []}  # trl_reward.py's flags for each
 EPOCH_LINE = re.compile(r"Epoch 1/\d+ with loss \S+ \((\d+) steps in ([\d.]+) s")
 BEFORE_LINE = re.compile(r"Epoch 0 \(before training\).* acc \(higher is better\) : ([\d.]+)")
 
@@ -64,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--scheduler", default="cosine")
     p.add_argument("--warmup_steps", type=int, default=0)
     p.add_argument("--max_seq_len", type=int, default=512)
-    p.add_argument("--compare", choices=["trl"], default=None, help="Also train with TRL's RewardTrainer.")
+    p.add_argument("--compare", nargs="+", choices=list(TRL_RUNS), default=[],
+                   help="Also train with TRL's RewardTrainer: trl (its defaults), trl-nogc (no checkpointing).")
     p.add_argument("--trl_venv", default=os.path.normpath(os.path.join(default_cache(), "..", "trl-venv")),
                    help="The virtualenv TRL runs in (made on first use).")
     p.add_argument("--output", default="output_quality", help="Runs, data split and results.json go here.")
@@ -89,6 +98,22 @@ def summary(chosen: list[float], rejected: list[float]) -> dict:
             "reward_mean": rewards["mean"], "reward_std": rewards["std"]}
 
 
+def reuse(folder: str, command: list[str]) -> dict | None:
+    """The summary of a run already made in `folder` by the same command, if there is one."""
+    path = os.path.join(folder, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    return saved["result"] if saved["command"] == command else None
+
+
+def keep(folder: str, command: list[str], result: dict) -> dict:
+    with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as handle:
+        json.dump({"command": command, "result": result}, handle, indent=2)
+    return result
+
+
 def ours(args: argparse.Namespace, extra: list[str], model: str, data: str, seed: int, folder: str) -> dict:
     """One training run of this project, scored on the held-out pairs by its own evaluation."""
     command = [sys.executable, "step2_reward_model/main.py", "--model_name_or_path", model,
@@ -97,9 +122,13 @@ def ours(args: argparse.Namespace, extra: list[str], model: str, data: str, seed
                "--learning_rate", str(args.learning_rate), "--lr_scheduler_type", args.scheduler,
                "--num_warmup_steps", str(args.warmup_steps), "--weight_decay", "0", "--num_train_epochs",
                str(args.epochs), "--max_seq_len", str(args.max_seq_len), "--loss", "end_token", "--dtype", "fp32",
-               "--eval_iters", "100000", "--seed", str(seed), "--output_dir", folder, "--no_hf_export", *extra]
+               "--dropout", "0.0", "--eval_iters", "100000", "--seed", str(seed), "--output_dir", folder,
+               "--no_hf_export", *extra]
+    if (done := reuse(folder, command)) is not None:
+        return done
+    shutil.rmtree(folder, ignore_errors=True)  # an interrupted run's checkpoints would block this one
     log = os.path.join(folder, "training.log")
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(folder)
     status, peak = run(command, log)
     text = open(log, encoding="utf-8").read()
     if status != 0:
@@ -110,10 +139,11 @@ def ours(args: argparse.Namespace, extra: list[str], model: str, data: str, seed
         stats = json.load(handle)
     with open(os.path.join(folder, "reward_model.json"), encoding="utf-8") as handle:
         final = json.load(handle)["final_eval"]
-    return {"pairs": final["pairs"], "accuracy": final["accuracy"], "ece": stats["calibration"]["ece"],
-            "reward_mean": stats["all"]["mean"], "reward_std": stats["all"]["std"],
-            "untrained_accuracy": float(BEFORE_LINE.search(text).group(1)), "steps": steps,
-            "train_seconds": seconds, "pairs_per_s": steps * args.batch / seconds, "peak_mb": peak}
+    return keep(folder, command, {
+        "pairs": final["pairs"], "accuracy": final["accuracy"], "ece": stats["calibration"]["ece"],
+        "reward_mean": stats["all"]["mean"], "reward_std": stats["all"]["std"],
+        "untrained_accuracy": float(BEFORE_LINE.search(text).group(1)), "steps": steps,
+        "train_seconds": seconds, "pairs_per_s": steps * args.batch / seconds, "peak_mb": peak})
 
 
 def trl_python(venv: str) -> str:
@@ -131,23 +161,27 @@ def trl_python(venv: str) -> str:
     return python
 
 
-def trl(args: argparse.Namespace, python: str, model: str, train: str, test: str, seed: int, folder: str) -> dict:
+def trl(args: argparse.Namespace, python: str, variant: str, model: str, train: str, test: str, seed: int,
+        folder: str) -> dict:
     """One training run of TRL's RewardTrainer, scored on the held-out pairs as TRL tokenises them."""
-    os.makedirs(folder, exist_ok=True)
     result_file = os.path.join(folder, "result.json")
     command = [python, os.path.join(REPO_ROOT, "benchmarks", "trl_reward.py"), "--model", model, "--train", train,
                "--eval", test, "--output", result_file, "--seed", str(seed), "--batch", str(args.batch),
                "--learning_rate", str(args.learning_rate), "--epochs", str(args.epochs),
                "--scheduler", args.scheduler, "--warmup_steps", str(args.warmup_steps),
-               "--max_length", str(args.max_seq_len)]
+               "--max_length", str(args.max_seq_len), *TRL_RUNS[variant]]
+    if (done := reuse(folder, command)) is not None:
+        return done
+    os.makedirs(folder, exist_ok=True)
     status, peak = run(command, os.path.join(folder, "training.log"))
     if status != 0:
         sys.exit(f"error: TRL failed (exit {status}), see {os.path.join(folder, 'training.log')}")
     with open(result_file, encoding="utf-8") as handle:
         result = json.load(handle)
-    return {**summary(result["chosen"], result["rejected"]), "steps": result["steps"],
-            "train_pairs": result["train_pairs"], "train_seconds": result["train_seconds"],
-            "pairs_per_s": result["train_pairs"] * args.epochs / result["train_seconds"], "peak_mb": peak}
+    return keep(folder, command, {
+        **summary(result["chosen"], result["rejected"]), "steps": result["steps"],
+        "train_pairs": result["train_pairs"], "train_seconds": result["train_seconds"],
+        "pairs_per_s": result["train_pairs"] * args.epochs / result["train_seconds"], "peak_mb": peak})
 
 
 def spread(values: list[float], digits: int) -> str:
@@ -156,17 +190,19 @@ def spread(values: list[float], digits: int) -> str:
 
 
 def table(results: dict[str, dict[str, list[dict]]]) -> str:
-    """Markdown: one row per backbone and trainer, and the speed ratio where both ran."""
+    """Markdown: one row per backbone and trainer; on TRL's rows, how many times faster this project
+    trained (mean pairs/s over mean pairs/s)."""
     columns = [("accuracy", 3), ("ece", 3), ("reward_mean", 2), ("reward_std", 2), ("pairs_per_s", 2),
                ("train_seconds", 0), ("peak_mb", 0)]
     lines = ["| backbone | trainer | held-out pairs | untrained acc | " + " | ".join(name for name, _ in columns)
-             + " | speed-up |", "|" + "---|" * (len(columns) + 5)]
+             + " | this project faster |", "|" + "---|" * (len(columns) + 5)]
     for backbone, trainers in results.items():
         for trainer, runs in trainers.items():
             untrained = spread([r["untrained_accuracy"] for r in runs], 3) if "untrained_accuracy" in runs[0] else ""
             ratio = ""
-            if trainer == "this project" and "trl" in trainers:
-                speeds = [statistics.fmean(r["pairs_per_s"] for r in group) for group in (runs, trainers["trl"])]
+            if trainer != "this project":
+                speeds = [statistics.fmean(r["pairs_per_s"] for r in group)
+                          for group in (trainers["this project"], runs)]
                 ratio = f"{speeds[0] / speeds[1]:.2f}x"
             cells = [spread([r[name] for r in runs], digits) for name, digits in columns]
             lines.append(f"| {backbone} | {trainer} | {runs[0]['pairs']:.0f} | {untrained} | " + " | ".join(cells)
@@ -187,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.output, exist_ok=True)
     data_folder = os.path.join(args.output, "data")
     train, test = write_split(read_pairs(data_path), args.train_pairs, args.eval_pairs, data_folder)
-    python = trl_python(os.path.abspath(args.trl_venv)) if args.compare == "trl" else None
+    python = trl_python(os.path.abspath(args.trl_venv)) if args.compare else None
     results: dict[str, dict[str, list[dict]]] = {}
     started = time.time()
     for backbone in args.backbone:
@@ -199,11 +235,11 @@ def main(argv: list[str] | None = None) -> None:
             results[name]["this project"].append(ours(args, extra, model, os.path.abspath(data_folder), seed,
                                                       os.path.join(run_folder, "ours")))
             print(f"{name} seed {seed} this project: {results[name]['this project'][-1]}", flush=True)
-            if python:
-                results[name].setdefault("trl", []).append(
-                    trl(args, python, model, os.path.abspath(train), os.path.abspath(test), seed,
-                        os.path.join(run_folder, "trl")))
-                print(f"{name} seed {seed} trl: {results[name]['trl'][-1]}", flush=True)
+            for variant in args.compare:
+                results[name].setdefault(variant, []).append(
+                    trl(args, python, variant, model, os.path.abspath(train), os.path.abspath(test), seed,
+                        os.path.join(run_folder, variant)))
+                print(f"{name} seed {seed} {variant}: {results[name][variant][-1]}", flush=True)
             save(args, extra, data_path, results)
     print(f"\n{args.train_pairs} training pairs, {args.eval_pairs} held out, {args.seeds} seed(s), batch "
           f"{args.batch}, lr {args.learning_rate} {args.scheduler}, {args.epochs} epoch(s), max length "

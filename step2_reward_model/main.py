@@ -51,7 +51,7 @@ from step2_reward_model.model import (  # noqa: E402
 )
 from utils.data.build import MARGIN_SOURCES, DataOptions, create_reward_datasets, create_step_datasets  # noqa: E402
 from utils.data.chat import load_chat_template  # noqa: E402
-from utils.data.collate import EvalShard, PairCollator  # noqa: E402
+from utils.data.collate import ACCELERATOR_CHUNK_TOKENS, CHUNK_TOKENS, EvalShard, PairCollator  # noqa: E402
 from utils.data.examples import BAD_ROWS  # noqa: E402
 from utils.data.sampler import LengthGroupedBatches  # noqa: E402
 from utils.data.steps import NEUTRAL, StepCollator  # noqa: E402
@@ -316,7 +316,9 @@ def make_loaders(args: argparse.Namespace, train_set, eval_set, collator, share_
         "one packed row per prompt, computing it once" if share_prompt else "one row per response"
     grouping = f"grouped by length within windows of {args.length_grouping_steps} steps" \
         if args.length_grouping_steps > 0 else "in plain shuffled order"
-    print_rank_0(f"batches: {layout}, padded to their longest, {grouping}")
+    chunks = ", run in chunks of similar length" if getattr(collator, "chunk_tokens", None) is not None \
+        and not share_prompt else ""
+    print_rank_0(f"batches: {layout}, padded to their longest, {grouping}{chunks}")
     options = {"collate_fn": collator, "pin_memory": device.type == "cuda"}
     eval_order = np.argsort(-eval_set.lengths(share_prompt), kind="stable")
     eval_loader = DataLoader(EvalShard(Subset(eval_set, eval_order), rank, world_size),
@@ -409,7 +411,9 @@ def train(args: argparse.Namespace) -> None:
         collator, share_prompt = StepCollator(tokenizer.pad_token_id), False
     else:
         share_prompt = args.prefix_sharing and choose_prefix_sharing(model.config)
-        collator = PairCollator(tokenizer.pad_token_id, share_prompt=share_prompt)
+        # ZeRO-3 gathers every layer's weights once per forward, so it runs each batch as one.
+        chunk_tokens = CHUNK_TOKENS.get(device.type, ACCELERATOR_CHUNK_TOKENS) if args.zero_stage < 3 else None
+        collator = PairCollator(tokenizer.pad_token_id, share_prompt=share_prompt, chunk_tokens=chunk_tokens)
     sampler, train_loader, eval_loader = make_loaders(args, train_set, eval_set, collator, share_prompt, rank,
                                                       world_size, device)
     check_memory(args, model, sampler, device, world_size)

@@ -18,6 +18,11 @@ position, so the first token is as good a summary as the last: BERT-style models
 their first real token ([CLS]), T5 at its last (the `</s>` its tokenizer appends). They attend
 both ways through a plain padding mask, and never share prefixes: a shared prompt's hidden states
 would depend on each response.
+
+Rows of one response each (encoders, or prefix sharing off) are right-padded to the batch's
+longest. With `chunks` from the collator, their forward runs chunk by chunk, rows of similar
+length together, each chunk cut to its own longest row: the same values, without computing most
+of the padding.
 """
 
 from __future__ import annotations
@@ -158,6 +163,19 @@ class RewardModel(nn.Module):
             hidden = pooler.activation(pooler.dense(hidden))
         return self.v_head(hidden).squeeze(-1)
 
+    def chunked_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_order: torch.Tensor,
+                       chunks: list[tuple[int, int]]) -> torch.Tensor:
+        """`values` of right-padded rows, one forward per chunk: `chunk_order` lists the rows chunk
+        after chunk, `chunks` gives each chunk's row count and the width it is cut to. Zero past
+        a chunk's width, where only padding is."""
+        width, pieces, start = input_ids.shape[1], [], 0
+        for count, cut in chunks:
+            rows = chunk_order[start:start + count]
+            values = self.values(input_ids[rows, :cut], attention_mask[rows, :cut])
+            pieces.append(nn.functional.pad(values, (0, width - cut)))
+            start += count
+        return torch.cat(pieces)[chunk_order.argsort()]
+
     def scored_index(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Each row's scored token: the first real one ([CLS]) for such encoders, else the last."""
         if self.encoder is not None and self.encoder.first_token:
@@ -180,16 +198,21 @@ class RewardModel(nn.Module):
                 segment_ids: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
                 step_rows: torch.Tensor | None = None, step_positions: torch.Tensor | None = None,
                 step_labels: torch.Tensor | None = None,
-                step_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                step_mask: torch.Tensor | None = None,
+                chunk_order: torch.Tensor | None = None,
+                chunks: list[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
         """Rows of responses -> loss and end scores. Without `group`/`rank` the rows are DeepSpeed-Chat's
         pairs: all chosen, then as many rejected. With them, any number of ranked responses per
         prompt (`group` its index, `rank` 0 best), the collator's layout: each prompt's best row
         comes first, in prompt order. `margin` is per prompt (its length gives the prompt count
         without a device-to-host copy). With `row_index`, `input_ids` are packed prefix-shared rows
         (`position_ids`, `segment_ids`). A process reward model's batch (`step_rows`,
-        `step_positions`, `step_labels`, `step_mask`) gets the step loss instead."""
+        `step_positions`, `step_labels`, `step_mask`) gets the step loss instead. With `chunk_order` and
+        `chunks`, unpacked rows run in length chunks (`utils.data.collate.length_chunks`)."""
         if row_index is not None:
             values, input_ids, attention_mask = self.packed_values(input_ids, position_ids, segment_ids, row_index)
+        elif chunks:
+            values = self.chunked_values(input_ids, attention_mask, chunk_order, chunks)
         else:
             values = self.values(input_ids, attention_mask)
         if self.compute_fp32_loss:

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, corpus, rounding_tolerance, run_cli
+from conftest import REPO_ROOT, assert_chunks_change_nothing, corpus, rounding_tolerance, run_cli
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModel,
@@ -194,6 +194,25 @@ def test_scored_at_the_pooled_token_whatever_the_padding(family, encoder_dirs):
         assert (moved["chosen_end_scores"][0] - right[0]).abs() > 1e3 * tolerance
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", FAMILIES)
+def test_length_chunks_give_the_same_loss_scores_and_gradients(family, encoder_dirs):
+    """Encoders get no prefix sharing, so their rows are where padding costs most: run in length
+    chunks, loss, scores and gradients equal one forward of the whole padded batch (float64)."""
+    model, scorer = untrained_model(encoder_dirs[family])
+    model.train()
+    prompts = [PROMPTS[0] * 4, PROMPTS[2], PROMPTS[1], PROMPTS[2]]
+    chosen = [ANSWERS[1], ANSWERS[2], ANSWERS[0], ANSWERS[2]]
+    rejected = [ANSWERS[0], ANSWERS[1], ANSWERS[2], ANSWERS[1]]
+    items = []
+    for better, worse in zip(scorer.encode_pairs(prompts, chosen), scorer.encode_pairs(prompts, rejected),
+                             strict=True):
+        shared = next(i for i, (a, b) in enumerate(zip(better, worse, strict=False)) if a != b)
+        items.append({"prompt": better[:shared], "responses": [better[shared:], worse[shared:]],
+                      "ranks": np.arange(2), "margin": 0.0, "source": 0})
+    assert_chunks_change_nothing(model, items)
+
+
 def replaced(row: torch.Tensor, position: int, token_id: int) -> torch.Tensor:
     """`row` with another token at `position`: `token_id`, or the next id when it is already there."""
     changed = row.clone()
@@ -235,7 +254,7 @@ def test_trains_end_to_end_and_saves_what_step3_must_know(family, trained):
     out, manifest, log, data = trained(family)
     notes = [line for line in log.splitlines() if line.startswith("note: prefix sharing is off")]
     assert len(notes) == 1 and f"model type {family} is an encoder" in notes[0], log[-3000:]
-    assert "batches: one row per response" in log
+    assert re.search(r"batches: one row per response, .*, run in chunks of similar length", log)
     assert manifest["ppo_critic"] is False and "encoder" in manifest["ppo_critic_note"]
     assert manifest["scored_token"].startswith("the first token" if FIRST_TOKEN[family] else "the last token")
     assert manifest["pad_token_id"] is not None  # BERT has no eos to pad with: it keeps [PAD]

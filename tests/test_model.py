@@ -3,15 +3,18 @@ padding invariance, the PPO-step `forward_value`, and saving/loading. No trainin
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
-from conftest import rounding_tolerance
+from conftest import assert_chunks_change_nothing, rounding_tolerance
 from transformers import AutoModel
 
 from step2_reward_model.model import WEIGHTS_NAME, RewardModel, create_reward_model, load_reward_model
+from utils.data.collate import length_chunks
 from utils.data.synthetic import make_pairs
 from utils.errors import UserError
 from utils.tiny import tiny_config
@@ -120,6 +123,39 @@ def test_forward_scores_match_unpadded_sequences(family, loss, reward_models, to
     expected_rejected = torch.stack([score_alone(model, s) for s in rejected])
     assert_scores_close(out["chosen_mean_scores"], expected_chosen)
     assert_scores_close(out["rejected_mean_scores"], expected_rejected)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_length_chunks_is_the_cheapest_split(seed):
+    """Every row in exactly one chunk, cut to its chunk's longest, and no split of the rows (sorted
+    by length, cut anywhere) has fewer padded tokens plus chunk costs."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 300, size=int(rng.integers(1, 9))).tolist()
+    chunk_tokens = int(rng.choice([0, 32, 256]))
+    chunks = length_chunks(lengths, chunk_tokens)
+    assert sorted(i for rows, _ in chunks for i in rows) == list(range(len(lengths)))
+    assert all(width == 8 * math.ceil(max(lengths[i] for i in rows) / 8) for rows, width in chunks)
+    widths = sorted((8 * math.ceil(n / 8) for n in lengths), reverse=True)
+    best = min(sum((b - a) * widths[a] + chunk_tokens for a, b in itertools.pairwise((0, *cuts, len(widths))))
+               for k in range(len(widths)) for cuts in itertools.combinations(range(1, len(widths)), k))
+    assert sum(len(rows) * width + chunk_tokens for rows, width in chunks) == best
+    assert len(length_chunks(lengths, 10**9)) == 1
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("loss", ["per_token", "end_token"])
+def test_length_chunks_give_the_same_loss_scores_and_gradients(family, loss, tokenizers):
+    """Unpacked rows run in chunks of similar length, each cut to its longest row: in float64, loss,
+    scores and every gradient equal one forward of the whole padded batch."""
+    model = RewardModel(build_backbone(family, tokenizers[family]), loss=loss).double()
+    torch.nn.init.normal_(model.v_head.weight, std=1.0)
+    rng = np.random.default_rng(0)
+    items = [{"prompt": rng.integers(5, model.config.vocab_size, size=prompt),
+              "responses": [rng.integers(5, model.config.vocab_size, size=n) for n in answers],
+              "ranks": np.arange(2), "margin": 0.0, "source": 0}
+             for prompt, answers in ((60, (10, 3)), (5, (4, 25)), (30, (8, 9)), (4, (2, 3)))]
+    assert_chunks_change_nothing(model, items, pad_id_of(tokenizers[family]))
 
 
 @pytest.mark.numerics

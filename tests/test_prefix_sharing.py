@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_chunks_change_nothing
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoModel,
@@ -203,11 +204,21 @@ class HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize("loss,responses", LOSS_LAYOUTS)
+def test_length_chunks_of_ranked_lists_change_nothing(loss, responses):
+    """Unpacked rows of pairs and ranked lists, run in length chunks: loss, scores and gradients as
+    one forward of the padded batch (float64)."""
+    assert_chunks_change_nothing(reward_model("llama", loss), make_items(responses), pad_token_id=1)
+
+
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("loss,responses", LOSS_LAYOUTS)
 def test_training_forward_and_backward_never_wait_on_the_device(share, loss, responses):
+    """Packed rows, and unpacked rows run in length chunks (every width its own chunk)."""
     model = reward_model("opt", loss)
-    batch = PairCollator(1, share_prompt=share)(make_items(responses))
+    batch = PairCollator(1, share_prompt=share, chunk_tokens=None if share else 0)(make_items(responses))
+    assert share or len(batch["chunks"]) > 1
     batch.pop("source")
     with HostSyncs() as syncs:
         model(**batch)["loss"].backward()

@@ -26,9 +26,10 @@ def test_quality_benchmark_trains_each_seed_and_prints_the_table(model_dirs, tmp
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in make_pairs(96, seed=3)))
     output = tmp_path / "out"
-    result = run_cli([sys.executable, "benchmarks/quality.py", "--backbone", model_dirs["opt"], "--data_path",
-                      str(data), "--train_pairs", "64", "--eval_pairs", "32", "--seeds", "2", "--learning_rate",
-                      "1e-3", "--max_seq_len", "128", "--output", str(output), "--", "--dropout", "0.0"])
+    command = [sys.executable, "benchmarks/quality.py", "--backbone", model_dirs["opt"], "--data_path", str(data),
+               "--train_pairs", "64", "--eval_pairs", "32", "--seeds", "2", "--learning_rate", "1e-3",
+               "--max_seq_len", "128", "--output", str(output)]
+    result = run_cli(command)
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     runs = json.loads((output / "results.json").read_text())["results"][model_dirs["opt"]]["this project"]
     assert len(runs) == 2
@@ -42,6 +43,14 @@ def test_quality_benchmark_trains_each_seed_and_prints_the_table(model_dirs, tmp
                        "reward_model.json").read_text())["final_eval"]["accuracy"] == runs[1]["accuracy"]
     row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {model_dirs['opt']} |"))
     assert "this project" in row and " ± " in row
+
+    # Run again with the same settings: every run is reused, none retrained.
+    log = output / "runs" / os.path.basename(model_dirs["opt"]) / "1234" / "ours" / "training.log"
+    written = log.stat().st_mtime_ns
+    again = run_cli(command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((output / "results.json").read_text())["results"][model_dirs["opt"]]["this project"] == runs
+    assert log.stat().st_mtime_ns == written
 
 
 def test_split_is_fixed_disjoint_and_splits_hh_dialogues(tmp_path):

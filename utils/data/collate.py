@@ -12,6 +12,13 @@ response 2, ...] whose position ids restart after the prompt for every response 
 `segment_ids` (0 prompt, k + 1 response k, -1 padding) let the model mask each response from
 the others. `row_index` maps every (row, position) of the layout above to its token in the
 packed rows (-1 for padding), so the loss sees the same rows either way.
+
+Unpacked rows of very different lengths waste compute on padding even in a length-grouped batch
+(a pair's two responses differ; a ranked list's more so). With `chunk_tokens`, the collator also
+splits the rows into chunks of similar length (`length_chunks`: `chunk_order`, the rows chunk after
+chunk, and `chunks`, each one's row count and width) and the model runs one forward per chunk, cut
+to its own longest row. It is worth it when a chunk saves more padded tokens than a forward's
+fixed cost (`CHUNK_TOKENS`, by device type). The host computes this, so the step waits on no copy.
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ from utils.data.tokenize import TokenizedExamples
 # heads of 64 (measured, Llama shapes). SDPA keeps one mask for all layers, so it meets far later;
 # this lies between.
 ATTENTION_WIDTH = 2048
+# Padded tokens a chunk of rows must save to be worth a forward of its own, by device type: on the
+# CPU a forward's fixed cost is a few tokens' worth; on an accelerator, kernel launches cost thousands.
+CHUNK_TOKENS = {"cpu": 32}
+ACCELERATOR_CHUNK_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,26 @@ def round_up(length: int, multiple: int) -> int:
     return multiple * math.ceil(length / multiple)
 
 
+def length_chunks(lengths: list[int], chunk_tokens: int, multiple: int = 8) -> list[tuple[list[int], int]]:
+    """Rows (indices into `lengths`) in chunks of similar length, each with the width it is cut to
+    (its longest, rounded up to `multiple`): the split with the fewest padded tokens plus
+    `chunk_tokens` per chunk, by dynamic programming over the rows sorted longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    widths = [round_up(lengths[i], multiple) for i in order]
+    # cost[j]: the best split of the first j rows; cut[j]: where its last chunk starts.
+    cost, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            total = cost[i] + (j - i) * widths[i] + chunk_tokens
+            if total < cost[j]:
+                cost[j], cut[j] = total, i
+    chunks, j = [], len(order)
+    while j > 0:
+        chunks.append((order[cut[j]:j], widths[cut[j]]))
+        j = cut[j]
+    return chunks[::-1]
+
+
 def pad_right(rows: list[np.ndarray], pad_token_id: int, multiple: int = 8,
               width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`input_ids` and `attention_mask` of token rows padded on the right to `width`, by default
@@ -124,14 +155,16 @@ def pad_right(rows: list[np.ndarray], pad_token_id: int, multiple: int = 8,
 class PairCollator:
     """Stacks every example's response `k` as row block `k`; examples with fewer responses skip
     the later blocks. `margin`, `source` and `is_real` are per example, `group` and `rank` per row.
-    `pad_to` pads every row to that length, as DeepSpeed-Chat does (for benchmarks)."""
+    `pad_to` pads every row to that length, as DeepSpeed-Chat does (for benchmarks). `chunk_tokens`
+    adds length chunks to unpacked batches (see the module's docstring)."""
 
     def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int = 8, share_prompt: bool = False,
-                 pad_to: int | None = None):
+                 pad_to: int | None = None, chunk_tokens: int | None = None):
         self.pad_token_id = pad_token_id if pad_token_id is not None else 0  # masked out either way
         self.multiple = pad_to_multiple_of
         self.share_prompt = share_prompt
         self.pad_to = pad_to
+        self.chunk_tokens = chunk_tokens
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         placed = [(g, k) for k in range(max(len(item["responses"]) for item in items))
@@ -148,7 +181,13 @@ class PairCollator:
     def unpacked(self, items: list[dict], placed: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         rows = [np.concatenate([items[g]["prompt"], items[g]["responses"][k]]) for g, k in placed]
         input_ids, attention_mask = pad_right(rows, self.pad_token_id, self.multiple, self.pad_to)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.chunk_tokens is not None and self.pad_to is None:
+            chunks = length_chunks([len(row) for row in rows], self.chunk_tokens, self.multiple)
+            if len(chunks) > 1:
+                batch["chunk_order"] = torch.tensor([i for members, _ in chunks for i in members])
+                batch["chunks"] = [(len(members), width) for members, width in chunks]
+        return batch
 
     def packed(self, items: list[dict], placed: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         packed = [np.concatenate([item["prompt"], *item["responses"]]) for item in items]
