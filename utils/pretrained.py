@@ -13,6 +13,7 @@ and renamed into place, so an interrupted download never leaves half a model beh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -111,7 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=None, help="Where models are kept (default: $RM_BACKBONE_CACHE or "
                                                  "~/.cache/rlhf-reward/backbones).")
     args = p.parse_args(argv)
-    return exit_status(lambda: print(fetch(args.name, args.cache)))
+
+    def fetch_and_print() -> None:
+        # Scripts read the folder from stdout (MODEL=$(python -m utils.pretrained smollm2)), so what the
+        # libraries print while converting (DeepSpeed logs to stdout) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            folder = fetch(args.name, args.cache)
+        print(folder)
+
+    return exit_status(fetch_and_print)
 
 
 if __name__ == "__main__":
