@@ -5,7 +5,7 @@
 # dialogues, from the hub when it is reachable, else from training_scripts/cpu/data. It trains with
 # DeepSpeed (fp32, ZeRO stage 0 by default), prints the held-out accuracy before and after training,
 # scores the built-in examples and two pairs with rw_eval.py, and evaluates the held-out set in full
-# (OUTPUT/eval/report.json and figures). About 10 minutes on 2 cores.
+# (OUTPUT/eval/report.json and figures). About 14 minutes on 2 cores, install included.
 # Usage, from the repository root: bash training_scripts/cpu/run_real_demo.sh [OUTPUT] [ZERO_STAGE] [main.py flags]
 set -euo pipefail
 OUTPUT=${1:-./output_real_demo}
