@@ -51,6 +51,7 @@ SHIPPED_HH = os.path.join(REPO_ROOT, "training_scripts", "cpu", "data", "hh_rlhf
 TRL_PINS = ("trl==1.16.0",)  # with this project's torch, transformers, datasets and accelerate versions
 TRL_MATCHED = ("torch", "transformers", "datasets", "accelerate")
 TRL_RUNS = {"trl": ["--gradient_checkpointing"], "trl-nogc": []}  # trl_reward.py's flags for each
+DEFAULT_LR = 1e-5
 EPOCH_LINE = re.compile(r"Epoch 1/\d+ with loss \S+ \((\d+) steps in ([\d.]+) s")
 BEFORE_LINE = re.compile(r"Epoch 0 \(before training\).* acc \(higher is better\) : ([\d.]+)")
 
@@ -67,7 +68,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--eval_pairs", type=int, default=400)
     p.add_argument("--seeds", type=int, default=3, help="Runs per trainer and backbone, seeds 1234, 1235, ...")
     p.add_argument("--batch", type=int, default=8, help="Pairs per step.")
-    p.add_argument("--learning_rate", type=float, default=1e-5)
+    p.add_argument("--learning_rate", type=float, default=None,
+                   help="Default: the backbone's ("
+                        + ", ".join(f"{key} {b.learning_rate:g}" for key, b in BACKBONES.items())
+                        + f"), else {DEFAULT_LR:g}.")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--scheduler", default="cosine")
     p.add_argument("--warmup_steps", type=int, default=0)
@@ -114,12 +118,13 @@ def keep(folder: str, command: list[str], result: dict) -> dict:
     return result
 
 
-def ours(args: argparse.Namespace, extra: list[str], model: str, data: str, seed: int, folder: str) -> dict:
+def ours(args: argparse.Namespace, extra: list[str], model: str, lr: float, data: str, seed: int,
+         folder: str) -> dict:
     """One training run of this project, scored on the held-out pairs by its own evaluation."""
     command = [sys.executable, "step2_reward_model/main.py", "--model_name_or_path", model,
                "--data_path", data, "--data_split", "0,1,0", "--data_output_path", os.path.join(folder, "cache"),
                "--per_device_train_batch_size", str(args.batch), "--per_device_eval_batch_size", str(2 * args.batch),
-               "--learning_rate", str(args.learning_rate), "--lr_scheduler_type", args.scheduler,
+               "--learning_rate", str(lr), "--lr_scheduler_type", args.scheduler,
                "--num_warmup_steps", str(args.warmup_steps), "--weight_decay", "0", "--num_train_epochs",
                str(args.epochs), "--max_seq_len", str(args.max_seq_len), "--loss", "end_token", "--dtype", "fp32",
                "--dropout", "0.0", "--eval_iters", "100000", "--seed", str(seed), "--output_dir", folder,
@@ -161,13 +166,13 @@ def trl_python(venv: str) -> str:
     return python
 
 
-def trl(args: argparse.Namespace, python: str, variant: str, model: str, train: str, test: str, seed: int,
-        folder: str) -> dict:
+def trl(args: argparse.Namespace, python: str, variant: str, model: str, lr: float, train: str, test: str,
+        seed: int, folder: str) -> dict:
     """One training run of TRL's RewardTrainer, scored on the held-out pairs as TRL tokenises them."""
     result_file = os.path.join(folder, "result.json")
     command = [python, os.path.join(REPO_ROOT, "benchmarks", "trl_reward.py"), "--model", model, "--train", train,
                "--eval", test, "--output", result_file, "--seed", str(seed), "--batch", str(args.batch),
-               "--learning_rate", str(args.learning_rate), "--epochs", str(args.epochs),
+               "--learning_rate", str(lr), "--epochs", str(args.epochs),
                "--scheduler", args.scheduler, "--warmup_steps", str(args.warmup_steps),
                "--max_length", str(args.max_seq_len), *TRL_RUNS[variant]]
     if (done := reuse(folder, command)) is not None:
@@ -210,11 +215,12 @@ def table(results: dict[str, dict[str, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
-def save(args: argparse.Namespace, extra: list[str], data_path: str, results: dict) -> None:
+def save(args: argparse.Namespace, extra: list[str], data_path: str, rates: dict[str, float],
+         results: dict) -> None:
     """results.json, rewritten after every seed: a failure later keeps the runs already made."""
     with open(os.path.join(args.output, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump({"settings": {**vars(args), "main_py_extra": extra, "data_path": data_path},
-                   "results": results}, handle, indent=2)
+        json.dump({"settings": {**vars(args), "main_py_extra": extra, "data_path": data_path,
+                                "learning_rates": rates}, "results": results}, handle, indent=2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,24 +231,28 @@ def main(argv: list[str] | None = None) -> None:
     train, test = write_split(read_pairs(data_path), args.train_pairs, args.eval_pairs, data_folder)
     python = trl_python(os.path.abspath(args.trl_venv)) if args.compare else None
     results: dict[str, dict[str, list[dict]]] = {}
+    rates: dict[str, float] = {}
     started = time.time()
     for backbone in args.backbone:
         model = fetch(backbone) if backbone in BACKBONES else backbone
         name = BACKBONES[backbone].folder if backbone in BACKBONES else backbone
         results[name] = {"this project": []}
+        lr = rates[name] = args.learning_rate or (BACKBONES[backbone].learning_rate if backbone in BACKBONES
+                                                  else DEFAULT_LR)
         for seed in range(1234, 1234 + args.seeds):
             run_folder = os.path.abspath(os.path.join(args.output, "runs", os.path.basename(name), str(seed)))
-            results[name]["this project"].append(ours(args, extra, model, os.path.abspath(data_folder), seed,
+            results[name]["this project"].append(ours(args, extra, model, lr, os.path.abspath(data_folder), seed,
                                                       os.path.join(run_folder, "ours")))
             print(f"{name} seed {seed} this project: {results[name]['this project'][-1]}", flush=True)
             for variant in args.compare:
                 results[name].setdefault(variant, []).append(
-                    trl(args, python, variant, model, os.path.abspath(train), os.path.abspath(test), seed,
+                    trl(args, python, variant, model, lr, os.path.abspath(train), os.path.abspath(test), seed,
                         os.path.join(run_folder, variant)))
                 print(f"{name} seed {seed} {variant}: {results[name][variant][-1]}", flush=True)
-            save(args, extra, data_path, results)
+            save(args, extra, data_path, rates, results)
+    lrs = ", ".join(f"{lr:g} ({name})" for name, lr in rates.items())
     print(f"\n{args.train_pairs} training pairs, {args.eval_pairs} held out, {args.seeds} seed(s), batch "
-          f"{args.batch}, lr {args.learning_rate} {args.scheduler}, {args.epochs} epoch(s), max length "
+          f"{args.batch}, lr {lrs} {args.scheduler}, {args.epochs} epoch(s), max length "
           f"{args.max_seq_len}, fp32 ({time.time() - started:.0f} s in all)")
     print(table(results))
 

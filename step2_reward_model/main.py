@@ -46,6 +46,7 @@ from step2_reward_model.model import (  # noqa: E402
     ENCODERS,
     TYPO_BACKBONE,
     create_reward_model,
+    end_of_conversation_text,
     load_config,
     prefix_sharing_problem,
 )
@@ -379,7 +380,9 @@ def train(args: argparse.Namespace) -> None:
         print_rank_0(f"note: --resume: no checkpoint in {resume.checkpoint_folder(args.output_dir)} yet; "
                      "starting from the beginning")
     set_random_seed(args.seed)
-    check_backbone(args, load_config(args.model_name_or_path, args.trust_remote_code, "--model_name_or_path"))
+    config = load_config(args.model_name_or_path, args.trust_remote_code, "--model_name_or_path")
+    check_backbone(args, config)
+    end_text = end_of_conversation_text(config)
 
     tokenizer = load_hf_tokenizer(args.model_name_or_path, args.add_eot_token, args.trust_remote_code)
     if args.chat_template:
@@ -396,7 +399,7 @@ def train(args: argparse.Namespace) -> None:
                               bad_rows=args.bad_rows)
         train_set, eval_set = create_reward_datasets(
             args.data_path, args.data_split, args.data_output_path, args.seed, tokenizer, args.max_seq_len,
-            END_OF_CONVERSATION_TOKEN, REPO_ROOT, local_rank=local_rank, log=print_rank_0, options=options)
+            end_text, REPO_ROOT, local_rank=local_rank, log=print_rank_0, options=options)
         check_objective(args, train_set.data)
 
     compute_fp32_loss = args.compute_fp32_loss or (args.dtype == "bf16" and args.bf16_to_fp32_loss)
@@ -531,7 +534,7 @@ def train(args: argparse.Namespace) -> None:
         if args.lora_dim > 0:
             merge_lora(engine.module, args.zero_stage)
         rows = metrics.pop("rows")
-        meta = {"base_model": args.model_name_or_path, "end_of_conversation_token": END_OF_CONVERSATION_TOKEN,
+        meta = {"base_model": args.model_name_or_path, "end_of_conversation_token": end_text,
                 "add_eot_token": args.add_eot_token, "max_seq_len": args.max_seq_len, "loss": args.loss,
                 "center_rewards_coefficient": args.center_rewards_coefficient,
                 "sources": eval_set.data.source_names, "final_eval": metrics}

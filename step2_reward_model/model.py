@@ -39,7 +39,7 @@ from torch import nn
 
 from step2_reward_model.losses import end_index, per_token_loss, plackett_luce_loss, ranked_pair_loss, step_loss
 from utils.errors import UserError, first_line
-from utils.utils import pretrained_source
+from utils.utils import END_OF_CONVERSATION_TOKEN, pretrained_source
 
 WEIGHTS_NAME = "pytorch_model.bin"
 MANIFEST_NAME = "reward_model.json"
@@ -71,6 +71,13 @@ ENCODERS = {
     "mt5": Encoder(first_token=False, backbone="MT5EncoderModel", no_export=T5_NO_EXPORT),
     "umt5": Encoder(first_token=False, backbone="UMT5EncoderModel", no_export=T5_NO_EXPORT),
 }
+
+
+def end_of_conversation_text(config) -> str:
+    """The text appended to every answer. A causal LM reads its reward at DeepSpeed-Chat's
+    `<|endoftext|>`, which step 3 appends too; an encoder reads its own [CLS] or `</s>`, so it gets
+    none: a marker would only add tokens (8 wordpieces for BERT) its sequence classifier never saw."""
+    return "" if config.model_type in ENCODERS else END_OF_CONVERSATION_TOKEN
 
 
 def prefix_sharing_problem(config) -> str | None:

@@ -34,6 +34,7 @@ from step2_reward_model import export, main
 from step2_reward_model.model import (
     RewardModel,
     create_reward_model,
+    end_of_conversation_text,
     load_config,
     load_manifest,
     load_reward_model,
@@ -44,7 +45,7 @@ from step2_reward_model.scoring import Scorer, score_data
 from utils.data.collate import pad_right
 from utils.data.synthetic import make_pairs, make_ranked_rows, write_jsonl
 from utils.errors import UserError
-from utils.utils import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
+from utils.utils import load_hf_tokenizer
 
 FAMILIES = ("bert", "deberta-v2", "t5")
 FIRST_TOKEN = {"bert": True, "deberta-v2": True, "t5": False}  # [CLS] in front, or T5's </s> at the end
@@ -163,7 +164,7 @@ def untrained_model(model_dir: str) -> tuple[RewardModel, Scorer]:
     torch.manual_seed(0)
     model = create_reward_model(model_dir, tokenizer, loss="end_token")
     torch.nn.init.normal_(model.v_head.weight, std=1.0)
-    return model.double().eval(), Scorer(model, tokenizer, 64, END_OF_CONVERSATION_TOKEN)
+    return model.double().eval(), Scorer(model, tokenizer, 64, end_of_conversation_text(model.config))
 
 
 @torch.no_grad()
@@ -258,11 +259,13 @@ def test_trains_end_to_end_and_saves_what_step3_must_know(family, trained):
     assert manifest["ppo_critic"] is False and "encoder" in manifest["ppo_critic_note"]
     assert manifest["scored_token"].startswith("the first token" if FIRST_TOKEN[family] else "the last token")
     assert manifest["pad_token_id"] is not None  # BERT has no eos to pad with: it keeps [PAD]
+    # No `<|endoftext|>` text after the answers: the pooled token needs no marker.
+    assert manifest["end_of_conversation_token"] == "" and manifest["end_of_conversation_token_ids"] == []
 
     model = load_reward_model(out)
     assert type(model.rwtransformer).__name__ == {"bert": "BertModel", "deberta-v2": "DebertaV2Model",
                                                    "t5": "T5EncoderModel"}[family]
-    scorer = Scorer(model, load_hf_tokenizer(out), manifest["max_seq_len"], END_OF_CONVERSATION_TOKEN)
+    scorer = Scorer(model, load_hf_tokenizer(out), manifest["max_seq_len"], manifest["end_of_conversation_token"])
     cache = os.path.join(os.path.dirname(out), "rescore")
     scored, _, _ = score_data(scorer, [data], "0,1,0", "eval", 1234, cache, str(REPO_ROOT), log=lambda message: None)
     final = manifest["final_eval"]
@@ -276,13 +279,14 @@ def test_bert_export_logits_equal_our_scores(trained):
     """OUTPUT/hf loads as BertForSequenceClassification whose logits (pooler, classifier with a zero
     bias) are our scores, in float64, and loads back as a reward model that scores the same."""
     out, manifest, _, _ = trained("bert")
+    end_text = manifest["end_of_conversation_token"]
     hf_dir = os.path.join(out, "hf")
     assert manifest["hf_export"] == "hf" and "hf_export_skipped" not in manifest
     classifier = AutoModelForSequenceClassification.from_pretrained(hf_dir).double().eval()
     assert type(classifier).__name__ == "BertForSequenceClassification"
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     ours = load_reward_model(out).double()
-    sequences = Scorer(ours, tokenizer, 64, END_OF_CONVERSATION_TOKEN).encode_pairs(PROMPTS, ANSWERS)
+    sequences = Scorer(ours, tokenizer, 64, end_text).encode_pairs(PROMPTS, ANSWERS)
     batch = tokenizer.pad({"input_ids": [row.tolist() for row in sequences]}, return_tensors="pt")
     expected = ours.forward_value(batch["input_ids"], batch["attention_mask"])["chosen_end_scores"]
     logits = classifier(**batch).logits[:, 0]
@@ -337,13 +341,13 @@ def test_rw_eval_scores_an_encoder_output(trained):
     take any length)."""
     from rw_eval import BUILT_IN_EXAMPLES
 
-    out, _, _, _ = trained("deberta-v2")
+    out, manifest, _, _ = trained("deberta-v2")
     result = run_cli([sys.executable, "rw_eval.py", "--model_path", out, "--max_seq_len", "256"],
                      env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     printed = [float(value) for value in re.findall(r"reward: (-?[\d.]+)", result.stdout)]
     model = load_reward_model(out)
-    scorer = Scorer(model, load_hf_tokenizer(out), 256, END_OF_CONVERSATION_TOKEN)
+    scorer = Scorer(model, load_hf_tokenizer(out), 256, manifest["end_of_conversation_token"])
     with torch.no_grad():
         expected = [model.forward_value(torch.as_tensor(row)[None])["chosen_end_scores"].item()
                     for pair in BUILT_IN_EXAMPLES
