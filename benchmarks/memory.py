@@ -100,17 +100,20 @@ def run_one(args: argparse.Namespace, model: str, data: str, length: int, answer
             sys.exit(f"error: training failed, see {log}:\n{text[-2000:]}")
         return {**result, "refused": True}
     steps, seconds = EPOCH_LINE.search(text).groups()
-    prompts = int(steps) * args.prompts
-    return {**result, "seconds": float(seconds), "answers_per_s": prompts * answers / float(seconds),
-            "tokens_per_s": prompts * answers * length / float(seconds)}
+    answered = int(steps) * args.prompts * answers
+    rate = answered / float(seconds) if float(seconds) else None  # None: too fast for the log's 0.1 s
+    return {**result, "seconds": float(seconds), "answers_per_s": rate,
+            "tokens_per_s": rate * length if rate else None}
 
 
 def table(results: list[dict]) -> str:
     lines = ["| max_seq_len | answers per prompt | checkpointing | prefix sharing | longest row | estimate GiB "
              "| peak RSS GiB | answers/s | scored tok/s |", "|" + "---|" * 9]
     for r in results:
-        speed = ("refused at start-up", "") if r.get("refused") else (f"{r['answers_per_s']:.2f}",
-                                                                      f"{r['tokens_per_s']:.0f}")
+        if r.get("refused") or not r["answers_per_s"]:
+            speed = ("refused at start-up", "") if r.get("refused") else ("", "")
+        else:
+            speed = (f"{r['answers_per_s']:.2f}", f"{r['tokens_per_s']:.0f}")
         lines.append(f"| {r['length']} | {r['answers']} | {'on' if r['checkpointing'] else 'off'} | "
                      f"{'on' if r['sharing'] else 'off'} | {r.get('longest_row', '')} | {r['estimate_gib']:.1f} | "
                      f"{'' if r.get('refused') else format(r['peak_gib'], '.1f')} | {speed[0]} | {speed[1]} |")
