@@ -43,7 +43,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from step2_reward_model.evaluation import calibration, pair_summary, reward_stats  # noqa: E402
-from utils.data.pair_files import read_pairs, write_split  # noqa: E402
+from utils.data.pair_files import as_chat, read_pairs, write_split  # noqa: E402
 from utils.pretrained import BACKBONES, default_cache, fetch  # noqa: E402
 
 SHARED_HH = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "hh_rlhf_harmless_sample.jsonl.gz")
@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--scheduler", default="cosine")
     p.add_argument("--warmup_steps", type=int, default=0)
     p.add_argument("--max_seq_len", type=int, default=512)
+    p.add_argument("--chat", action="store_true",
+                   help="HH dialogues as chat messages, which both trainers render with the model's chat template.")
     p.add_argument("--compare", nargs="+", choices=list(TRL_RUNS), default=[],
                    help="Also train with TRL's RewardTrainer: trl (its defaults), trl-nogc (no checkpointing).")
     p.add_argument("--trl_venv", default=os.path.normpath(os.path.join(default_cache(), "..", "trl-venv")),
@@ -227,8 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parse_args(argv)
     data_path = args.data_path or (SHARED_HH if os.path.exists(SHARED_HH) else SHIPPED_HH)
     os.makedirs(args.output, exist_ok=True)
-    data_folder = os.path.join(args.output, "data")
-    train, test = write_split(read_pairs(data_path), args.train_pairs, args.eval_pairs, data_folder)
+    data_folder = os.path.join(args.output, "data-chat" if args.chat else "data")  # runs name their data
+    pairs = read_pairs(data_path)
+    train, test = write_split([as_chat(pair) for pair in pairs] if args.chat else pairs, args.train_pairs,
+                              args.eval_pairs, data_folder)
     python = trl_python(os.path.abspath(args.trl_venv)) if args.compare else None
     results: dict[str, dict[str, list[dict]]] = {}
     rates: dict[str, float] = {}

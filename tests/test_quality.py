@@ -16,7 +16,7 @@ from conftest import run_cli
 from test_gguf import write_gguf
 
 from step2_reward_model.held_out import best_worst_margins
-from utils.data.pair_files import read_pairs, write_split
+from utils.data.pair_files import as_chat, read_pairs, write_split
 from utils.data.synthetic import make_pairs
 from utils.errors import UserError
 from utils.pretrained import BACKBONES, fetch
@@ -72,6 +72,20 @@ def test_memory_benchmark_runs_every_combination_at_full_length(model_dirs, tmp_
         else:
             assert run["rows"] == run["answers"] and run["longest_row"] == length
     assert sum(line.startswith(f"| {length} | ") for line in result.stdout.splitlines()) == 8
+
+
+def test_hh_pairs_become_chat_messages():
+    """Every Human / Assistant turn becomes a user / assistant message; the answers become one
+    assistant message each; a prompt that does not end with the Assistant's turn is refused."""
+    pair = {"prompt": "\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: Help me\n\nAssistant:",
+            "chosen": " Sure.", "rejected": " No."}
+    assert as_chat(pair) == {"prompt": [{"role": "user", "content": "Hi there"},
+                                        {"role": "assistant", "content": "Hello."},
+                                        {"role": "user", "content": "Help me"}],
+                             "chosen": [{"role": "assistant", "content": "Sure."}],
+                             "rejected": [{"role": "assistant", "content": "No."}]}
+    with pytest.raises(UserError, match="not an HH dialogue"):
+        as_chat({**pair, "prompt": "\n\nHuman: Hi"})
 
 
 def test_split_is_fixed_disjoint_and_splits_hh_dialogues(tmp_path):

@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import random
+import re
 
 from utils.data.sources import split_hh_dialogue
 from utils.errors import UserError
@@ -26,6 +27,21 @@ def read_pairs(path: str) -> list[dict]:
     with opener(path, "rt", encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     return [row if "prompt" in row else split_hh_dialogue(row["chosen"], row["rejected"]) for row in rows]
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def as_chat(pair: dict) -> dict:
+    """An HH text pair as chat messages (Human -> user, Assistant -> assistant), so that a model
+    with a chat template reads the dialogue in its own format."""
+    turns = HH_TURN.split(pair["prompt"])[1:]
+    prompt = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+              for who, text in zip(turns[::2], turns[1::2], strict=True)]
+    if not prompt or prompt[-1] != {"role": "assistant", "content": ""}:
+        raise UserError(f"not an HH dialogue ending with an empty Assistant turn: {pair['prompt'][-80:]!r}")
+    return {"prompt": prompt[:-1], **{key: [{"role": "assistant", "content": pair[key].strip()}]
+                                      for key in ("chosen", "rejected")}}
 
 
 def hub_hh_pairs(count: int) -> list[dict] | None:
