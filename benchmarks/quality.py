@@ -86,11 +86,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return p.parse_args(argv), extra
 
 
-def run(command: list[str], log: str, env: dict | None = None) -> tuple[int, float]:
+def run(command: list[str], log: str) -> tuple[int, float]:
     """Run a command with its output in `log`; its exit status and peak resident memory (MB)."""
     with open(log, "w", encoding="utf-8") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                   env={**os.environ, **(env or {})})
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         _, status, usage = os.wait4(process.pid, 0)
     return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024
 

@@ -32,6 +32,15 @@ def rounding_tolerance(*values, dtype=None, slack: int = ROUNDING_SLACK) -> floa
     return slack * torch.finfo(dtype or torch.float32).eps * largest
 
 
+def forward_backward(model, batch: dict) -> tuple[dict, list]:
+    """The outputs of one forward of a collated batch and the gradients of its loss."""
+    model.zero_grad()
+    out = model(**{key: value for key, value in batch.items() if key != "source"})
+    out["loss"].backward()
+    return ({key: value.detach() for key, value in out.items()},
+            [param.grad.clone() for param in model.parameters() if param.grad is not None])
+
+
 def assert_chunks_change_nothing(model, items: list[dict], pad_token_id: int = 0) -> None:
     """A float64 model's loss, scores and gradients on a batch of unpacked rows are the same run in
     the collator's length chunks as in one padded forward, and the rows really are split."""
@@ -41,21 +50,14 @@ def assert_chunks_change_nothing(model, items: list[dict], pad_token_id: int = 0
 
     chunked = PairCollator(pad_token_id, chunk_tokens=CHUNK_TOKENS["cpu"])(items)
     assert len(chunked.get("chunks", [])) > 1, "rows too alike to split"
-    results = []
-    for batch in (chunked, PairCollator(pad_token_id)(items)):
-        batch.pop("source")
-        model.zero_grad()
-        out = model(**batch)
-        out["loss"].backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-        results.append((out["loss"].detach(), out["scores"].detach(), grads))
-    (loss, scores, grads), (loss_whole, scores_whole, grads_whole) = results
+    (out, grads), (whole, grads_whole) = (forward_backward(model, batch)
+                                          for batch in (chunked, PairCollator(pad_token_id)(items)))
     assert len(grads) == len(grads_whole) > 0
-    tolerance = rounding_tolerance(loss_whole, scores_whole, dtype=torch.float64)
-    torch.testing.assert_close(loss, loss_whole, atol=tolerance, rtol=0)
-    torch.testing.assert_close(scores, scores_whole, atol=tolerance, rtol=0)
-    for grad, whole in zip(grads, grads_whole, strict=True):
-        torch.testing.assert_close(grad, whole, atol=rounding_tolerance(whole, dtype=torch.float64), rtol=0)
+    tolerance = rounding_tolerance(whole["loss"], whole["scores"], dtype=torch.float64)
+    torch.testing.assert_close(out["loss"], whole["loss"], atol=tolerance, rtol=0)
+    torch.testing.assert_close(out["scores"], whole["scores"], atol=tolerance, rtol=0)
+    for grad, expected in zip(grads, grads_whole, strict=True):
+        torch.testing.assert_close(grad, expected, atol=rounding_tolerance(expected, dtype=torch.float64), rtol=0)
 
 
 def launcher_env(ranks: int) -> dict[str, str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_chunks_change_nothing
+from conftest import assert_chunks_change_nothing, forward_backward
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoModel,
@@ -57,13 +57,8 @@ def make_items(responses: int, seed: int = 0) -> list[dict]:
     return items
 
 
-def forward_backward(model: RewardModel, items: list[dict], share: bool) -> tuple[dict, list[torch.Tensor]]:
-    batch = PairCollator(1, share_prompt=share)(items)
-    batch.pop("source")
-    model.zero_grad()
-    out = model(**batch)
-    out["loss"].backward()
-    return {key: value.detach() for key, value in out.items()}, [param.grad.clone() for param in model.parameters()]
+def layout_forward_backward(model: RewardModel, items: list[dict], share: bool) -> tuple[dict, list[torch.Tensor]]:
+    return forward_backward(model, PairCollator(1, share_prompt=share)(items))
 
 
 # The two layouts are equal in real arithmetic but sum in different orders, so they differ by
@@ -90,8 +85,8 @@ def assert_same(model: RewardModel, items: list[dict], reference: RewardModel | 
     config = model.config
     rounds_in_fp32 = config.model_type in FLOAT32_NORMS or config._attn_implementation == "eager"
     rounding = torch.float32 if rounds_in_fp32 else torch.float64
-    unshared, unshared_grads = forward_backward(reference or model, items, share=False)
-    shared, shared_grads = forward_backward(model, items, share=True)
+    unshared, unshared_grads = layout_forward_backward(reference or model, items, share=False)
+    shared, shared_grads = layout_forward_backward(model, items, share=True)
     score_scale = unshared["scores"].abs().max().item()
     for key in ("loss", "scores", "chosen_mean_scores", "rejected_mean_scores"):
         assert_close(shared[key], unshared[key], rounding, max(score_scale, unshared[key].abs().max().item()), key)
@@ -172,7 +167,7 @@ def test_a_fallback_model_trains_on_unshared_rows():
     batch = PairCollator(1)(make_items(3))
     batch.pop("source")
     assert (batch["attention_mask"] == 0).any(), "no padding: the test would not see it ignored"
-    out, grads = forward_backward(model, make_items(3), share=False)
+    out, grads = layout_forward_backward(model, make_items(3), share=False)
 
     model.zero_grad()
     alone = torch.stack([model.forward_value(ids[mask.bool()][None], return_value_only=True)[0, -1]

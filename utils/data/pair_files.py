@@ -18,6 +18,7 @@ from utils.errors import UserError
 
 HH_HUB_ID = "Anthropic/hh-rlhf"
 HH_SUBSET = "harmless-base"
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 def read_pairs(path: str) -> list[dict]:
@@ -27,9 +28,6 @@ def read_pairs(path: str) -> list[dict]:
     with opener(path, "rt", encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     return [row if "prompt" in row else split_hh_dialogue(row["chosen"], row["rejected"]) for row in rows]
-
-
-HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 def as_chat(pair: dict) -> dict:
