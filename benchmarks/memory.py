@@ -23,12 +23,12 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from benchmarks.quality import run  # noqa: E402
 from utils.data.synthetic import write_jsonl  # noqa: E402
 from utils.pretrained import fetch  # noqa: E402
 
@@ -84,18 +84,16 @@ def run_one(args: argparse.Namespace, model: str, data: str, length: int, answer
     command += ["--gradient_checkpointing"] * checkpointing + ["--no_prefix_sharing"] * (not sharing)
     os.makedirs(folder, exist_ok=True)
     log = os.path.join(folder, "training.log")
-    with open(log, "w", encoding="utf-8") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        _, status, usage = os.wait4(process.pid, 0)
+    status, peak_mb = run(command, log)
     text = open(log, encoding="utf-8").read()
     result = {"length": length, "answers": answers, "checkpointing": checkpointing, "sharing": sharing,
-              "peak_gib": usage.ru_maxrss / 2**20}
+              "peak_gib": peak_mb / 1024}
     estimate = ESTIMATE_LINE.search(text)
     if estimate is None:
         sys.exit(f"error: no memory estimate in {log}:\n{text[-2000:]}")
     size, unit, rows, width = estimate.groups()
     result.update(estimate_gib=float(size) / (1024 if unit == "MiB" else 1), rows=int(rows), longest_row=int(width))
-    if os.waitstatus_to_exitcode(status) != 0:
+    if status != 0:
         if "training needs about" not in text:
             sys.exit(f"error: training failed, see {log}:\n{text[-2000:]}")
         return {**result, "refused": True}

@@ -237,11 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     rates: dict[str, float] = {}
     started = time.time()
     for backbone in args.backbone:
-        model = fetch(backbone) if backbone in BACKBONES else backbone
-        name = BACKBONES[backbone].folder if backbone in BACKBONES else backbone
+        known = BACKBONES.get(backbone)
+        model = fetch(backbone) if known else backbone
+        name = known.folder if known else backbone
         results[name] = {"this project": []}
-        lr = rates[name] = args.learning_rate or (BACKBONES[backbone].learning_rate if backbone in BACKBONES
-                                                  else DEFAULT_LR)
+        lr = rates[name] = args.learning_rate or (known.learning_rate if known else DEFAULT_LR)
         for seed in range(1234, 1234 + args.seeds):
             run_folder = os.path.abspath(os.path.join(args.output, "runs", os.path.basename(name), str(seed)))
             results[name]["this project"].append(ours(args, extra, model, lr, os.path.abspath(data_folder), seed,
