@@ -1,6 +1,6 @@
 # Two entry points: `make demo` (offline CPU demo) and `make test` (the test suite). Each makes
 # its own virtualenv in .venv with pinned versions; torch goes in first so that nothing pulls
-# another build of it.
+# another build of it. The project itself is installed editable, so its scripts import it from here.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -11,9 +11,10 @@ export PATH := $(abspath $(BIN)):$(PATH)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: requirements.txt constraints.txt | $(BIN)/python
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -c constraints.txt torch
 	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt

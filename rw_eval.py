@@ -23,16 +23,16 @@ import sys
 
 import torch
 
-from step2_reward_model.evaluation import format_report, pair_report
-from step2_reward_model.losses import ranking_metrics
-from step2_reward_model.model import load_manifest, load_reward_model, load_scoring_tokenizer
+from step2_reward_model.flags import EVAL_FLAGS, add_flags
+from step2_reward_model.metrics import ranking_accuracies, ranking_metrics
+from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
+from step2_reward_model.report import format_report, pair_report
 from step2_reward_model.scoring import Scorer, score_data
-from utils.data.examples import BAD_ROWS
 from utils.data.tokenize import has_ranked_lists
 from utils.errors import UserError, exit_status
-from utils.utils import END_OF_CONVERSATION_TOKEN
+from utils.files import REPO_ROOT
+from utils.model_files import END_OF_CONVERSATION_TOKEN
 
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILT_IN_EXAMPLES = [
     {"prompt": "Human: In a few sentences, what is a compiler? Assistant: ",
      "chosen": "A compiler is a program that translates source code written in a language such as C "
@@ -49,40 +49,9 @@ BUILT_IN_EXAMPLES = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Score, evaluate or serve a saved reward model.")
-    p.add_argument("--model_path", required=True,
-                   help="A step-2 output folder, its hf/ export, or a DeepSpeed-Chat step-2 folder.")
-    p.add_argument("--tokenizer_path", default=None,
-                   help="Where the tokenizer is, when --model_path has none (DeepSpeed-Chat saves only vocab files).")
-    p.add_argument("--prompt", help="Score this prompt's --chosen and --rejected answers, or its --answer.")
-    p.add_argument("--chosen", help="The answer that should score higher.")
-    p.add_argument("--rejected", help="The answer that should score lower.")
-    p.add_argument("--answer", help="Score one answer to --prompt (the PPO step's call).")
-    p.add_argument("--steps", nargs="+", help="Score each step of a solution to --prompt (process reward model).")
-    p.add_argument("--data_path", nargs="*", default=None,
-                   help="Evaluate on these sources (anything training's --data_path reads).")
-    p.add_argument("--data_split", default="2,4,4", help="As in training; the phase-2 share is evaluated.")
-    p.add_argument("--split", choices=["eval", "train"], default="eval",
-                   help="Which half of the data to evaluate (default: the held-out one).")
-    p.add_argument("--data_output_path", default="/tmp/data_files/", help="Cache of split indices.")
-    p.add_argument("--bad_rows", choices=BAD_ROWS, default="error",
-                   help="A malformed data row: error names its file, line and field; skip drops and counts it.")
-    p.add_argument("--seed", type=int, default=1234, help="Training's --seed, which fixes the split.")
-    p.add_argument("--report", help="Write the full evaluation as JSON to this file.")
-    p.add_argument("--plots", help="Write PNG figures (histograms, reward vs length, reliability) here.")
-    p.add_argument("--batch_size", type=int, default=16, help="Sequences per forward pass.")
-    p.add_argument("--max_seq_len", type=int, default=None, help="Default: the training length.")
-    p.add_argument("--num_padding_at_beginning", type=int, default=1,
-                   help="Accepted for compatibility; the scored token comes from the attention mask.")
-    p.add_argument("--serve", action="store_true", help="Serve rewards over HTTP (POST /score).")
-    p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: this machine only).")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token", default=os.environ.get("RW_EVAL_TOKEN"),
-                   help="Require 'Authorization: Bearer TOKEN' (default: $RW_EVAL_TOKEN).")
-    p.add_argument("--max_request_bytes", type=int, default=4 << 20, help="Larger request bodies get 413.")
-    p.add_argument("--max_items", type=int, default=256, help="Requests with more pairs or texts get 413.")
-    p.add_argument("--batch_wait_ms", type=float, default=5.0,
-                   help="How long the server waits for concurrent requests to fill a batch.")
-    p.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the checkpoint.")
+    add_flags(p, EVAL_FLAGS, data_path={"default": None, "help": "Evaluate on these sources (anything training's "
+                                                               "--data_path reads)."},
+              max_seq_len={"default": None, "help": "Default: the training length."})
     args = p.parse_args(argv)
     pair = [name for name in ("chosen", "rejected") if getattr(args, name) is not None]
     if pair and len(pair) != 2:
@@ -144,12 +113,10 @@ def ranking_report(table) -> dict:
     """Ranked lists: accuracy over every ordered pair of a prompt's answers and top-1 accuracy (the
     summary above compares each prompt's best and worst answer)."""
     rewards, example, rank = (torch.from_numpy(table[:, i]) for i in range(3))
-    metrics = {key: float(value) for key, value in ranking_metrics(rewards, example.long(), rank.long()).items()}
-    return {"ordered_pairs": int(metrics["pairs"]),
-            "pairwise_accuracy": metrics["pairs_correct"] / metrics["pairs"] if metrics["pairs"] else None,
-            "prompts_with_one_best": int(metrics["groups_with_top1"]),
-            "top1_accuracy": metrics["top1_correct"] / metrics["groups_with_top1"] if metrics["groups_with_top1"]
-            else None}
+    counts = ranking_metrics(rewards, example.long(), rank.long())
+    accuracies = ranking_accuracies(counts)
+    return {"ordered_pairs": int(counts["pairs"]), "pairwise_accuracy": accuracies["pairwise_accuracy"],
+            "prompts_with_one_best": int(counts["groups_with_top1"]), "top1_accuracy": accuracies["top1_accuracy"]}
 
 
 def build_scorer(args: argparse.Namespace) -> Scorer:

@@ -25,12 +25,9 @@ import random
 import re
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-
-from benchmarks.quality import run  # noqa: E402
-from utils.data.synthetic import write_jsonl  # noqa: E402
-from utils.pretrained import fetch  # noqa: E402
+from benchmarks.quality import run
+from utils.data.synthetic import write_jsonl
+from utils.pretrained import fetch
 
 WORDS = ("the river garden quietly answer because window people through morning simple question "
          "kitchen number light between under listen yellow travel market story paper winter").split()

@@ -39,12 +39,10 @@ import subprocess
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-
-from step2_reward_model.evaluation import calibration, pair_summary, reward_stats  # noqa: E402
-from utils.data.pair_files import as_chat, read_pairs, write_split  # noqa: E402
-from utils.pretrained import BACKBONES, default_cache, fetch  # noqa: E402
+from step2_reward_model.report import calibration, pair_summary, reward_stats
+from utils.data.pair_files import as_chat, read_pairs, write_split
+from utils.files import REPO_ROOT
+from utils.pretrained import BACKBONES, default_cache, fetch
 
 SHARED_HH = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "hh_rlhf_harmless_sample.jsonl.gz")
 SHIPPED_HH = os.path.join(REPO_ROOT, "training_scripts", "cpu", "data", "hh_rlhf_harmless_sample.jsonl.gz")

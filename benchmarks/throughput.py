@@ -38,10 +38,9 @@ import sys
 import tempfile
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+import numpy as np
 
-import numpy as np  # noqa: E402
+from utils.files import REPO_ROOT
 
 HH_SAMPLE = os.path.join(REPO_ROOT, "..", "shared", "data", "hh_rlhf_harmless_sample.jsonl.gz")
 MODES = ("max_len", "dynamic", "grouped", "shared")
@@ -92,8 +91,8 @@ def load_pairs(args: argparse.Namespace):
     """The first --pairs examples of the data, tokenised as in training by a BPE trained on them."""
     from utils.data.build import load_examples
     from utils.data.tokenize import tokenize_examples
+    from utils.model_files import END_OF_CONVERSATION_TOKEN
     from utils.tiny import train_tokenizer
-    from utils.utils import END_OF_CONVERSATION_TOKEN
 
     path = args.data_path or (HH_SAMPLE if os.path.isfile(HH_SAMPLE) else "synthetic")
     with tempfile.TemporaryDirectory() as scratch:
@@ -134,30 +133,29 @@ def sync(device: str) -> None:
 
 
 def build_engine(args: argparse.Namespace, vocab: int, pad_token_id: int):
-    import deepspeed
+    """A randomly initialised OPT of the preset in main.py's DeepSpeed engine (same config and optimizer)."""
     import torch
     from transformers import AutoModel, OPTConfig
 
-    from step2_reward_model import main as train_main
-    from step2_reward_model.model import RewardModel
+    from step2_reward_model.engine import build_ds_config, build_engine
+    from step2_reward_model.flags import parse_training_args
+    from step2_reward_model.model import RewardModel, embedding_rows
 
     preset = PRESETS[args.preset]
     hidden = preset["hidden"]
-    config = OPTConfig(vocab_size=preset["vocab"] or 8 * -(-vocab // 8), hidden_size=hidden,
+    config = OPTConfig(vocab_size=preset["vocab"] or embedding_rows(vocab), hidden_size=hidden,
                        num_hidden_layers=preset["layers"], num_attention_heads=preset["heads"], ffn_dim=4 * hidden,
                        word_embed_proj_dim=preset.get("proj", hidden), max_position_embeddings=2048,
                        pad_token_id=pad_token_id)
     torch.manual_seed(0)
     model = RewardModel(AutoModel.from_config(config), loss=args.loss)
     flags = ["--model_name_or_path", args.preset, "--per_device_train_batch_size", str(args.batch_size),
-             "--dtype", args.dtype, "--zero_stage", str(args.zero_stage), "--learning_rate", "1e-5"]
-    train_args = train_main.parse_args(flags)
-    ds_config = train_main.build_ds_config(train_args, 1)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=train_main.make_optimizer(train_args, model),
-                                      config=ds_config)
+             "--dtype", args.dtype, "--zero_stage", str(args.zero_stage), "--learning_rate", "1e-5",
+             "--lr_scheduler_type", "constant"]
     if args.gradient_checkpointing:
-        engine.module.gradient_checkpointing_enable()
-    return engine, config
+        flags.append("--gradient_checkpointing")
+    train_args = parse_training_args(flags)
+    return build_engine(train_args, model, build_ds_config(train_args, 1), batches_per_epoch=1), config
 
 
 def non_embedding_parameters(model) -> int:
@@ -191,10 +189,10 @@ def run_mode(mode: str, args: argparse.Namespace, data, vocab: int, pad_token_id
     from deepspeed.accelerator import get_accelerator
     from torch.utils.data import DataLoader
 
-    from step2_reward_model.guard import step_flags
+    from step2_reward_model.training import train_step
     from utils.data.collate import PairCollator, PairDataset
     from utils.data.sampler import LengthGroupedBatches
-    from utils.utils import init_single_process_env, to_device
+    from utils.runtime import init_single_process_env
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     init_single_process_env()
@@ -214,21 +212,14 @@ def run_mode(mode: str, args: argparse.Namespace, data, vocab: int, pad_token_id
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, pin_memory=device == "cuda")
 
     def step(batch: dict) -> list[float]:
+        """main.py's training step, with the time after each phase (copy, forward, backward, step)."""
         marks = [time.perf_counter()]
-        batch.pop("source")
-        batch = to_device(batch, torch.device(device))
-        sync(device)
-        marks.append(time.perf_counter())
-        loss = engine(**batch)["loss"]
-        step_flags(loss, False, 1)  # main.py's NaN/inf check: one read of the loss on the host
-        sync(device)
-        marks.append(time.perf_counter())
-        engine.backward(loss)
-        sync(device)
-        marks.append(time.perf_counter())
-        engine.step()
-        sync(device)
-        marks.append(time.perf_counter())
+
+        def mark() -> None:
+            sync(device)
+            marks.append(time.perf_counter())
+
+        train_step(engine, batch, torch.device(device), stop_requested=False, world_size=1, mark=mark)
         return np.diff(marks).tolist()
 
     sampler.set_epoch(1)  # warm-up batches from another shuffle

@@ -7,7 +7,6 @@ As in DeepSpeed-Chat: every linear layer whose name contains `--lora_module_name
 
 from __future__ import annotations
 
-import deepspeed
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -33,6 +32,7 @@ def apply_lora(model: nn.Module, lora_dim: int, module_name: str, only_optimize_
 
 def merge_lora(model: nn.Module, zero_stage: int) -> None:
     """Fold every adapter into its base weight, gathering ZeRO-3 partitions one layer at a time."""
+    import deepspeed  # here: loading and scoring a saved model need no DeepSpeed
     from peft.tuners.lora import LoraLayer
 
     for module in model.modules():

@@ -1,14 +1,12 @@
-"""Reward-model losses and ranking metrics, vectorised over the batch.
+"""Reward-model losses, vectorised over the batch (no Python loop over rows).
 
 - `per_token_loss`: DeepSpeed-Chat's pairwise loss on per-token values `[pairs, seq]` over the span where the
   chosen and rejected answers differ (its default, kept for parity). `end_index` finds each row's scored token
   from the attention mask (right or left padded).
-- `bradley_terry_loss`: -log sigmoid(r_chosen - r_rejected) on the end scores only, what is served at inference.
 - `ranked_pair_loss`: InstructGPT's generalisation to K ranked responses per prompt (all ordered pairs, each prompt
   weighted equally), with an optional per-prompt margin (Llama 2) and reward centering (Eisenstein et al. 2023).
 - `plackett_luce_loss`: the listwise likelihood of the whole ranking: each response is picked among those ranked
   no better than it (a strict ranking of K gives K-1 softmax terms, not K(K-1)/2 pairs).
-- `ranking_metrics`: pairwise and top-1 accuracy counts for evaluation.
 - `step_loss`: binary cross-entropy at labelled steps, for process reward models.
 
 Ranked inputs are flat: `scores` [R] end rewards, `group` [R] prompt index (0..G-1), `rank` [R] (lower is better,
@@ -27,11 +25,6 @@ def end_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return seq_len - 1 - attention_mask.flip(-1).argmax(-1)
 
 
-def bradley_terry_loss(chosen_end: torch.Tensor, rejected_end: torch.Tensor) -> torch.Tensor:
-    """-log sigmoid(r_chosen - r_rejected) on the end scores, averaged over pairs."""
-    return -F.logsigmoid(chosen_end - rejected_end).mean()
-
-
 def per_token_loss(chosen_values: torch.Tensor, rejected_values: torch.Tensor,
                    chosen_ids: torch.Tensor, rejected_ids: torch.Tensor,
                    chosen_mask: torch.Tensor, rejected_mask: torch.Tensor) -> torch.Tensor:
@@ -47,7 +40,7 @@ def per_token_loss(chosen_values: torch.Tensor, rejected_values: torch.Tensor,
     return (token_losses.sum(-1) / span.sum(-1)).mean()
 
 
-def _ordered_pairs(group: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+def ordered_pairs(group: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     """[R, R] mask of ordered pairs: (i, j) share a prompt and i is ranked strictly better than j."""
     return (group[:, None] == group[None, :]) & (rank[:, None] < rank[None, :])
 
@@ -73,7 +66,7 @@ def ranked_pair_loss(scores: torch.Tensor, group: torch.Tensor, rank: torch.Tens
     + center_coefficient * (s_i + s_j)^2; averaged over the group's pairs, then over groups having a pair.
     `margin` is per group ([G]); tied rows form no pair.
     """
-    ordered = _ordered_pairs(group, rank)
+    ordered = ordered_pairs(group, rank)
     diff = scores[:, None] - scores[None, :]
     if margin is not None:
         diff = diff - margin.to(scores.dtype)[group][:, None]
@@ -93,29 +86,8 @@ def plackett_luce_loss(scores: torch.Tensor, group: torch.Tensor, rank: torch.Te
     same = group[:, None] == group[None, :]
     risk_set = same & (rank[:, None] <= rank[None, :])
     log_norm = torch.where(risk_set, scores[None, :], float("-inf")).logsumexp(-1)
-    has_term = _ordered_pairs(group, rank).any(-1)
+    has_term = ordered_pairs(group, rank).any(-1)
     return _mean_over_groups(torch.where(has_term, log_norm - scores, 0), has_term.long(), group)
-
-
-def ranking_metrics(scores: torch.Tensor, group: torch.Tensor, rank: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Evaluation counts, as float64 sums so that they can be all-reduced before dividing.
-
-    pairs: ordered pairs (rank_i < rank_j in one group); pairs_correct: those with s_i > s_j, a score tie counting 0.5.
-    groups_with_top1: groups of at least 2 rows with exactly one row at the best rank level;
-    top1_correct: those where that row's score is strictly above every other row's (a score tie counts 0).
-    """
-    scores = scores.detach()
-    same = group[:, None] == group[None, :]
-    ordered = _ordered_pairs(group, rank)
-    above = scores[:, None] > scores[None, :]
-    tied = scores[:, None] == scores[None, :]
-    pairs_correct = (ordered & above).sum().double() + 0.5 * (ordered & tied).sum().double()
-    best_rank = torch.where(same, rank[None, :], torch.iinfo(rank.dtype).max).amin(-1)
-    is_best = rank == best_rank
-    sole_best = is_best & ((same & is_best[None, :]).sum(-1) == 1) & (same.sum(-1) >= 2)
-    top1_correct = sole_best & (above | ~ordered).all(-1)
-    return {"pairs_correct": pairs_correct, "pairs": ordered.sum().double(),
-            "top1_correct": top1_correct.sum().double(), "groups_with_top1": sole_best.sum().double()}
 
 
 def step_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_leaves
 from step2_reward_model.model import RewardModel
 from utils.data.sampler import LengthGroupedBatches
 from utils.errors import UserError
-from utils.utils import print_rank_0
+from utils.runtime import print_rank_0
 
 PROBE_TOKENS = (64, 128)
 PROBE_VOCAB = 128

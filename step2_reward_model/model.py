@@ -28,10 +28,7 @@ of the padding.
 from __future__ import annotations
 
 import inspect
-import json
 import math
-import os
-import pickle
 from dataclasses import dataclass
 
 import torch
@@ -39,11 +36,8 @@ from torch import nn
 
 from step2_reward_model.losses import end_index, per_token_loss, plackett_luce_loss, ranked_pair_loss, step_loss
 from utils.errors import UserError, first_line
-from utils.utils import END_OF_CONVERSATION_TOKEN, pretrained_source
+from utils.model_files import END_OF_CONVERSATION_TOKEN, pretrained_source
 
-WEIGHTS_NAME = "pytorch_model.bin"
-MANIFEST_NAME = "reward_model.json"
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 BACKBONE, TYPO_BACKBONE = "rwtransformer", "rwtranrsformer"  # newer DeepSpeed-Chat spells it with the typo
 # Model types whose position ids and 4-D attention mask are tested to give the same scores and
 # gradients packed as unpacked (tests/test_prefix_sharing.py), and the attentions that take the mask.
@@ -110,6 +104,12 @@ def segment_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> tor
     return torch.where(visible, zero, torch.finfo(dtype).min)[:, None]
 
 
+def embedding_rows(tokenizer_length: int) -> int:
+    """DeepSpeed-Chat's embedding size: the tokenizer's length rounded up to a multiple of 8, which
+    its step 3 expects of the checkpoint."""
+    return 8 * math.ceil(tokenizer_length / 8)
+
+
 def value_head_width(config) -> int:
     """OPT's last hidden states have `word_embed_proj_dim` features; other models `hidden_size`."""
     return getattr(config, "word_embed_proj_dim", None) or config.hidden_size
@@ -148,9 +148,6 @@ class RewardModel(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         self.rwtransformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.rwtransformer.gradient_checkpointing_disable()
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One value per token, `[batch, seq]`."""
@@ -201,32 +198,20 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 group: torch.Tensor | None = None, rank: torch.Tensor | None = None,
-                margin: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
-                step_rows: torch.Tensor | None = None, step_positions: torch.Tensor | None = None,
-                step_labels: torch.Tensor | None = None,
-                step_mask: torch.Tensor | None = None,
-                chunk_order: torch.Tensor | None = None,
-                chunks: list[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
-        """Rows of responses -> loss and end scores. Without `group`/`rank` the rows are DeepSpeed-Chat's
-        pairs: all chosen, then as many rejected. With them, any number of ranked responses per
-        prompt (`group` its index, `rank` 0 best), the collator's layout: each prompt's best row
-        comes first, in prompt order. `margin` is per prompt (its length gives the prompt count
-        without a device-to-host copy). With `row_index`, `input_ids` are packed prefix-shared rows
-        (`position_ids`, `segment_ids`). A process reward model's batch (`step_rows`,
-        `step_positions`, `step_labels`, `step_mask`) gets the step loss instead. With `chunk_order` and
-        `chunks`, unpacked rows run in length chunks (`utils.data.collate.length_chunks`)."""
-        if row_index is not None:
-            values, input_ids, attention_mask = self.packed_values(input_ids, position_ids, segment_ids, row_index)
-        elif chunks:
-            values = self.chunked_values(input_ids, attention_mask, chunk_order, chunks)
-        else:
-            values = self.values(input_ids, attention_mask)
+                margin: torch.Tensor | None = None, **layout) -> dict[str, torch.Tensor]:
+        """A training batch -> its loss and scores. Rows of responses come in one of the collator's
+        layouts (`response_values`); a process reward model's batch, with `step_*` tensors in
+        `layout`, gets the step loss (`step_forward`).
+
+        Without `group`/`rank` the rows are DeepSpeed-Chat's pairs: all chosen, then as many
+        rejected. With them, any number of ranked responses per prompt (`group` its index, `rank`
+        0 best), each prompt's best row first, in prompt order. `margin` is per prompt (its length
+        gives the prompt count without a device-to-host copy)."""
+        if "step_positions" in layout:
+            return self.step_forward(input_ids, attention_mask, **layout)
+        values, input_ids, attention_mask = self.response_values(input_ids, attention_mask, **layout)
         if self.compute_fp32_loss:
             values = values.float()
-        if step_positions is not None:
-            logits = values[step_rows, step_positions]
-            return {"loss": step_loss(logits, step_labels, step_mask), "step_logits": logits}
         scores = values.gather(-1, self.scored_index(attention_mask)[:, None]).squeeze(-1)
         if group is None:
             pairs = input_ids.shape[0] // 2
@@ -235,18 +220,47 @@ class RewardModel(nn.Module):
         prompts = len(margin) if margin is not None else int(group.max()) + 1
         last = torch.full((prompts,), -1, device=scores.device).scatter_reduce(
             0, group, torch.arange(len(group), device=scores.device), "amax")
-        if self.loss == "per_token":  # pairs only (checked when the data is built)
+        loss = self.preference_loss(values, scores, input_ids, attention_mask, group, rank, margin, prompts)
+        return {"loss": loss, "chosen_mean_scores": scores[:prompts], "rejected_mean_scores": scores[last],
+                "scores": scores}
+
+    def response_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                        row_index: torch.Tensor | None = None, chunk_order: torch.Tensor | None = None,
+                        chunks: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, ...]:
+        """Values, ids and attention mask of one row per response, from the batch's layout: packed
+        prefix-shared rows (`row_index`, with `position_ids` and `segment_ids`), rows run in length
+        chunks (`chunk_order`, `chunks`), or plain padded rows."""
+        if row_index is not None:
+            return self.packed_values(input_ids, position_ids, segment_ids, row_index)
+        if chunks:
+            return self.chunked_values(input_ids, attention_mask, chunk_order, chunks), input_ids, attention_mask
+        return self.values(input_ids, attention_mask), input_ids, attention_mask
+
+    def preference_loss(self, values: torch.Tensor, scores: torch.Tensor, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor, group: torch.Tensor, rank: torch.Tensor,
+                        margin: torch.Tensor | None, prompts: int) -> torch.Tensor:
+        """The loss `--loss` names: per_token (pairs only, checked when the data is built),
+        plackett_luce, or end_token (Bradley-Terry over every ordered pair)."""
+        if self.loss == "per_token":
             # Past its end, a row compares with its end score, not with values at padding, which
             # depend on the layout (one row per answer, or packed).
             values = torch.where(attention_mask.bool(), values, scores[:, None])
-            loss = per_token_loss(values[:prompts], values[prompts:], input_ids[:prompts], input_ids[prompts:],
+            return per_token_loss(values[:prompts], values[prompts:], input_ids[:prompts], input_ids[prompts:],
                                   attention_mask[:prompts], attention_mask[prompts:])
-        elif self.loss == "plackett_luce":
-            loss = plackett_luce_loss(scores, group, rank)
-        else:
-            loss = ranked_pair_loss(scores, group, rank, margin, self.center_coefficient)
-        return {"loss": loss, "chosen_mean_scores": scores[:prompts], "rejected_mean_scores": scores[last],
-                "scores": scores}
+        if self.loss == "plackett_luce":
+            return plackett_luce_loss(scores, group, rank)
+        return ranked_pair_loss(scores, group, rank, margin, self.center_coefficient)
+
+    def step_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step_rows: torch.Tensor,
+                     step_positions: torch.Tensor, step_labels: torch.Tensor,
+                     step_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A process reward model's batch: the logit of each step at its last token, and the step loss."""
+        values = self.values(input_ids, attention_mask)
+        if self.compute_fp32_loss:
+            values = values.float()
+        logits = values[step_rows, step_positions]
+        return {"loss": step_loss(logits, step_labels, step_mask), "step_logits": logits}
 
     def forward_value(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       return_value_only: bool = False, prompt_length: int = 0,
@@ -323,108 +337,6 @@ def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | No
         attn_implementation=attn_implementation, **dequantized(gguf))
     backbone.config.end_token_id = tokenizer.eos_token_id
     backbone.config.pad_token_id = backbone.config.eos_token_id
-    backbone.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
+    backbone.resize_token_embeddings(embedding_rows(len(tokenizer)))
     del zero3_context
     return RewardModel(backbone, loss=loss, compute_fp32_loss=compute_fp32_loss, center_coefficient=center_coefficient)
-
-
-def load_reward_model(path: str, trust_remote_code: bool = False) -> RewardModel:
-    """Rebuild a saved reward model from its config alone and load its weights, tensors only:
-    `pytorch_model.bin` (ours, or DeepSpeed-Chat's under either spelling of its prefix), or the
-    `hf/` sequence-classification export. Missing or unexpected keys are an error, never a
-    silently random head."""
-    if not os.path.isdir(path):
-        raise UserError(f"--model_path {path}: no such folder")
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise UserError(f"{path}: no config.json (not a step-2 output folder?)")
-    config = load_config(path, trust_remote_code, "--model_path")
-    weights = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        if any(arch.endswith("ForSequenceClassification") for arch in config.architectures or []):
-            return _load_sequence_classification(path, trust_remote_code)
-        raise UserError(f"{path}: no {WEIGHTS_NAME} and no sequence-classification export "
-                        "(not a step-2 output folder?)")
-    model = RewardModel(new_backbone(config, trust_remote_code))
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UserError(f"{weights}: refused, it holds more than tensors ({first_line(err, 200)})") from None
-    state = {(BACKBONE + key[len(TYPO_BACKBONE):] if key.startswith(TYPO_BACKBONE + ".") else key): value
-             for key, value in state.items()}
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    resized = [key for key in expected if key in state and state[key].shape != expected[key].shape]
-    if missing or unexpected or resized:
-        raise UserError(f"{weights}: does not match {config_file} "
-                        f"(missing keys: {', '.join(missing[:5]) or 'none'}; "
-                        f"unexpected keys: {', '.join(unexpected[:5]) or 'none'}; "
-                        f"other shapes: {', '.join(resized[:5]) or 'none'})")
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def _load_sequence_classification(path: str, trust_remote_code: bool) -> RewardModel:
-    """Our `hf/` export (or any one-label sequence classifier) as a RewardModel."""
-    from transformers import AutoModelForSequenceClassification
-
-    try:
-        classifier, info = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch.float32, output_loading_info=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot load the sequence-classification export: {first_line(err)}") from None
-    problems = {name: info.get(name) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
-                if info.get(name)}
-    if problems:
-        details = "; ".join(f"{name}: {', '.join(map(str, sorted(keys)[:5]))}" for name, keys in problems.items())
-        raise UserError(f"{path}: weights do not match config.json ({details})")
-    if classifier.config.num_labels != 1:
-        raise UserError(f"{path}: a reward model has one label, this classifier has {classifier.config.num_labels}")
-    prefix = classifier.base_model_prefix
-    head = {name: param for name, param in classifier.named_parameters() if not name.startswith(f"{prefix}.")}
-    weights = [param for name, param in head.items() if not name.endswith(".bias")]
-    biases = [param for name, param in head.items() if name.endswith(".bias")]
-    model = RewardModel(getattr(classifier, prefix))
-    # BERT's classifier has a bias, which our export sets to zero; the value head has none.
-    if len(weights) != 1 or weights[0].shape != model.v_head.weight.shape or len(biases) > 1 \
-            or any(bias.any() for bias in biases):
-        raise UserError(f"{path}: expected one linear score head of width {model.v_head.in_features} "
-                        "without a bias (or with a zero one)")
-    model.v_head.weight.data.copy_(weights[0].data)
-    return model.eval()
-
-
-def load_manifest(path: str) -> dict:
-    """What training recorded for the scorer (max length, end token, ...); {} when absent,
-    as in a folder DeepSpeed-Chat wrote."""
-    manifest = os.path.join(path, MANIFEST_NAME)
-    if not os.path.isfile(manifest):
-        return {}
-    try:
-        with open(manifest, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{manifest}: not valid JSON ({err})") from None
-
-
-def load_scoring_tokenizer(path: str, tokenizer_path: str | None = None, trust_remote_code: bool = False):
-    """The tokenizer saved beside the model; for a DeepSpeed-Chat folder, which holds only vocab
-    files, the one of the model it was trained from (config `_name_or_path`), unless given."""
-    from transformers import AutoTokenizer
-
-    source = tokenizer_path
-    if source is None:
-        if any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
-            source = path
-        else:
-            with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
-                source = json.load(handle).get("_name_or_path") or path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot load its tokenizer from '{source}' (pass --tokenizer_path): "
-                        f"{first_line(err)}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer

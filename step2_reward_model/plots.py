@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from step2_reward_model.evaluation import ArrayLike
+from step2_reward_model.report import ArrayLike
 
 CHOSEN_COLOUR, REJECTED_COLOUR = "tab:blue", "tab:orange"
 

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from step2_reward_model.scoring import Scorer
+from utils.data.fields import describe
 from utils.errors import UserError, first_line
 
 BATCH_FACTOR = 4  # a model call takes up to this many scorer batches of queued requests
@@ -60,11 +61,7 @@ class RequestError(Exception):
 
 def json_type(value: object) -> str:
     """The JSON name of a decoded value's type, for error messages."""
-    for kind, name in ((bool, "a boolean"), (str, "a string"), (int, "a number"), (float, "a number"),
-                       (list, "an array"), (dict, "an object")):
-        if isinstance(value, kind):
-            return name
-    return "null"
+    return describe(value, json_names=True)
 
 
 def parse_body(request: object, max_items: int) -> tuple[str, list]:
@@ -84,11 +81,17 @@ def parse_body(request: object, max_items: int) -> tuple[str, list]:
         raise RequestError(400, f"{kind} is empty")
     if len(items) > max_items:
         raise RequestError(413, f"{len(items)} {kind}, more than the {max_items} allowed per request (max_items)")
-    if kind == "texts":
-        for index, text in enumerate(items):
-            if not isinstance(text, str):
-                raise RequestError(400, f"texts[{index}] must be a string, not {json_type(text)}")
-        return kind, items
+    return kind, check_texts(items) if kind == "texts" else check_pairs(items)
+
+
+def check_texts(items: list) -> list[str]:
+    for index, text in enumerate(items):
+        if not isinstance(text, str):
+            raise RequestError(400, f"texts[{index}] must be a string, not {json_type(text)}")
+    return items
+
+
+def check_pairs(items: list) -> list[tuple[str, str]]:
     for index, pair in enumerate(items):
         if not isinstance(pair, dict):
             raise RequestError(400, f'pairs[{index}] must be an object with "prompt" and "answer", '
@@ -101,7 +104,7 @@ def parse_body(request: object, max_items: int) -> tuple[str, list]:
         unknown = sorted(set(pair) - {"prompt", "answer"})
         if unknown:
             raise RequestError(400, f'pairs[{index}] has an unknown field "{unknown[0]}"')
-    return kind, [(pair["prompt"], pair["answer"]) for pair in items]
+    return [(pair["prompt"], pair["answer"]) for pair in items]
 
 
 @dataclass

@@ -12,6 +12,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(REPO_ROOT))
+# Commands the tests start import this checkout too, not whichever one `pip install -e .` installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
 
 from utils.data.synthetic import make_pairs, write_dataset  # noqa: E402
 from utils.tiny import save_tiny_model, train_tokenizer  # noqa: E402
@@ -126,9 +128,9 @@ def save_random_reward_model(folder: str, model_dir: str, seed: int = 0) -> str:
     saved exactly as training saves (for tests of loading, exports, evaluation and serving)."""
     import torch
 
-    from step2_reward_model.checkpoint import save_reward_model
     from step2_reward_model.model import create_reward_model
-    from utils.utils import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
+    from step2_reward_model.output import save_reward_model
+    from utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 
     tokenizer = load_hf_tokenizer(model_dir)
     torch.manual_seed(seed)

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from test_scripts import dry_run_json
 
-from step2_reward_model.main import build_ds_config, main, parse_args
+from step2_reward_model.engine import build_ds_config
+from step2_reward_model.flags import parse_training_args
+from step2_reward_model.main import main
 from utils.ds_utils import merge_user_config
 from utils.errors import UserError
 
@@ -44,11 +46,11 @@ def expected_overlay(generated: dict) -> dict:
 
 
 def test_user_keys_overlay_the_generated_config(tmp_path):
-    generated = build_ds_config(parse_args(FLAGS), world_size=2)
+    generated = build_ds_config(parse_training_args(FLAGS), world_size=2)
     assert generated["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}  # what the overlay extends
     assert generated["train_batch_size"] == 4 * 2 * 2
     path = write(tmp_path / "ds.json", json.dumps(USER))
-    merged = build_ds_config(parse_args([*FLAGS, "--deepspeed_config", path]), world_size=2)
+    merged = build_ds_config(parse_training_args([*FLAGS, "--deepspeed_config", path]), world_size=2)
     assert merged == expected_overlay(generated)
     # the generated dict and its nested sections are copied, not changed in place
     before = copy.deepcopy(generated)
@@ -59,7 +61,7 @@ def test_user_keys_overlay_the_generated_config(tmp_path):
 def test_dry_run_prints_the_merged_config(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    generated = build_ds_config(parse_args(FLAGS), world_size=2)
+    generated = build_ds_config(parse_training_args(FLAGS), world_size=2)
     path = write(tmp_path / "ds.json", json.dumps(USER))
     assert main([*FLAGS, "--deepspeed_config", path, "--dry_run"]) == 0
     resolved = dry_run_json(capsys.readouterr().out)
@@ -75,7 +77,7 @@ def test_an_unusable_file_is_one_line_naming_it(case, tmp_path, capsys):
             "not_utf8": lambda: write(tmp_path / "ds.json", b'{"steps_per_print": "\xff"}'),
             "not_an_object": lambda: write(tmp_path / "ds.json", "[1, 2]")}[case]()
     with pytest.raises(UserError) as raised:
-        build_ds_config(parse_args([*FLAGS, "--deepspeed_config", path]), world_size=1)
+        build_ds_config(parse_training_args([*FLAGS, "--deepspeed_config", path]), world_size=1)
     message = str(raised.value)
     assert message.startswith(f"--deepspeed_config {path}: ") and "\n" not in message
 

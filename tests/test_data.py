@@ -19,10 +19,11 @@ from conftest import FAMILIES, needs_shared_data
 
 from utils.data import build as build_module
 from utils.data import split as split_module
+from utils.data.adapters import SOURCES, Adapter, split_hh_dialogue
 from utils.data.build import create_reward_datasets
 from utils.data.collate import EvalShard, PairCollator, PairDataset
-from utils.data.examples import clean_rows, clean_source
-from utils.data.sources import SOURCES, load_source, split_hh_dialogue
+from utils.data.examples import Example, judge_rows, row_problem, summarise, tally
+from utils.data.sources import RawSplits, load_source
 from utils.data.split import parse_split, phase_indices, shuffle_order, split_bounds
 from utils.data.tokenize import (
     TokenizedExamples,
@@ -64,6 +65,16 @@ def tagged(rows) -> list[tuple[str, object]]:
 
 def adapt(dataset_id: str, row: dict) -> dict:
     return SOURCES[dataset_id].adapter(row)
+
+
+def clean(rows, adapter: Adapter, source: str, bad_rows: str = "error") -> tuple[list[Example], Counter]:
+    """The examples of `rows` and their drops by reason, judged as `utils.data.build.load_examples` does."""
+    return tally(judge_rows(rows, row_problem(adapter, source), bad_rows))
+
+
+def summarised(raw: RawSplits) -> tuple[list[Example], str]:
+    """The examples of the train split of `raw` and its summary line, as `utils.data.build.load_examples` logs it."""
+    return summarise(raw, "train", raw.train, judge_rows(raw.train, row_problem(raw.adapter, raw.name)))
 
 
 def write_jsonl(path, rows, ensure_ascii: bool = True) -> str:
@@ -167,7 +178,7 @@ def test_webgpt_tie_is_flagged_and_dropped_by_cleaning():
     row = webgpt_row("Answer one.", "Answer two.", score_0=0.0, score_1=0.0)
     assert adapt("openai/webgpt_comparisons", row)["tie"] is True
     good = webgpt_row("Answer one.", "Answer two.", score_0=1.0, score_1=0.0)
-    examples, dropped = clean_rows(tagged([row, good]), SOURCES["openai/webgpt_comparisons"].adapter, "webgpt")
+    examples, dropped = clean(tagged([row, good]), SOURCES["openai/webgpt_comparisons"].adapter, "webgpt")
     assert dropped == Counter({"tie (equal scores)": 1})
     assert as_tuples(examples) == [(" Human: Why is the sky blue? Assistant:", " Answer one.", " Answer two.")]
 
@@ -260,7 +271,7 @@ def test_load_source_reads_local_files(tmp_path, fmt, layout):
     assert raw.eval is None
     assert len(raw.train) == len(rows)
     assert all(where.startswith(name) for where, _ in raw.train)
-    examples, dropped = clean_rows(raw.train, raw.adapter, raw.name)
+    examples, dropped = clean(raw.train, raw.adapter, raw.name)
     assert not dropped
     assert as_tuples(examples) == EXPECTED
 
@@ -272,8 +283,8 @@ def test_load_source_reads_a_folder_with_train_and_eval_files(tmp_path, eval_nam
     write_jsonl(folder / eval_name, HH_ROWS[2:])
     (folder / "README.md").write_text("not data")
     raw = load_source(str(folder), str(tmp_path))
-    assert as_tuples(clean_rows(raw.train, raw.adapter, raw.name)[0]) == EXPECTED[:2]
-    assert as_tuples(clean_rows(raw.eval, raw.adapter, raw.name)[0]) == EXPECTED[2:]
+    assert as_tuples(clean(raw.train, raw.adapter, raw.name)[0]) == EXPECTED[:2]
+    assert as_tuples(clean(raw.eval, raw.adapter, raw.name)[0]) == EXPECTED[2:]
 
 
 def test_load_source_folder_with_only_train_has_no_eval(tmp_path):
@@ -288,13 +299,13 @@ def test_load_source_reads_save_to_disk_dataset_dict_and_dataset(tmp_path):
     DatasetDict({"train": Dataset.from_list(PAIRS[:2]), "test": Dataset.from_list(PAIRS[2:])}).save_to_disk(
         str(tmp_path / "dict"))
     raw = load_source(str(tmp_path / "dict"), str(tmp_path))
-    assert as_tuples(clean_rows(raw.train, raw.adapter, raw.name)[0]) == EXPECTED[:2]
-    assert as_tuples(clean_rows(raw.eval, raw.adapter, raw.name)[0]) == EXPECTED[2:]
+    assert as_tuples(clean(raw.train, raw.adapter, raw.name)[0]) == EXPECTED[:2]
+    assert as_tuples(clean(raw.eval, raw.adapter, raw.name)[0]) == EXPECTED[2:]
 
     Dataset.from_list(HH_ROWS).save_to_disk(str(tmp_path / "plain"))
     raw = load_source(str(tmp_path / "plain"), str(tmp_path))
     assert raw.eval is None
-    assert as_tuples(clean_rows(raw.train, raw.adapter, raw.name)[0]) == EXPECTED
+    assert as_tuples(clean(raw.train, raw.adapter, raw.name)[0]) == EXPECTED
 
 
 def test_load_source_local_jsonfile_reads_repo_data_folder(tmp_path):
@@ -304,8 +315,8 @@ def test_load_source_local_jsonfile_reads_repo_data_folder(tmp_path):
     (repo / "data" / "eval.json").write_text(json.dumps(HH_ROWS[2:]))
     raw = load_source("local/jsonfile", str(repo))
     assert raw.name == "jsonfile"
-    assert as_tuples(clean_rows(raw.train, raw.adapter, raw.name)[0]) == EXPECTED[:2]
-    assert as_tuples(clean_rows(raw.eval, raw.adapter, raw.name)[0]) == EXPECTED[2:]
+    assert as_tuples(clean(raw.train, raw.adapter, raw.name)[0]) == EXPECTED[:2]
+    assert as_tuples(clean(raw.eval, raw.adapter, raw.name)[0]) == EXPECTED[2:]
 
 
 def test_load_source_local_jsonfile_without_eval_file_names_it(tmp_path):
@@ -352,7 +363,7 @@ def test_missing_local_file_is_a_user_error(tmp_path, monkeypatch):
 def test_file_without_needed_columns_names_file_and_found_columns(tmp_path):
     name = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Why?", "answer": "Because."}] * 2)
     raw = load_source(name, str(tmp_path))
-    message = user_error(clean_source, raw, "train", raw.train)
+    message = user_error(summarised, raw)
     assert name in message
     assert "question" in message and "answer" in message
 
@@ -362,7 +373,7 @@ def test_invalid_json_line_names_file_and_line(tmp_path):
     with open(name, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(PAIRS[0]) + "\n\n" + '{"prompt": "oops", \n' + json.dumps(PAIRS[1]) + "\n")
     raw = load_source(name, str(tmp_path))  # a broken line is a row in its place, judged by --bad_rows
-    message = user_error(clean_source, raw, "train", raw.train)
+    message = user_error(summarised, raw)
     assert name in message and "line 3" in message and "not valid JSON" in message
 
 
@@ -378,7 +389,7 @@ def test_data_set_empty_after_cleaning_is_a_user_error(tmp_path):
     rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["chosen"]} for p in PAIRS]
     name = write_jsonl(tmp_path / "same.jsonl", rows)
     raw = load_source(name, str(tmp_path))
-    message = user_error(clean_source, raw, "train", raw.train)
+    message = user_error(summarised, raw)
     assert name in message and "no usable pairs" in message and "identical" in message
 
 
@@ -415,7 +426,7 @@ def test_hub_id_offline_is_a_user_error_naming_it(tmp_path, monkeypatch, hub_id)
 # --------------------------------------------------------------------------------------------
 
 
-def test_clean_rows_counts_each_reason_and_keeps_good_rows_in_order():
+def test_cleaning_counts_each_reason_and_keeps_good_rows_in_order():
     rows = [
         PAIRS[0],
         {"prompt": "   \n", "chosen": " a", "rejected": " b"},  # empty prompt
@@ -431,21 +442,21 @@ def test_clean_rows_counts_each_reason_and_keeps_good_rows_in_order():
         PAIRS[2],
     ]
     adapter = SOURCES["Dahoas/rm-static"].adapter
-    examples, dropped = clean_rows(tagged(rows), adapter, "src", bad_rows="skip")
+    examples, dropped = clean(tagged(rows), adapter, "src", bad_rows="skip")
     assert as_tuples(examples) == EXPECTED
     assert [ex["source"] for ex in examples] == ["src"] * 3
     assert dropped == Counter({"empty prompt": 1, "empty response": 2, "chosen identical to rejected": 1,
                                "missing field 'rejected'": 1, "field 'chosen' is a number": 1,
                                "field 'prompt' is null": 1, "row is not an object": 2})
     # By default the first malformed row stops the run, named by file, line and field.
-    message = user_error(clean_rows, tagged(rows), adapter, "src")
+    message = user_error(clean, tagged(rows), adapter, "src")
     assert message.startswith("test.jsonl, line 7: missing field 'rejected'") and "--bad_rows skip" in message
 
 
-def test_clean_rows_hh_layout_reasons():
+def test_cleaning_hh_layout_reasons():
     rows = [HH_ROWS[0], {"chosen": 3, "rejected": "x"}, {"chosen": "Human: hi", "rejected": "Human: ho"},
             {"rejected": "x"}, {"chosen": HH_ROWS[1]["chosen"], "rejected": HH_ROWS[1]["chosen"]}, HH_ROWS[2]]
-    examples, dropped = clean_rows(tagged(rows), SOURCES["Anthropic/hh-rlhf"].adapter, "hh", bad_rows="skip")
+    examples, dropped = clean(tagged(rows), SOURCES["Anthropic/hh-rlhf"].adapter, "hh", bad_rows="skip")
     assert as_tuples(examples) == [EXPECTED[0], EXPECTED[2]]
     assert dropped["field 'chosen' is a number"] == 1
     assert dropped["missing field 'chosen'"] == 1
@@ -846,7 +857,7 @@ def test_real_hh_rlhf_sample_becomes_pairs(tmp_path):
     path = needs_shared_data("hh_rlhf_harmless_sample.jsonl.gz")
     raw = load_source(str(path), str(tmp_path))
     assert len(raw.train) == 1000 and raw.eval is None
-    examples, _ = clean_source(raw, "train", raw.train)
+    examples, _ = summarised(raw)
     assert len(examples) > 950
     for example in examples:
         assert example["prompt"].endswith("\n\nAssistant:")

@@ -18,16 +18,17 @@ from test_objectives import write_source
 from test_train import COMMON, assert_reproduces, train, trained_dtype
 from torch.utils.data import DataLoader
 
-from step2_reward_model.held_out import ranking_summary
-from step2_reward_model.main import make_loaders, parse_args
-from step2_reward_model.model import load_reward_model
-from step2_reward_model.prm import step_logits, step_metrics
+from step2_reward_model.evaluate import ranking_summary
+from step2_reward_model.flags import parse_training_args
+from step2_reward_model.main import make_loaders
+from step2_reward_model.metrics import step_metrics
+from step2_reward_model.output import load_reward_model
 from utils.data.build import create_reward_datasets, create_step_datasets
 from utils.data.collate import PairCollator
 from utils.data.sampler import LengthGroupedBatches
 from utils.data.steps import UNLABELLED, StepCollator
 from utils.data.synthetic import CONTENT, POLITE, REQUESTS, RUDE, is_held_out, make_pairs, make_ranked_rows
-from utils.utils import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
+from utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 
 RANKS, BATCH, EVAL_INTERVAL = 2, 8, 10
 FLAGS = ["--zero_stage", "3", "--per_device_train_batch_size", str(BATCH), "--eval_interval", str(EVAL_INTERVAL),
@@ -73,7 +74,7 @@ def run(tmp_path_factory, name: str, model_dir: str, train_rows: list[dict], eva
     with open(out / "reward_stats.json") as handle:
         stats = json.load(handle)
     tokenizer = load_hf_tokenizer(model_dir)
-    args = parse_args(["--model_name_or_path", model_dir, "--data_path", data, "--data_output_path",
+    args = parse_training_args(["--model_name_or_path", model_dir, "--data_path", data, "--data_output_path",
                        str(tmp_path / "cache"), *COMMON, *FLAGS, *flags])  # as train() passes them
     where = ([data], args.data_split, args.data_output_path, args.seed, tokenizer, args.max_seq_len)
     if args.process_reward:
@@ -182,18 +183,19 @@ def test_steps_two_rank_metrics_count_every_solution_once(step_run):
     labels = labelled_steps(eval_set)
     assert len(eval_set) % RANKS == 1  # the last shard is padded with a repeat
     assert row_counts[0] != row_counts[1] and sum(row_counts) == len(labels)
-    assert (final["pairs"], final["steps"]) == (len(eval_set), len(labels))
+    assert (final["solutions"], final["steps"]) == (len(eval_set), len(labels))
     assert (stats["all"]["count"], stats["chosen"]["count"]) == (len(labels), int((labels == 1).sum()))
 
     model = load_reward_model(str(step_run["out"]))
     sums, logits = {}, []
     for batch in DataLoader(eval_set, batch_size=32, collate_fn=StepCollator(step_run["tokenizer"].pad_token_id)):
-        batch_logits = step_logits(model, batch)
+        with torch.no_grad():
+            batch_logits = model(**batch)["step_logits"]
         counts = step_metrics(batch_logits, batch["step_labels"], batch["step_mask"], batch["step_rows"],
                               len(batch["input_ids"]))
         sums = {name: sums.get(name, 0.0) + float(value) for name, value in counts.items()}
         logits.append(batch_logits[batch["step_mask"]].double())
-    assert (sums["solutions"], sums["steps"]) == (final["pairs"], final["steps"])
+    assert (sums["solutions"], sums["steps"]) == (final["solutions"], final["steps"])
     logits = torch.cat(logits).numpy()
     # Steps as pairs: the step accuracy, and the mean logit of good and of bad steps (reward_stats.json).
     assert_reproduces({"pairs": final["steps"], "accuracy": final["accuracy"], "chosen": stats["chosen"]["mean"],
@@ -202,4 +204,4 @@ def test_steps_two_rank_metrics_count_every_solution_once(step_run):
                        "chosen": logits[labels == 1].mean(), "rejected": logits[labels == 0].mean()},
                       trained_dtype(RANKS))
     for key, name in (("first_error_accuracy", "first_error_correct"), ("solution_accuracy", "solutions_correct")):
-        assert final[key] == pytest.approx(sums[name] / sums["solutions"], abs=1.5 / final["pairs"]), key
+        assert final[key] == pytest.approx(sums[name] / sums["solutions"], abs=1.5 / final["solutions"]), key

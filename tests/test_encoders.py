@@ -31,21 +31,21 @@ from transformers import (
 )
 
 from step2_reward_model import export, main
+from step2_reward_model.flags import parse_training_args
 from step2_reward_model.model import (
     RewardModel,
     create_reward_model,
     end_of_conversation_text,
     load_config,
-    load_manifest,
-    load_reward_model,
     new_backbone,
     prefix_sharing_problem,
 )
+from step2_reward_model.output import load_manifest, load_reward_model
 from step2_reward_model.scoring import Scorer, score_data
 from utils.data.collate import pad_right
 from utils.data.synthetic import make_pairs, make_ranked_rows, write_jsonl
 from utils.errors import UserError
-from utils.utils import load_hf_tokenizer
+from utils.model_files import load_hf_tokenizer
 
 FAMILIES = ("bert", "deberta-v2", "t5")
 FIRST_TOKEN = {"bert": True, "deberta-v2": True, "t5": False}  # [CLS] in front, or T5's </s> at the end
@@ -329,10 +329,10 @@ def test_per_token_loss_is_refused_in_one_line(encoder_dirs, tmp_path):
 
 def test_process_reward_is_refused_for_encoders(encoder_dirs):
     """A step's value must not see the later steps, which an encoder's does; causal LMs are unaffected."""
-    args = main.parse_args(["--model_name_or_path", "m", "--process_reward"])
+    args = parse_training_args(["--model_name_or_path", "m", "--process_reward"])
     with pytest.raises(UserError, match=r"^--process_reward .* model type t5 is an encoder"):
         main.check_backbone(args, load_config(encoder_dirs["t5"], False, "--model_name_or_path"))
-    main.check_backbone(main.parse_args(["--model_name_or_path", "m"]), OPTConfig())
+    main.check_backbone(parse_training_args(["--model_name_or_path", "m"]), OPTConfig())
 
 
 def test_rw_eval_scores_an_encoder_output(trained):

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from step2_reward_model.evaluation import (
+from step2_reward_model.plots import write_plots
+from step2_reward_model.report import (
     bucket_accuracy,
     calibration,
     format_report,
@@ -22,7 +23,6 @@ from step2_reward_model.evaluation import (
     quantile_edges,
     reward_stats,
 )
-from step2_reward_model.plots import write_plots
 
 LN3, LN19 = math.log(3.0), math.log(19.0)  # sigmoid: 0.75 and 0.95
 
@@ -251,7 +251,7 @@ def test_format_report_is_plain_aligned_text():
 
 
 def test_imports_stay_light():
-    code = ("import sys, step2_reward_model.evaluation, step2_reward_model.plots; "
+    code = ("import sys, step2_reward_model.report, step2_reward_model.plots; "
             "print('torch' in sys.modules, 'matplotlib' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                             text=True, check=True)

@@ -1,7 +1,7 @@
 """Input formats beyond text pairs: margins and scores, ranked lists, chat messages, pretokenized rows.
 
 Every expected example is written out by hand. Rows go through the adapter for local files
-(`_columns`) and the cleaning step, and through files on disk where the file layer matters.
+(`columns`) and the cleaning step, and through files on disk where the file layer matters.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from collections import Counter
 import pytest
 from conftest import needs_shared_data
 
+from utils.data.adapters import columns
 from utils.data.chat import load_chat_template, render
-from utils.data.examples import Example, clean_rows, clean_source
-from utils.data.sources import _columns, load_source
+from utils.data.examples import Example, judge_rows, row_problem, summarise, tally
+from utils.data.sources import RawSplits, load_source
 from utils.errors import UserError
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -26,7 +27,12 @@ def tagged(rows) -> list[tuple[str, object]]:
 
 
 def clean(rows, bad_rows: str = "error") -> tuple[list[Example], Counter]:
-    return clean_rows(tagged(rows), _columns, "src", bad_rows)
+    return tally(judge_rows(tagged(rows), row_problem(columns, "src"), bad_rows))
+
+
+def summarised(raw: RawSplits) -> tuple[list[Example], str]:
+    """The examples of the train split of `raw` and its summary line, as `utils.data.build.load_examples` logs it."""
+    return summarise(raw, "train", raw.train, judge_rows(raw.train, row_problem(raw.adapter, raw.name)))
 
 
 def user(text: str) -> dict:
@@ -291,7 +297,7 @@ def test_every_layout_loads_from_a_jsonl_file(tmp_path, layout):
     rows, expected = FILE_ROWS[layout]
     name = write_jsonl(tmp_path / f"{layout}.jsonl", rows)
     raw = load_source(name, str(tmp_path))
-    examples, summary = clean_source(raw, "train", raw.train)
+    examples, summary = summarised(raw)
     where = {"where": f"{name}:line 1"} if "token_ids" in expected else {}
     assert examples == [{**expected, **where, "source": name}]
     assert summary == f"{name} [train]: 1 rows -> 1 examples (dropped: none)"
@@ -300,7 +306,7 @@ def test_every_layout_loads_from_a_jsonl_file(tmp_path, layout):
 def test_missing_columns_error_lists_the_accepted_layouts(tmp_path):
     name = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Why?", "responses": ["a", "b"]}])
     raw = load_source(name, str(tmp_path))
-    message = user_error(clean_source, raw, "train", raw.train)
+    message = user_error(summarised, raw)
     assert name in message and "question, responses" in message
     for layout in ("prompt/chosen/rejected", "prompt/responses/ranks", "prompt/ranked_outputs",
                    "conversation/ranked_responses", "input_ids_chosen/input_ids_rejected"):
@@ -310,7 +316,7 @@ def test_missing_columns_error_lists_the_accepted_layouts(tmp_path):
 def test_split_of_only_tied_lists_is_a_user_error(tmp_path):
     name = write_jsonl(tmp_path / "tied.jsonl", [{"prompt": "Q?", "responses": [" a", " b"], "ranks": [0, 0]}] * 2)
     raw = load_source(name, str(tmp_path))
-    message = user_error(clean_source, raw, "train", raw.train)
+    message = user_error(summarised, raw)
     assert name in message and "no usable pairs or ranked lists" in message and "2 all responses tied" in message
 
 
@@ -375,7 +381,7 @@ def test_load_chat_template(tmp_path):
 def test_real_oasst_groups_become_ranked_chat_examples(tmp_path, tokenizers):
     path = needs_shared_data("oasst_ranked_groups.jsonl")
     raw = load_source(str(path), str(tmp_path))
-    examples, summary = clean_source(raw, "train", raw.train)
+    examples, summary = summarised(raw)
     assert len(raw.train) == 212
     assert len(examples) == 212, summary  # every group is usable
     for example, (_, row) in zip(examples, raw.train, strict=True):

@@ -21,18 +21,13 @@ from test_train import assert_reproduces, rescore
 from transformers import AutoModel
 
 from step2_reward_model import export
-from step2_reward_model.model import (
-    create_reward_model,
-    load_config,
-    load_manifest,
-    load_reward_model,
-    load_scoring_tokenizer,
-)
+from step2_reward_model.model import create_reward_model, load_config
+from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.scoring import Scorer
 from utils.data.synthetic import write_dataset
 from utils.errors import UserError
+from utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 from utils.tiny import tiny_config
-from utils.utils import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
 PROMPT = "\n\nHuman: How do I boil an egg?\n\nAssistant:"

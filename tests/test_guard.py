@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from step2_reward_model.guard import HANDLED, StopRequest
+from step2_reward_model.training import HANDLED, StopRequest
 
 
 def deliver(signum: int) -> None:

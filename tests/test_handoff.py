@@ -14,7 +14,8 @@ import torch
 from conftest import REPO_ROOT, rounding_tolerance, run_cli, save_random_reward_model
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from step2_reward_model.model import RewardModel, load_manifest, load_reward_model, load_scoring_tokenizer
+from step2_reward_model.model import RewardModel
+from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.scoring import Scorer
 from utils.data.tokenize import special_affixes
 from utils.errors import UserError
@@ -311,7 +312,7 @@ def test_a_model_without_an_export_keeps_everything_else(saved_models, tokenizer
     from transformers import ElectraConfig
 
     from step2_reward_model import export
-    from step2_reward_model.checkpoint import export_skipped_error, save_reward_model
+    from step2_reward_model.output import export_skipped_error, save_reward_model
 
     out = str(tmp_path / "out")
     shutil.copytree(saved_models["gpt2"], out)  # an earlier run's OUTPUT, hf/ included

@@ -36,9 +36,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from utils.data import tokenize as tokenize_module
+from utils.data.adapters import SOURCES
 from utils.data.build import DataOptions, create_reward_datasets, create_step_datasets
-from utils.data.examples import BAD_ROWS, clean_rows, describe_drops
-from utils.data.sources import SOURCES
+from utils.data.examples import BAD_ROWS, describe_drops, judge_rows, row_problem, tally
 from utils.data.tokenize import tokenize_examples
 from utils.errors import UserError
 
@@ -696,19 +696,20 @@ ANY_VALUE = JSON | st.fixed_dictionaries({"full_text": JSON}) | st.text(max_size
 def test_every_adapter_drops_or_names_a_bad_row(rows, dataset_id):
     """Any value in any field of any known data set's layout: a counted drop, or an error naming the row."""
     tagged = [(f"rows.jsonl:line {i + 1}", row) for i, row in enumerate(rows)]
-    examples, dropped = clean_rows(tagged, SOURCES[dataset_id].adapter, dataset_id, "skip")
+    problem = row_problem(SOURCES[dataset_id].adapter, dataset_id)
+    examples, dropped = tally(judge_rows(tagged, problem, "skip"))
     assert len(examples) + sum(dropped.values()) == len(rows)
     try:
-        clean_rows(tagged, SOURCES[dataset_id].adapter, dataset_id)
+        judge_rows(tagged, problem)
     except UserError as err:
         assert re.match(r"rows\.jsonl, line \d+: ", str(err)) and "\n" not in str(err), str(err)
 
 
 def test_rw_eval_scoring_follows_bad_rows_for_token_ids(saved_models, tmp_path):
     """Scoring a data file (rw_eval, the converter) applies --bad_rows to pretokenized ids too."""
-    from step2_reward_model.model import load_reward_model
+    from step2_reward_model.output import load_reward_model
     from step2_reward_model.scoring import Scorer, score_data
-    from utils.utils import load_hf_tokenizer
+    from utils.model_files import load_hf_tokenizer
 
     folder = str(tmp_path / "data")
     write_folder(folder, "jsonl", jsonl([{"input_ids_chosen": [5, 6, i], "input_ids_rejected": [5, 7, i]}

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from step2_reward_model.losses import bradley_terry_loss, end_index, per_token_loss
+from step2_reward_model.losses import end_index, per_token_loss, ranked_pair_loss
 
 pytestmark = pytest.mark.numerics
 
@@ -83,10 +83,12 @@ def test_per_token_loss_counts_only_the_span_where_answers_differ():
 
 
 def test_bradley_terry_matches_per_row_formula_and_gradient():
+    """--loss end_token on pairs (chosen rows, then rejected rows) is Bradley-Terry on the end scores."""
     gen = torch.Generator().manual_seed(0)
     chosen = torch.randn(8, generator=gen, dtype=torch.float64, requires_grad=True)
     rejected = torch.randn(8, generator=gen, dtype=torch.float64, requires_grad=True)
-    loss = bradley_terry_loss(chosen, rejected)
+    group, rank = torch.arange(8).repeat(2), torch.arange(2).repeat_interleave(8)
+    loss = ranked_pair_loss(torch.cat([chosen, rejected]), group, rank)
     expected = sum(torch.log1p(torch.exp(-(c - r))) for c, r in zip(chosen, rejected, strict=True)) / 8
     torch.testing.assert_close(loss, expected)
     (grad,) = torch.autograd.grad(loss, chosen)

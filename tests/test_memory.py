@@ -13,7 +13,7 @@ from conftest import run_cli
 from transformers import AutoModel, GPT2Config, LlamaConfig
 
 from step2_reward_model import memory
-from step2_reward_model.main import parse_args
+from step2_reward_model.flags import parse_training_args
 from step2_reward_model.model import RewardModel
 from utils.data.collate import RowShapes
 from utils.data.sampler import LengthGroupedBatches
@@ -114,8 +114,8 @@ def test_the_costliest_batch_is_the_one_estimated():
 
 
 def args(model_dir: str, *extra: str):
-    return parse_args(["--model_name_or_path", model_dir, "--dtype", "fp32", "--per_device_train_batch_size", "2",
-                       *extra])
+    return parse_training_args(["--model_name_or_path", model_dir, "--dtype", "fp32",
+                                "--per_device_train_batch_size", "2", *extra])
 
 
 def test_a_run_that_fits_prints_the_estimate(model_dirs, capsys):

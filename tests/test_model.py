@@ -13,12 +13,13 @@ import torch
 from conftest import assert_chunks_change_nothing, rounding_tolerance
 from transformers import AutoModel
 
-from step2_reward_model.model import WEIGHTS_NAME, RewardModel, create_reward_model, load_reward_model
+from step2_reward_model.model import RewardModel, create_reward_model
+from step2_reward_model.output import WEIGHTS_NAME, load_reward_model
 from utils.data.collate import length_chunks
 from utils.data.synthetic import make_pairs
 from utils.errors import UserError
+from utils.model_files import load_hf_tokenizer
 from utils.tiny import tiny_config
-from utils.utils import load_hf_tokenizer
 
 FAMILIES = ("opt", "gpt2", "gpt_neox", "llama")
 HIDDEN = 64

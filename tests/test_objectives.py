@@ -15,12 +15,13 @@ from conftest import REPO_ROOT, run_cli
 from test_train import train
 
 from step2_reward_model import main
-from step2_reward_model.model import load_reward_model
+from step2_reward_model.flags import parse_training_args
+from step2_reward_model.output import load_reward_model
 from step2_reward_model.scoring import Scorer
 from utils.data.build import DataOptions, create_reward_datasets
 from utils.data.synthetic import make_pairs, make_ranked_rows, write_jsonl
 from utils.errors import UserError
-from utils.utils import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
+from utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -112,7 +113,7 @@ def test_objective_and_data_mismatch_is_one_line_error(loss, flags, data, expect
             "margins": lambda seed, **kw: [{**row, "margin": 1.0} for row in make_pairs(40, seed, **kw)],
             "pairs": lambda seed, **kw: make_pairs(40, seed, **kw)}[data]
     folder = write_source(tmp_path / data, rows(0), rows(1, held_out=True))
-    args = main.parse_args(["--model_name_or_path", "m", "--data_path", folder, "--loss", loss, *flags])
+    args = parse_training_args(["--model_name_or_path", "m", "--data_path", folder, "--loss", loss, *flags])
     options = DataOptions(margin_source=args.margin_source)
     train_set, _ = create_reward_datasets([folder], "0,1,0", str(tmp_path / "cache"), 1234, tokenizers["opt"], 128,
                                           END_OF_CONVERSATION_TOKEN, str(REPO_ROOT), options=options)
@@ -140,7 +141,7 @@ def test_process_reward_model_trains_saves_and_scores_steps(tmp_path):
     held_out = make_step_rows(400, 1, held_out=True)
     labels = [label for row in held_out for label in row["labels"] if label is not None]
     always_correct = sum(label == 1 for label in labels) / len(labels)
-    assert final["steps"] == len(labels) and final["pairs"] == 400
+    assert final["steps"] == len(labels) and final["solutions"] == 400
     assert final["accuracy"] >= max(0.85, always_correct + 0.1), log[-3000:]
     assert final["first_error_accuracy"] >= 0.8 and final["solution_accuracy"] >= 0.8, final
     assert meta["process_reward"] is True and meta["step_separator"] == "\n\n"

@@ -9,12 +9,12 @@ import pytest
 import torch
 from test_scripts import FP16_WARNING
 
-from step2_reward_model import main
+from step2_reward_model import engine, flags
 
 
 def on_device(monkeypatch, name: str) -> None:
-    """Make main see DeepSpeed's accelerator as `name`, so each device's rule is tested on any machine."""
-    monkeypatch.setattr(main, "get_accelerator", lambda: SimpleNamespace(device_name=lambda: name))
+    """Make engine.py see DeepSpeed's accelerator as `name`, so each device's rule is tested on any machine."""
+    monkeypatch.setattr(engine, "get_accelerator", lambda: SimpleNamespace(device_name=lambda: name))
 
 
 @pytest.mark.parametrize("capabilities,dtype,expected,says,silent", [
@@ -27,8 +27,8 @@ def on_device(monkeypatch, name: str) -> None:
 def test_dtype_on_the_cpu(monkeypatch, capsys, capabilities, dtype, expected, says, silent):
     on_device(monkeypatch, "cpu")
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
-    args = main.parse_args(["--model_name_or_path", "m", "--dtype", dtype])
-    main.resolve_dtype(args)
+    args = flags.parse_training_args(["--model_name_or_path", "m", "--dtype", dtype])
+    engine.resolve_dtype(args)
     printed = capsys.readouterr().out
     assert args.dtype == expected
     assert says is None or says in printed
@@ -40,8 +40,8 @@ def test_dtype_on_a_gpu_is_as_asked(monkeypatch, capsys, dtype):
     """A GPU runs fp16 and bf16 as configured, and says nothing of the CPU's instructions."""
     on_device(monkeypatch, "cuda")
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {})
-    args = main.parse_args(["--model_name_or_path", "m", "--dtype", dtype])
-    main.resolve_dtype(args)
+    args = flags.parse_training_args(["--model_name_or_path", "m", "--dtype", dtype])
+    engine.resolve_dtype(args)
     assert args.dtype == dtype
     assert capsys.readouterr().out == ""
 
@@ -67,15 +67,15 @@ def test_attention_auto_per_device(monkeypatch, device, flash_installed, dtype, 
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     argv = ["--model_name_or_path", "m", "--dtype", dtype] + ([] if sharing else ["--no_prefix_sharing"])
-    args = main.parse_args(argv)
-    main.resolve_attention(args)
+    args = flags.parse_training_args(argv)
+    engine.resolve_attention(args)
     assert args.attn_implementation == expected
 
 
 def test_attention_auto_keeps_the_models_default_without_flash_attention():
-    args = main.parse_args(["--model_name_or_path", "m"])
-    main.resolve_attention(args)
+    args = flags.parse_training_args(["--model_name_or_path", "m"])
+    engine.resolve_attention(args)
     assert args.attn_implementation is None
-    args = main.parse_args(["--model_name_or_path", "m", "--attn_implementation", "eager"])
-    main.resolve_attention(args)
+    args = flags.parse_training_args(["--model_name_or_path", "m", "--attn_implementation", "eager"])
+    engine.resolve_attention(args)
     assert args.attn_implementation == "eager"

@@ -18,17 +18,17 @@ import torch
 from conftest import REPO_ROOT, needs_shared_data, rounding_tolerance
 from transformers import AutoModel
 
+from step2_reward_model.metrics import step_metrics
 from step2_reward_model.model import RewardModel
-from step2_reward_model.prm import step_logits, step_metrics
 from utils.data.collate import EvalShard
+from utils.data.examples import tally
 from utils.data.sources import load_source
 from utils.data.steps import (
     StepCollator,
     StepDataset,
     StepExample,
     TokenizedSteps,
-    clean_step_rows,
-    is_step_row,
+    judge_step_rows,
     load_steps,
     make_step_rows,
     save_steps,
@@ -66,15 +66,12 @@ def test_label_conventions_and_neutral_policy():
             {"prompt": "p", "completions": ["a", "b", "c", "d"], "labels": [1, 0, -1, None]},
             {"prompt": "p", "steps": ["a", "b"], "labels": [1.0, -1.0]}]
     for neutral, zero in (("positive", 1), ("negative", 0), ("ignore", None)):
-        examples, dropped = clean_step_rows(tagged(rows), "src", neutral=neutral)
+        examples, dropped = tally(judge_step_rows(tagged(rows), "src", neutral=neutral))
         assert dropped == Counter()
         assert [ex["labels"] for ex in examples] == [[1, 0, None], [1, zero, 0, None], [1, 0]]
     assert examples[1] == {"prompt": "p", "steps": ["a", "b", "c", "d"], "labels": [1, None, 0, None], "source": "src"}
-    assert [is_step_row(row) for row in rows] == [True, True, True]
-    assert not is_step_row({"prompt": "p", "chosen": "a", "rejected": "b"})
-    assert not is_step_row({"prompt": "p", "steps": ["a"]}) and not is_step_row(["labels", "steps"])
     with pytest.raises(ValueError, match="neutral"):
-        clean_step_rows(tagged(rows), "src", neutral="maybe")
+        judge_step_rows(tagged(rows), "src", neutral="maybe")
 
 
 def test_every_drop_reason_is_counted():
@@ -89,7 +86,7 @@ def test_every_drop_reason_is_counted():
             {"prompt": "p", "steps": ["a"], "labels": [2]}, {"prompt": "p", "steps": ["a"], "labels": ["good"]},
             {"prompt": "p", "steps": ["a", "b"], "labels": [None, None]},
             {"prompt": "p", "steps": ["a"], "labels": [1]}]
-    examples, dropped = clean_step_rows(tagged(rows), "src", bad_rows="skip")
+    examples, dropped = tally(judge_step_rows(tagged(rows), "src", bad_rows="skip"))
     assert len(examples) == 1
     assert dropped == Counter({"row is not an object": 2, "missing field 'prompt'": 1, "missing field 'steps'": 1,
                                "missing field 'labels'": 1, "field 'prompt' is a number": 1,
@@ -99,16 +96,17 @@ def test_every_drop_reason_is_counted():
                                "empty step": 1,
                                "an item of field 'labels' is not a step label": 2, "no labelled step": 1})
     with pytest.raises(UserError, match=r"^steps\.jsonl, line 1: row is not an object \(it is a list\)"):
-        clean_step_rows(tagged(rows), "src")
+        judge_step_rows(tagged(rows), "src")
     neutral_only = [{"prompt": "p", "steps": ["a", "b"], "labels": [0, None]}]
-    assert clean_step_rows(tagged(neutral_only), "src", neutral="ignore") == ([], Counter({"no labelled step": 1}))
+    outcomes = judge_step_rows(tagged(neutral_only), "src", neutral="ignore")
+    assert tally(outcomes) == ([], Counter({"no labelled step": 1}))
 
 
 def test_prm800k_sample(tokenizers):
     path = needs_shared_data("prm800k_phase1_test_steps.jsonl.gz")
     raw = load_source(str(path), str(REPO_ROOT))
-    assert raw.eval is None and all(is_step_row(row) for _, row in raw.train)
-    examples, dropped = clean_step_rows(raw.train, raw.name)
+    assert raw.eval is None
+    examples, dropped = tally(judge_step_rows(raw.train, raw.name))
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle]
     rated = [row for row in rows if any(label is not None for label in row["labels"])]
@@ -241,7 +239,7 @@ def test_step_logits_are_the_values_at_step_ends(tokenizers, family):
     dataset = StepDataset(tokenize_steps(EXAMPLES, tokenizer, 128))
     batch = StepCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
     with torch.no_grad():
-        logits = step_logits(model, batch)
+        logits = model(**batch)["step_logits"]
         expected = [model.forward_value(torch.from_numpy(item["input_ids"][:position + 1]).long()[None])
                     ["chosen_end_scores"][0] for item in (dataset[0], dataset[1]) for position in item["positions"]]
     assert logits.shape == (5,)
@@ -279,7 +277,7 @@ def test_a_tiny_prm_learns_to_spot_wrong_steps(tokenizers):
     tokenizer = train_tokenizer(step_text(make_step_rows(500, seed=2)), "opt")
 
     def tokenized(rows: list[dict]) -> TokenizedSteps:
-        examples, dropped = clean_step_rows(tagged(rows), "synthetic")
+        examples, dropped = tally(judge_step_rows(tagged(rows), "synthetic"))
         assert not dropped
         return tokenize_steps(examples, tokenizer, 64)
 

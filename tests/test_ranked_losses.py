@@ -6,19 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from step2_reward_model.losses import (
-    LOSSES,
-    bradley_terry_loss,
-    plackett_luce_loss,
-    ranked_pair_loss,
-    ranking_metrics,
-    step_loss,
-)
-from step2_reward_model.main import parse_args
+from step2_reward_model.flags import parse_training_args
+from step2_reward_model.losses import LOSSES, plackett_luce_loss, ranked_pair_loss, step_loss
+from step2_reward_model.metrics import ranking_metrics
 from step2_reward_model.model import create_reward_model
-from utils.utils import load_hf_tokenizer
+from utils.model_files import load_hf_tokenizer
 
 pytestmark = pytest.mark.numerics
+
+
+def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected), averaged over pairs."""
+    return -F.logsigmoid(chosen - rejected).mean()
 
 
 def softplus(x):
@@ -131,11 +130,11 @@ def test_every_loss_name_parses_and_reaches_its_own_loss(model_dirs):
     a name that is not a choice is refused instead of falling through to RewardModel's pairwise branch."""
     assert set(TELLING_RESPONSES) == set(LOSSES)
     with pytest.raises(SystemExit):
-        parse_args(["--model_name_or_path", model_dirs["opt"], "--loss", "bradley_terry"])
+        parse_training_args(["--model_name_or_path", model_dirs["opt"], "--loss", "bradley_terry"])
     tokenizer = load_hf_tokenizer(model_dirs["opt"])
     eps = torch.finfo(torch.float64).eps
     for name in LOSSES:
-        args = parse_args(["--model_name_or_path", model_dirs["opt"], "--loss", name])
+        args = parse_training_args(["--model_name_or_path", model_dirs["opt"], "--loss", name])
         model = create_reward_model(args.model_name_or_path, tokenizer, loss=args.loss).double()
         torch.nn.init.normal_(model.v_head.weight, std=0.5, generator=torch.Generator().manual_seed(0))
         batch = responses_batch(prompts=3, responses=TELLING_RESPONSES[name], vocab=len(tokenizer), seed=0)
@@ -182,12 +181,12 @@ def test_ranked_pair_loss_weighs_groups_equally():
 def test_ranked_pair_loss_with_k2_is_bradley_terry():
     chosen, rejected, group, rank = pairs_batch(8, seed=0)
     scores = torch.cat([chosen, rejected])
-    assert_same_value_and_grad(ranked_pair_loss(scores, group, rank), bradley_terry_loss(chosen, rejected),
+    assert_same_value_and_grad(ranked_pair_loss(scores, group, rank), bradley_terry(chosen, rejected),
                                [chosen, rejected])
     margin = torch.rand(8, dtype=torch.float64)
     assert_same_value_and_grad(ranked_pair_loss(scores, group, rank, margin=margin),
-                               bradley_terry_loss(chosen - margin, rejected), [chosen, rejected])
-    centered = bradley_terry_loss(chosen, rejected) + 0.2 * ((chosen + rejected) ** 2).mean()
+                               bradley_terry(chosen - margin, rejected), [chosen, rejected])
+    centered = bradley_terry(chosen, rejected) + 0.2 * ((chosen + rejected) ** 2).mean()
     assert_same_value_and_grad(ranked_pair_loss(scores, group, rank, center_coefficient=0.2), centered,
                                [chosen, rejected])
 
@@ -264,7 +263,7 @@ def test_plackett_luce_breslow_ties_by_hand():
 def test_plackett_luce_with_k2_is_bradley_terry():
     chosen, rejected, group, rank = pairs_batch(8, seed=3)
     assert_same_value_and_grad(plackett_luce_loss(torch.cat([chosen, rejected]), group, rank),
-                               bradley_terry_loss(chosen, rejected), [chosen, rejected])
+                               bradley_terry(chosen, rejected), [chosen, rejected])
 
 
 def test_ranking_metrics_on_a_handmade_batch():

@@ -17,7 +17,8 @@ import pytest
 import torch
 from conftest import REPO_ROOT, launcher_env, run_cli
 
-from step2_reward_model import main, resume
+from step2_reward_model import checkpoints
+from step2_reward_model.flags import parse_training_args
 from utils.errors import UserError
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -128,9 +129,9 @@ def uninterrupted(tmp_path_factory, model_dirs, data, ds_config) -> Path:
 
 
 def test_checkpoints_every_interval_complete_and_pruned(uninterrupted, tmp_path, model_dirs, data, ds_config):
-    steps = [step for step, _ in resume.saved_steps(resume.checkpoint_folder(str(uninterrupted)))]
+    steps = [step for step, _ in checkpoints.saved_steps(checkpoints.checkpoint_folder(str(uninterrupted)))]
     assert steps == [*range(10, STEPS, 10), STEPS]  # every 10 steps, and the end
-    state = json.loads((uninterrupted / "checkpoints" / "step-000040" / resume.STATE).read_text())
+    state = json.loads((uninterrupted / "checkpoints" / "step-000040" / checkpoints.STATE).read_text())
     assert state["progress"]["update"] == 40 and state["progress"]["epoch"] == 1  # epoch 2, 2 batches in
     assert state["progress"]["batch"] == 2
     out = tmp_path / "out"
@@ -148,7 +149,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(uninterrupted, tmp_p
     assert process.wait(timeout=300) == 128 + signal.SIGTERM
     text = log.read_text()
     assert "SIGTERM: finishing this step, then saving a checkpoint" in text
-    (stopped_at, path), = resume.saved_steps(resume.checkpoint_folder(str(out)))
+    (stopped_at, path), = checkpoints.saved_steps(checkpoints.checkpoint_folder(str(out)))
     assert f"stopped by SIGTERM after step {stopped_at} " in text and f"saved {path}" in text
     assert 0 < stopped_at < STEPS
     assert not (out / "pytorch_model.bin").exists()
@@ -162,28 +163,28 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(uninterrupted, tmp_p
     assert_same_weights(out, uninterrupted)
     # The finished run saved its last step, so resuming it again trains nothing.
     again = run(cmd + ["--resume"])
-    assert f"resumed from {resume.checkpoint_folder(str(out))}/step-{STEPS:06d}" in again
+    assert f"resumed from {checkpoints.checkpoint_folder(str(out))}/step-{STEPS:06d}" in again
 
 
 def test_without_resume_earlier_checkpoints_are_not_overwritten(uninterrupted, tmp_path):
     with pytest.raises(UserError, match="holds checkpoints of an earlier run .*pass --resume"):
-        resume.resume_path(None, str(uninterrupted))
-    assert resume.resume_path("auto", str(tmp_path)) is None  # nothing yet: start from the beginning
+        checkpoints.resume_path(None, str(uninterrupted))
+    assert checkpoints.resume_path("auto", str(tmp_path)) is None  # nothing yet: start from the beginning
 
 
 def test_resume_refuses_changed_settings(uninterrupted, model_dirs, data, ds_config):
     """A checkpoint keeps the settings of the command that wrote it; the same command resumes from
     it, and a change to any of them is an error naming the flag, raised before anything is loaded."""
     path = str(uninterrupted / "checkpoints" / "step-000010")
-    saved = json.loads((Path(path) / resume.STATE).read_text())["settings"]
+    saved = json.loads((Path(path) / checkpoints.STATE).read_text())["settings"]
     argv = command(uninterrupted, model_dirs["opt"], data, ds_config, "--save_interval", "10", "--keep_last", "0")[2:]
 
     def settings(*extra: str, world_size: int = 1) -> dict:
-        return resume.run_settings(main.parse_args([*argv, *extra]), world_size, saved["train_examples"])
+        return checkpoints.run_settings(parse_training_args([*argv, *extra]), world_size, saved["train_examples"])
 
-    resume.check_settings(saved, settings(), path)
+    checkpoints.check_settings(saved, settings(), path)
     with pytest.raises(UserError) as excinfo:
-        resume.load(None, path, 0, settings("--learning_rate", "2e-3"))
+        checkpoints.load(None, path, 0, settings("--learning_rate", "2e-3"))
     assert str(excinfo.value).startswith(f"--resume {path}: the run's settings changed since this checkpoint "
                                          "(learning_rate 0.001 -> 0.002): ")
     changes = {"seed": ["--seed", "6"], "per_device_train_batch_size": ["--per_device_train_batch_size", "4"],
@@ -191,12 +192,12 @@ def test_resume_refuses_changed_settings(uninterrupted, model_dirs, data, ds_con
                "prefix_sharing": ["--no_prefix_sharing"], "dropout": ["--dropout", "0.2"]}
     for flag, extra in changes.items():
         with pytest.raises(UserError, match=rf"\({flag} "):
-            resume.check_settings(saved, settings(*extra), path)
+            checkpoints.check_settings(saved, settings(*extra), path)
     with pytest.raises(UserError, match=r"\(world_size 1 -> 2\)"):
-        resume.check_settings(saved, settings(world_size=2), path)
-    for flag in resume.RUN_FLAGS:  # every flag that changes the computation is compared
+        checkpoints.check_settings(saved, settings(world_size=2), path)
+    for flag in checkpoints.RUN_FLAGS:  # every flag that changes the computation is compared
         with pytest.raises(UserError, match=rf"\({flag} .* -> 'changed'\)"):
-            resume.check_settings(saved, {**settings(), flag: "changed"}, path)
+            checkpoints.check_settings(saved, {**settings(), flag: "changed"}, path)
 
 
 KILL_IN_SAVE = """
@@ -222,7 +223,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint(uninterrupted, tmp_pa
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     folder = out / "checkpoints"
     assert sorted(os.listdir(folder)) == [".partial-step-000020", "step-000010"]
-    assert [step for step, _ in resume.saved_steps(str(folder))] == [10]
+    assert [step for step, _ in checkpoints.saved_steps(str(folder))] == [10]
 
     log = run(cmd + ["--resume"])
     assert f"resumed from {folder}/step-000010: step 10" in log
@@ -235,13 +236,14 @@ def test_incomplete_checkpoints_are_never_chosen(uninterrupted, tmp_path):
 
     folder = tmp_path / "checkpoints"
     for step in (10, 20, 30):
-        shutil.copytree(uninterrupted / "checkpoints" / resume.step_name(step), folder / resume.step_name(step))
-    (folder / "step-000030" / resume.MARKER).unlink()  # killed before the marker (cannot happen: renamed last)
+        name = checkpoints.step_name(step)
+        shutil.copytree(uninterrupted / "checkpoints" / name, folder / name)
+    (folder / "step-000030" / checkpoints.MARKER).unlink()  # killed before the marker (cannot happen: renamed last)
     with open(folder / "step-000020" / "mp_rank_00_model_states.pt", "r+b") as handle:
         handle.truncate(100)  # a file shorter than the marker says (a copy cut short)
-    assert resume.latest(str(folder)) == str(folder / "step-000010")
+    assert checkpoints.latest(str(folder)) == str(folder / "step-000010")
     with pytest.raises(UserError, match="not a complete checkpoint"):
-        resume.resume_path(str(folder / "step-000020"), None)
+        checkpoints.resume_path(str(folder / "step-000020"), None)
 
 
 NAN_AT = """
@@ -306,9 +308,9 @@ def test_resume_refuses_a_checkpoint_that_carries_code(victim, uninterrupted, tm
     state = torch.load(checkpoint / victim, weights_only=False)
     state["extra"] = Payload()
     torch.save(state, checkpoint / victim)
-    files = json.loads((checkpoint / resume.MARKER).read_text())
+    files = json.loads((checkpoint / checkpoints.MARKER).read_text())
     files["files"][victim] = (checkpoint / victim).stat().st_size  # a well-formed checkpoint, but hostile
-    (checkpoint / resume.MARKER).write_text(json.dumps(files))
+    (checkpoint / checkpoints.MARKER).write_text(json.dumps(files))
 
     log = run(command(out, model_dirs["opt"], data, ds_config, "--resume"), expect=2)
     assert not marker.exists(), "the checkpoint's code ran"
@@ -326,7 +328,7 @@ def test_two_ranks_zero3_sigterm_and_resume_match_uninterrupted_run(tmp_path, mo
     signal_when(process, log, "epoch 1 step 5:", signal.SIGTERM, group=True)  # as a scheduler stops a job
     wait_for_group(process)
     text = log.read_text()
-    (stopped_at, path), = resume.saved_steps(resume.checkpoint_folder(str(out)))
+    (stopped_at, path), = checkpoints.saved_steps(checkpoints.checkpoint_folder(str(out)))
     assert f"stopped by SIGTERM after step {stopped_at} " in text and 0 < stopped_at < 19
     assert {"rng-rank-0.pt", "rng-rank-1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(os.listdir(path))
 

@@ -21,10 +21,11 @@ from contextlib import contextmanager
 import pytest
 from conftest import REPO_ROOT, rounding_tolerance
 
-from step2_reward_model.model import load_manifest, load_reward_model, load_scoring_tokenizer
+from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.scoring import Scorer
 from step2_reward_model.server import make_server
 from utils.errors import UserError
+from utils.runtime import free_port
 
 TOKEN = "s3cret-token"
 PAIRS = [("Human: What is a compiler? Assistant: ", "A program that translates source code into machine code."),
@@ -352,12 +353,6 @@ def test_still_serving_after_bad_requests(scorer):
         send_cut_body(port, reset=True)  # nothing to read back: the request below shows the server outlived it
         status, body, _ = call(port, "POST", "/score", as_json(PAIRS))
     assert status == 200 and body["rewards"] == scored_offline(offline_pairs(scorer, PAIRS))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_rw_eval_serve(saved_models, scorer, tmp_path):

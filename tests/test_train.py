@@ -14,10 +14,10 @@ import torch
 from conftest import REPO_ROOT, launcher_env, rounding_tolerance, run_cli, training_device
 from torch.utils.data import DataLoader
 
-from step2_reward_model.model import load_reward_model
+from step2_reward_model.output import load_reward_model
 from utils.data.build import create_reward_datasets
 from utils.data.collate import EvalShard, PairCollator
-from utils.utils import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
+from utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 
 VENV_BIN = os.path.dirname(sys.executable)
 COMMON = ["--data_split", "0,1,0", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",

@@ -1,4 +1,4 @@
-"""The optimizer groups main.make_optimizer builds: weight decay on every matrix (the value head's
+"""The optimizer groups engine.make_optimizer builds: weight decay on every matrix (the value head's
 too), none on biases and norms of any model family, LoRA factors at their own learning rate, and
 every trainable parameter in exactly one group. The expected side is read from the module that
 holds each parameter (a norm layer, a linear, convolution or embedding layer), independent of the
@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
+from step2_reward_model.engine import make_optimizer
+from step2_reward_model.flags import parse_training_args
 from step2_reward_model.lora import apply_lora
-from step2_reward_model.main import make_optimizer, parse_args
 from step2_reward_model.model import RewardModel
 
 WEIGHT_DECAY, LEARNING_RATE, LORA_LEARNING_RATE = 0.1, 1e-4, 3e-3
@@ -43,8 +44,8 @@ def reward_model(family: str) -> RewardModel:
 
 
 def optimizer_for(model: torch.nn.Module) -> torch.optim.Optimizer:
-    args = parse_args(["--model_name_or_path", "unused", "--weight_decay", str(WEIGHT_DECAY), "--learning_rate",
-                       str(LEARNING_RATE), "--lora_learning_rate", str(LORA_LEARNING_RATE)])
+    args = parse_training_args(["--model_name_or_path", "unused", "--weight_decay", str(WEIGHT_DECAY),
+                                "--learning_rate", str(LEARNING_RATE), "--lora_learning_rate", str(LORA_LEARNING_RATE)])
     return make_optimizer(args, model)
 
 

@@ -23,6 +23,7 @@ import zipfile
 from dataclasses import dataclass
 
 from utils.errors import UserError, exit_status
+from utils.files import replace_folder
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def fetch(name: str, cache: str | None = None) -> str:
         else:
             with zipfile.ZipFile(source) as archive:
                 archive.extractall(staged)
-        os.replace(staged, folder)
+        replace_folder(staged, folder)
     return folder
 
 

@@ -6,12 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from utils.data.synthetic import write_dataset  # noqa: E402
-from utils.tiny import save_tiny_model  # noqa: E402
+from utils.data.synthetic import write_dataset
+from utils.tiny import save_tiny_model
 
 
 def main() -> None:

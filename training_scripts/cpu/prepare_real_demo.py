@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from utils.data.pair_files import HH_HUB_ID, HH_SUBSET, hub_hh_pairs, read_pairs, write_split  # noqa: E402
+from utils.data.pair_files import HH_HUB_ID, HH_SUBSET, hub_hh_pairs, read_pairs, write_split
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hh_rlhf_harmless_sample.jsonl.gz")
 

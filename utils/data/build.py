@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from functools import partial
 
 import numpy as np
-import torch.distributed as dist
 
 from utils.data.collate import PairDataset
 from utils.data.examples import (
@@ -36,6 +35,7 @@ from utils.data.split import parse_split, phase_indices, shuffle_order
 from utils.data.steps import StepDataset, StepExample, judge_step_rows, load_steps, save_steps, tokenize_steps
 from utils.data.tokenize import TokenizedExamples, load_tokenized, save_tokenized, tokenize_examples
 from utils.errors import UserError
+from utils.runtime import barrier
 
 CACHE_FORMAT = 4
 
@@ -57,14 +57,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{type(tokenizer).__name__}{len(tokenizer)}{text}".encode()).hexdigest()
 
 
-def cache_key(data_paths: list[str], data_split: str, phase: int, seed: int, max_seq_len: int,
-              end_of_conversation_token: str, tokenizer, repo_root: str, options: DataOptions | None = None) -> str:
+def cache_key(data_paths: list[str], repo_root: str, tokenizer, spec: dict) -> str:
+    """The name of the sets `tokenizer` makes of `data_paths`: a hash of the sources (their files' sizes and
+    mtimes too), the tokenizer, the cache format and `spec`, everything else that changes the result."""
     stamps = [_file_stamps(local_path(p, repo_root)) for p in data_paths]
-    spec = {"format": CACHE_FORMAT, "paths": data_paths, "stamps": stamps,
-            "split": data_split, "phase": phase, "seed": seed, "max_seq_len": max_seq_len,
-            "eot": end_of_conversation_token, "tokenizer": tokenizer_fingerprint(tokenizer),
-            "options": asdict(options or DataOptions())}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    keyed = {"format": CACHE_FORMAT, "paths": data_paths, "stamps": stamps,
+             "tokenizer": tokenizer_fingerprint(tokenizer), **spec}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -207,11 +206,6 @@ def _sources(examples: list) -> str:
     return ", ".join(dict.fromkeys(example["source"] for example in examples))
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def create_reward_datasets(data_paths: list[str], data_split: str, data_output_path: str, seed: int,
                            tokenizer, max_seq_len: int, end_of_conversation_token: str,
                            repo_root: str, local_rank: int = 0, phase: int = 2,
@@ -219,8 +213,9 @@ def create_reward_datasets(data_paths: list[str], data_split: str, data_output_p
                            options: DataOptions | None = None) -> tuple[PairDataset, PairDataset]:
     """Train and eval sets for `phase` (2: reward model), built once per node and cached."""
     options = options or DataOptions()
-    key = cache_key(data_paths, data_split, phase, seed, max_seq_len, end_of_conversation_token, tokenizer,
-                    repo_root, options)
+    key = cache_key(data_paths, repo_root, tokenizer,
+                    {"split": data_split, "phase": phase, "seed": seed, "max_seq_len": max_seq_len,
+                     "eot": end_of_conversation_token, "options": asdict(options)})
     paths = {split: os.path.join(data_output_path, f"reward_{split}_{key}.npz") for split in ("train", "eval")}
     if local_rank <= 0 and not all(os.path.isfile(p) for p in paths.values()):
         os.makedirs(data_output_path, exist_ok=True)
@@ -229,7 +224,7 @@ def create_reward_datasets(data_paths: list[str], data_split: str, data_output_p
         for split, examples in (("train", train), ("eval", evaluation)):
             save_tokenized(_tokenize_split(examples, split, tokenizer, max_seq_len, end_of_conversation_token,
                                            log, options), paths[split])
-    _barrier()
+    barrier()
     return PairDataset(load_tokenized(paths["train"])), PairDataset(load_tokenized(paths["eval"]))
 
 
@@ -239,8 +234,10 @@ def create_step_datasets(data_paths: list[str], data_split: str, data_output_pat
                          bad_rows: str = "error") -> tuple[StepDataset, StepDataset]:
     """Train and eval sets of step-labelled solutions for a process reward model, split and cached
     like the preference sets, with the same `bad_rows` policy."""
-    options = {"separator": separator, "neutral": neutral, "last_step_only": last_step_only, "bad_rows": bad_rows}
-    key = cache_key(data_paths, data_split, phase, seed, max_seq_len, json.dumps(options), tokenizer, repo_root)
+    key = cache_key(data_paths, repo_root, tokenizer,
+                    {"split": data_split, "phase": phase, "seed": seed, "max_seq_len": max_seq_len,
+                     "separator": separator, "neutral": neutral, "last_step_only": last_step_only,
+                     "bad_rows": bad_rows})
     paths = {split: os.path.join(data_output_path, f"steps_{split}_{key}.npz") for split in ("train", "eval")}
     if local_rank <= 0 and not all(os.path.isfile(p) for p in paths.values()):
         os.makedirs(data_output_path, exist_ok=True)
@@ -266,5 +263,5 @@ def create_step_datasets(data_paths: list[str], data_split: str, data_output_pat
                 raise UserError(f"--max_seq_len {max_seq_len} is too small for {_sources(items)}: no {split} "
                                 "solution keeps a labelled step")
             save_steps(tokenized, paths[split])
-    _barrier()
+    barrier()
     return StepDataset(load_steps(paths["train"])), StepDataset(load_steps(paths["eval"]))

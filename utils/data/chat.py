@@ -12,7 +12,7 @@ from __future__ import annotations
 from jinja2 import TemplateError
 
 from utils.data.examples import Example
-from utils.data.sources import Messages
+from utils.data.fields import Messages
 from utils.errors import UserError, first_line
 
 

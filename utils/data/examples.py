@@ -21,14 +21,18 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypedDict
 
-from utils.data.sources import ACCEPTED_LAYOUTS, Malformed, Messages, RawSplits, as_object, place
+from utils.data.adapters import ACCEPTED_LAYOUTS, Adapter
+from utils.data.fields import Malformed, Messages, as_object
+from utils.data.readers import place
+from utils.data.sources import RawSplits
 from utils.errors import UserError
 
 BAD_ROWS = ("error", "skip")
 SKIP_HINT = "(--bad_rows skip drops such rows and counts them)"
 TIE = "tie (equal scores)"
 LEAK = "same as a training example"
-IDENTICAL = {True: "chosen identical to rejected", False: "identical responses ranked differently"}  # by: is a pair
+IDENTICAL_PAIR = "chosen identical to rejected"
+IDENTICAL_RANKED = "identical responses ranked differently"
 
 # (example, None) for a usable row, (None, why it is dropped) for the others.
 Outcome = tuple[Any, str | None]
@@ -72,7 +76,7 @@ def _content_problem(prompt: str | Messages, responses: list, ranks: list[int], 
     seen: dict[Any, int] = {}
     for response, rank in zip(responses, ranks, strict=True):
         if seen.setdefault(_identity(response), rank) != rank:
-            return IDENTICAL[pair]
+            return IDENTICAL_PAIR if pair else IDENTICAL_RANKED
     return None
 
 
@@ -80,7 +84,7 @@ def _token_problem(token_ids: list[list[int]]) -> str | None:
     if not all(token_ids):
         return "empty token sequence"
     if len({tuple(ids) for ids in token_ids}) < len(token_ids):
-        return "chosen identical to rejected"
+        return IDENTICAL_PAIR
     return None
 
 
@@ -91,7 +95,7 @@ def _best_first(ranks: list[int]) -> tuple[list[int], list[int]]:
     return order, [dense[ranks[i]] for i in order]
 
 
-def _problem(where: str, row: Any, adapter, source: str) -> Outcome:
+def _outcome(where: str, row: Any, adapter: Adapter, source: str) -> Outcome:
     """(clean example, None) or (None, the reason a well-formed row cannot be used); Malformed for the others."""
     try:
         adapted = adapter(as_object(row))
@@ -183,15 +187,9 @@ def tally(outcomes: list[Outcome]) -> tuple[list, Counter]:
             Counter(reason for _, reason in outcomes if reason is not None))
 
 
-def row_problem(adapter, source: str) -> Callable[[str, Any], Outcome]:
+def row_problem(adapter: Adapter, source: str) -> Callable[[str, Any], Outcome]:
     """The `problem` of `judge_rows` for preference rows read by `adapter`."""
-    return lambda where, row: _problem(where, row, adapter, source)
-
-
-def clean_rows(rows: list[tuple[str, Any]], adapter, source: str,
-               bad_rows: str = "error") -> tuple[list[Example], Counter]:
-    """Adapt and validate rows; returns the examples and a count of dropped rows per reason."""
-    return tally(judge_rows(rows, row_problem(adapter, source), bad_rows))
+    return lambda where, row: _outcome(where, row, adapter, source)
 
 
 def origin(rows: list[tuple[str, Any]]) -> str:
@@ -225,9 +223,3 @@ def summarise(raw: RawSplits, split: str, rows: list[tuple[str, Any]],
         raise UserError(f"{origin(rows) if rows else raw.name}: no usable pairs or ranked lists in the {split} split "
                         f"after cleaning ({len(rows)} rows; dropped: {describe_drops(dropped)})")
     return examples, summary
-
-
-def clean_source(raw: RawSplits, split: str, rows: list[tuple[str, Any]],
-                 bad_rows: str = "error") -> tuple[list[Example], str]:
-    """Clean one split of one source (see `summarise`)."""
-    return summarise(raw, split, rows, judge_rows(rows, row_problem(raw.adapter, raw.name), bad_rows))

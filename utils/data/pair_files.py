@@ -13,7 +13,7 @@ import os
 import random
 import re
 
-from utils.data.sources import split_hh_dialogue
+from utils.data.adapters import split_hh_dialogue
 from utils.errors import UserError
 
 HH_HUB_ID = "Anthropic/hh-rlhf"

@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from utils.errors import UserError
+from utils.files import atomic_write
 
 
 def parse_split(data_split: str) -> list[float]:
@@ -34,6 +35,14 @@ def split_bounds(proportions: list[float], size: int) -> list[int]:
     return [bounds[0]] + [bound - overshoot for bound in bounds[1:]]
 
 
+def shuffle_order(size: int, seed: int) -> list[int]:
+    """The seeded shuffle DeepSpeed-Chat applies to a split before cutting it, and to several sources
+    concatenated."""
+    order = np.arange(size, dtype=np.int64)
+    np.random.RandomState(seed=seed).shuffle(order)
+    return order.tolist()
+
+
 def phase_indices(size: int, data_split: str, phase_index: int, seed: int,
                   cache_dir: str | None = None, key: str = "data") -> list[int]:
     """Row indices of slice `phase_index` (0-based: the reward model is 1) of a seeded shuffle."""
@@ -41,20 +50,10 @@ def phase_indices(size: int, data_split: str, phase_index: int, seed: int,
     path = os.path.join(cache_dir, name) if cache_dir else None
     if path and os.path.isfile(path):
         return np.load(path, allow_pickle=False).tolist()
-    shuffled = np.arange(size, dtype=np.int64)
-    np.random.RandomState(seed=seed).shuffle(shuffled)
     bounds = split_bounds(parse_split(data_split), size)
-    chosen = shuffled[bounds[phase_index]:bounds[phase_index + 1]]
+    chosen = shuffle_order(size, seed)[bounds[phase_index]:bounds[phase_index + 1]]
     if path:
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.npy"
-        np.save(tmp, chosen, allow_pickle=False)
-        os.replace(tmp, path)
-    return chosen.tolist()
-
-
-def shuffle_order(size: int, seed: int) -> list[int]:
-    """The seeded shuffle DeepSpeed-Chat applies to several sources concatenated."""
-    order = np.arange(size, dtype=np.int64)
-    np.random.RandomState(seed=seed).shuffle(order)
-    return order.tolist()
+        with atomic_write(path, "wb") as handle:
+            np.save(handle, np.array(chosen, dtype=np.int64), allow_pickle=False)
+    return chosen

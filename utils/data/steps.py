@@ -17,9 +17,7 @@ model learns on CPU in seconds, for the tests and the offline demo.
 
 from __future__ import annotations
 
-import os
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -28,10 +26,12 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.data.collate import RowShapes, pad_right
-from utils.data.examples import Outcome, judge_rows, tally
-from utils.data.sources import Malformed, as_object, as_text, list_of, required
+from utils.data.examples import Outcome, judge_rows
+from utils.data.fields import Malformed, as_object, as_text, list_of, required
+from utils.data.ragged import pack, unpack
 from utils.data.synthetic import is_held_out
 from utils.data.tokenize import encode_bounded, encode_tails, special_affixes
+from utils.files import atomic_write
 
 NEUTRAL = ("positive", "negative", "ignore")
 UNLABELLED = -1.0  # stored label of a step that is not scored
@@ -42,11 +42,6 @@ class StepExample(TypedDict):
     steps: list[str]
     labels: list[int | None]  # 1 good, 0 bad, None unlabelled
     source: str
-
-
-def is_step_row(row: Any) -> bool:
-    """Whether a raw row is step-wise (has labels and steps or completions) rather than a preference pair."""
-    return isinstance(row, dict) and "labels" in row and ("steps" in row or "completions" in row)
 
 
 def _label(value: Any, neutral: str, name: str) -> int | None:
@@ -62,7 +57,7 @@ def _label(value: Any, neutral: str, name: str) -> int | None:
     raise Malformed(f"{name} is not a step label", " (true, false, 1, 0, -1 or null)")
 
 
-def _step_problem(row: Any, neutral: str, source: str) -> Outcome:
+def _step_outcome(row: Any, neutral: str, source: str) -> Outcome:
     """(example, None) or (None, the reason a well-formed row cannot be used); Malformed for the others."""
     row = as_object(row)
     steps_key = "completions" if "completions" in row and "steps" not in row else "steps"
@@ -93,13 +88,7 @@ def judge_step_rows(rows: list[tuple[str, Any]], source: str, neutral: str = "po
     """
     if neutral not in NEUTRAL:
         raise ValueError(f"neutral must be one of {', '.join(NEUTRAL)}, not {neutral!r}")
-    return judge_rows(rows, lambda _, row: _step_problem(row, neutral, source), bad_rows)
-
-
-def clean_step_rows(rows: list[tuple[str, Any]], source: str, neutral: str = "positive",
-                    bad_rows: str = "error") -> tuple[list[StepExample], Counter]:
-    """Validate and normalise step-wise rows; returns the examples and a count of dropped rows per reason."""
-    return tally(judge_step_rows(rows, source, neutral, bad_rows))
+    return judge_rows(rows, lambda _, row: _step_outcome(row, neutral, source), bad_rows)
 
 
 @dataclass
@@ -163,36 +152,24 @@ def tokenize_steps(examples: list[StepExample], tokenizer, max_seq_len: int, sep
     return out
 
 
-def _pack(arrays: list[np.ndarray], dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged arrays as one flat array and offsets, so that `.npz` needs no pickles."""
-    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays], dtype=np.int64)])
-    data = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype=dtype)
-    return data, offsets
-
-
-def _unpack(data: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
-    return [data[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
-
-
 def save_steps(tokenized: TokenizedSteps, path: str) -> None:
     """Write as `.npz` of flat arrays (no pickles), atomically."""
-    sequences, sequence_offsets = _pack(tokenized.sequences, np.int32)
-    positions, step_offsets = _pack(tokenized.positions, np.int32)
-    labels, _ = _pack(tokenized.labels, np.float32)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, sequences=sequences, sequence_offsets=sequence_offsets, positions=positions, labels=labels,
-             step_offsets=step_offsets, sources=np.asarray(tokenized.sources, dtype=np.int64),
-             source_names=np.asarray(tokenized.source_names, dtype=np.str_),
-             stats=np.array([tokenized.truncated, tokenized.too_long], dtype=np.int64))
-    os.replace(tmp, path)
+    sequences, sequence_offsets = pack(tokenized.sequences, np.int32)
+    positions, step_offsets = pack(tokenized.positions, np.int32)
+    labels, _ = pack(tokenized.labels, np.float32)
+    with atomic_write(path, "wb") as handle:
+        np.savez(handle, sequences=sequences, sequence_offsets=sequence_offsets, positions=positions, labels=labels,
+                 step_offsets=step_offsets, sources=np.asarray(tokenized.sources, dtype=np.int64),
+                 source_names=np.asarray(tokenized.source_names, dtype=np.str_),
+                 stats=np.array([tokenized.truncated, tokenized.too_long], dtype=np.int64))
 
 
 def load_steps(path: str) -> TokenizedSteps:
     with np.load(path, allow_pickle=False) as saved:
         truncated, too_long = saved["stats"].tolist()
-        return TokenizedSteps(sequences=_unpack(saved["sequences"], saved["sequence_offsets"]),
-                              positions=_unpack(saved["positions"], saved["step_offsets"]),
-                              labels=_unpack(saved["labels"], saved["step_offsets"]),
+        return TokenizedSteps(sequences=unpack(saved["sequences"], saved["sequence_offsets"]),
+                              positions=unpack(saved["positions"], saved["step_offsets"]),
+                              labels=unpack(saved["labels"], saved["step_offsets"]),
                               sources=saved["sources"].tolist(), source_names=saved["source_names"].tolist(),
                               truncated=truncated, too_long=too_long)
 

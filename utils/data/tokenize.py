@@ -16,14 +16,15 @@ Pretokenized ids are checked against the tokenizer's range here, where it is kno
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from utils.data.examples import Example, malformed_error
-from utils.data.sources import Malformed
+from utils.data.fields import Malformed
+from utils.data.ragged import offsets, pack, unpack
+from utils.files import atomic_write
 
 # More characters per token than real vocabularies average: a text longer than max_seq_len * CHARS_PER_TOKEN
 # characters holds more than max_seq_len tokens.
@@ -200,43 +201,29 @@ def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int, end_
     return out
 
 
-def _flatten(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    data = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
-    return data.astype(np.int32), offsets
-
-
-def _unflatten(data: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
-    return [data[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
-
-
 def save_tokenized(tokenized: TokenizedExamples, path: str) -> None:
     """Write as `.npz` of flat arrays (no pickles), atomically."""
     counts = np.array([len(r) for r in tokenized.responses], dtype=np.int64)
-    prompts, prompt_offsets = _flatten(tokenized.prompts)
-    responses, response_offsets = _flatten([r for rs in tokenized.responses for r in rs])
-    ranks = np.concatenate(tokenized.ranks).astype(np.int32) if tokenized.ranks else np.zeros(0, np.int32)
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, prompts=prompts, prompt_offsets=prompt_offsets, responses=responses,
-             response_offsets=response_offsets, counts=counts, ranks=ranks,
-             margins=np.asarray(tokenized.margins, dtype=np.float64),
-             sources=np.asarray(tokenized.sources, dtype=np.int64),
-             source_names=np.asarray(tokenized.source_names, dtype=np.str_),
-             stats=np.array([tokenized.truncated, tokenized.too_long, tokenized.responses_dropped, tokenized.bad_ids],
-                            dtype=np.int64))
-    os.replace(tmp, path)
+    prompts, prompt_offsets = pack(tokenized.prompts, np.int32)
+    responses, response_offsets = pack([r for rs in tokenized.responses for r in rs], np.int32)
+    ranks, _ = pack(tokenized.ranks, np.int32)
+    with atomic_write(path, "wb") as handle:
+        np.savez(handle, prompts=prompts, prompt_offsets=prompt_offsets, responses=responses,
+                 response_offsets=response_offsets, counts=counts, ranks=ranks,
+                 margins=np.asarray(tokenized.margins, dtype=np.float64),
+                 sources=np.asarray(tokenized.sources, dtype=np.int64),
+                 source_names=np.asarray(tokenized.source_names, dtype=np.str_),
+                 stats=np.array([tokenized.truncated, tokenized.too_long, tokenized.responses_dropped,
+                                 tokenized.bad_ids], dtype=np.int64))
 
 
 def load_tokenized(path: str) -> TokenizedExamples:
     with np.load(path, allow_pickle=False) as saved:
-        flat_responses = _unflatten(saved["responses"], saved["response_offsets"])
-        starts = np.concatenate([[0], np.cumsum(saved["counts"])]).astype(np.int64)
-        groups = range(len(saved["counts"]))
+        groups = offsets(saved["counts"])  # where each example's responses and ranks start
         truncated, too_long, responses_dropped, bad_ids = saved["stats"].tolist()
-        return TokenizedExamples(prompts=_unflatten(saved["prompts"], saved["prompt_offsets"]),
-                                 responses=[flat_responses[starts[i]:starts[i + 1]] for i in groups],
-                                 ranks=[saved["ranks"][starts[i]:starts[i + 1]] for i in groups],
+        return TokenizedExamples(prompts=unpack(saved["prompts"], saved["prompt_offsets"]),
+                                 responses=unpack(unpack(saved["responses"], saved["response_offsets"]), groups),
+                                 ranks=unpack(saved["ranks"], groups),
                                  margins=saved["margins"].tolist(), sources=saved["sources"].tolist(),
                                  source_names=saved["source_names"].tolist(),
                                  truncated=truncated, too_long=too_long, responses_dropped=responses_dropped,

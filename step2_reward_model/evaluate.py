@@ -1,4 +1,4 @@
-"""Held-out evaluation during training, each prompt (or solution) counted once across ranks.
+"""Held-out evaluation during training, each prompt (or solution) counted once across ranks, and its log.
 
 Every rank scores its shard (`EvalShard` pads the shards to equal length with repeats flagged
 `is_real`), the rows are gathered on every rank, and the metrics are computed once from the
@@ -13,9 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from step2_reward_model.losses import ranking_metrics
-from step2_reward_model.prm import step_metrics
-from utils.utils import to_device
+from step2_reward_model.metrics import ranking_accuracies, ranking_metrics, step_metrics
+from utils.runtime import print_rank_0, to_device
 
 STEP_SUMS = ("steps", "steps_correct", "solutions", "solutions_correct", "first_error_correct")
 
@@ -94,21 +93,22 @@ def ranking_summary(table: torch.Tensor, source_names: list[str]) -> dict:
     scores, rank, source = table[:, 0], table[:, 2].long(), table[:, 3].long()
     prompt = torch.unique(table[:, 1], return_inverse=True)[1]
     metrics = ranking_metrics(scores, prompt, rank)
+    accuracies = ranking_accuracies(metrics)
     best_scores, worst_scores = scores[rank == 0], torch.from_numpy(worst_rows(table.numpy())[:, 0])
-    summary = {"accuracy": float(metrics["pairs_correct"] / metrics["pairs"]) if metrics["pairs"] else 0.0,
+    summary = {"accuracy": accuracies["pairwise_accuracy"] or 0.0,
                "chosen": best_scores.mean().item() if len(best_scores) else 0.0,
                "rejected": worst_scores.mean().item() if len(worst_scores) else 0.0,
                "pairs": len(torch.unique(prompt)), "ordered_pairs": int(metrics["pairs"])}
     summary["difference"] = summary["chosen"] - summary["rejected"]
-    if metrics["groups_with_top1"] and bool((torch.bincount(prompt) > 2).any()):
-        summary["top1_accuracy"] = float(metrics["top1_correct"] / metrics["groups_with_top1"])
+    if accuracies["top1_accuracy"] is not None and bool((torch.bincount(prompt) > 2).any()):
+        summary["top1_accuracy"] = accuracies["top1_accuracy"]
     sources = torch.unique(source)
     if len(sources) > 1:
         for value in sources.tolist():
             part = source == value
-            part_metrics = ranking_metrics(scores[part], torch.unique(prompt[part], return_inverse=True)[1], rank[part])
-            if part_metrics["pairs"]:
-                accuracy = float(part_metrics["pairs_correct"] / part_metrics["pairs"])
+            counts = ranking_metrics(scores[part], torch.unique(prompt[part], return_inverse=True)[1], rank[part])
+            accuracy = ranking_accuracies(counts)["pairwise_accuracy"]
+            if accuracy is not None:
                 summary[f"accuracy/{source_names[value]}"] = accuracy
     return summary
 
@@ -137,4 +137,25 @@ def evaluate_steps(engine, loader: DataLoader, eval_iters: int, device: torch.de
     steps, solutions = max(sums["steps"], 1.0), max(sums["solutions"], 1.0)
     return {"accuracy": sums["steps_correct"] / steps, "first_error_accuracy": sums["first_error_correct"] / solutions,
             "solution_accuracy": sums["solutions_correct"] / solutions, "steps": sums["steps"],
-            "pairs": sums["solutions"], "rows": table.numpy()}
+            "solutions": sums["solutions"], "rows": table.numpy()}
+
+
+def log_metrics(label: str, metrics: dict, writer, step: int) -> None:
+    """Print an evaluation's metrics (rank 0) and add them to TensorBoard."""
+    if "first_error_accuracy" in metrics:
+        print_rank_0(f"{label}: step accuracy {metrics['accuracy']:.4f}, first-error accuracy "
+                     f"{metrics['first_error_accuracy']:.4f}, solution accuracy {metrics['solution_accuracy']:.4f} "
+                     f"({metrics['solutions']:.0f} held-out solutions, {metrics['steps']:.0f} labelled steps)")
+    else:
+        print_rank_0(f"{label}: chosen_last_scores (higher is better) : {metrics['chosen']:.4f}, "
+                     f"rejected_last_scores (lower is better) : {metrics['rejected']:.4f}, "
+                     f"diff : {metrics['difference']:.4f}, acc (higher is better) : {metrics['accuracy']:.4f} "
+                     f"({metrics['pairs']:.0f} held-out pairs)")
+        extras = [f"{name} {value:.4f}" for name, value in metrics.items() if name.startswith(("top1", "accuracy/"))]
+        if extras:
+            print_rank_0("  " + ", ".join(extras))
+    if writer:
+        for name, value in metrics.items():
+            if name != "rows":
+                writer.add_scalar(f"eval/{name}", value, step)
+        writer.flush()

@@ -1,4 +1,5 @@
-"""Saving OUTPUT: what step 3 loads and what anyone else needs to use the rewards.
+"""OUTPUT, the folder training hands on: what step 3 loads and what anyone else needs to use the
+rewards; saving it, and loading it back to score with.
 
     pytorch_model.bin   the whole RewardModel (`rwtransformer.*`, `v_head.weight`), DeepSpeed-Chat's contract
     config.json, tokenizer files
@@ -12,6 +13,9 @@ never leaves a half-written `pytorch_model.bin` where a good one was. The export
 model that cannot be exported (no sequence-classification class takes its weights) still gets
 everything else, and the manifest says why `hf/` is missing; for a model type known to have no
 such class (DeBERTa-v2, T5) that is a note, not a failure.
+
+Loading rebuilds the model from its config alone and reads tensors only (`weights_only=True`, or
+the export's safetensors); DeepSpeed-Chat's own step-2 folders load too.
 """
 
 from __future__ import annotations
@@ -19,24 +23,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 
-import deepspeed
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from step2_reward_model.export import HF_DIR, ExportUnavailable, save_sequence_classification
+from step2_reward_model.hf_export import HF_DIR, ExportUnavailable, save_sequence_classification
 from step2_reward_model.lora import plain_state_dict
-from step2_reward_model.model import BACKBONE, ENCODERS, MANIFEST_NAME, WEIGHTS_NAME
-from utils.errors import UserError
+from step2_reward_model.model import BACKBONE, ENCODERS, TYPO_BACKBONE, RewardModel, load_config, new_backbone
+from utils.errors import UserError, first_line
+from utils.files import replace_folder, write_json
+from utils.runtime import barrier
 
+WEIGHTS_NAME = "pytorch_model.bin"
+MANIFEST_NAME = "reward_model.json"
 STATS_NAME = "reward_stats.json"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 MANIFEST_FORMAT = 1
 
 
 def gather_state_dict(model: nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor]:
     """The full state dict on CPU at rank 0 (empty elsewhere)."""
+    import deepspeed  # here: loading and scoring a saved model need no DeepSpeed
+
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers())
     state: dict[str, torch.Tensor] = {}
@@ -55,15 +65,6 @@ def step3_state(state: dict[str, torch.Tensor], key_prefix: str) -> dict[str, to
     DeepSpeed-Chat spelling `rwtranrsformer.*`, whose step 3 silently skips keys it does not know."""
     return {(key_prefix + key[len(BACKBONE):] if key.startswith(BACKBONE) else key): value
             for key, value in state.items()}
-
-
-def _replace_folder(source: str, target: str) -> None:
-    """Move a finished folder over an existing one; the old one goes only once the new one is whole."""
-    old = f"{target}.old-{os.getpid()}"
-    if os.path.isdir(target):
-        os.replace(target, old)
-    os.replace(source, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: int, rank: int,
@@ -105,14 +106,13 @@ def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: 
             write_json(os.path.join(staging, STATS_NAME), stats)
         for name in sorted(os.listdir(staging), key=lambda n: n == WEIGHTS_NAME):  # weights last
             if os.path.isdir(os.path.join(staging, name)):
-                _replace_folder(os.path.join(staging, name), os.path.join(output_dir, name))
+                replace_folder(os.path.join(staging, name), os.path.join(output_dir, name))
             else:
                 os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
         os.rmdir(staging)
         if "hf_export_skipped" in manifest:  # an export of an earlier run would not match these weights
             shutil.rmtree(os.path.join(output_dir, HF_DIR), ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return skipped
 
 
@@ -158,10 +158,103 @@ def scoring_manifest(config) -> dict:
                                "(load_reward_model, or rw_eval.py --serve), which scores it as training did"}
 
 
-def write_json(path: str, data: dict) -> None:
-    """Indented JSON, flushed to disk before it is renamed or marked complete."""
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, allow_nan=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+def load_reward_model(path: str, trust_remote_code: bool = False) -> RewardModel:
+    """Rebuild a saved reward model from its config alone and load its weights, tensors only:
+    `pytorch_model.bin` (ours, or DeepSpeed-Chat's under either spelling of its prefix), or the
+    `hf/` sequence-classification export. Missing or unexpected keys are an error, never a
+    silently random head."""
+    if not os.path.isdir(path):
+        raise UserError(f"--model_path {path}: no such folder")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise UserError(f"{path}: no config.json (not a step-2 output folder?)")
+    config = load_config(path, trust_remote_code, "--model_path")
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        if any(arch.endswith("ForSequenceClassification") for arch in config.architectures or []):
+            return _load_sequence_classification(path, trust_remote_code)
+        raise UserError(f"{path}: no {WEIGHTS_NAME} and no sequence-classification export "
+                        "(not a step-2 output folder?)")
+    model = RewardModel(new_backbone(config, trust_remote_code))
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{weights}: refused, it holds more than tensors ({first_line(err, 200)})") from None
+    state = {(BACKBONE + key[len(TYPO_BACKBONE):] if key.startswith(TYPO_BACKBONE + ".") else key): value
+             for key, value in state.items()}
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    resized = [key for key in expected if key in state and state[key].shape != expected[key].shape]
+    if missing or unexpected or resized:
+        raise UserError(f"{weights}: does not match {config_file} "
+                        f"(missing keys: {', '.join(missing[:5]) or 'none'}; "
+                        f"unexpected keys: {', '.join(unexpected[:5]) or 'none'}; "
+                        f"other shapes: {', '.join(resized[:5]) or 'none'})")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _load_sequence_classification(path: str, trust_remote_code: bool) -> RewardModel:
+    """Our `hf/` export (or any one-label sequence classifier) as a RewardModel."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        classifier, info = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch.float32, output_loading_info=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot load the sequence-classification export: {first_line(err)}") from None
+    problems = {name: info.get(name) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if info.get(name)}
+    if problems:
+        details = "; ".join(f"{name}: {', '.join(map(str, sorted(keys)[:5]))}" for name, keys in problems.items())
+        raise UserError(f"{path}: weights do not match config.json ({details})")
+    if classifier.config.num_labels != 1:
+        raise UserError(f"{path}: a reward model has one label, this classifier has {classifier.config.num_labels}")
+    prefix = classifier.base_model_prefix
+    head = {name: param for name, param in classifier.named_parameters() if not name.startswith(f"{prefix}.")}
+    weights = [param for name, param in head.items() if not name.endswith(".bias")]
+    biases = [param for name, param in head.items() if name.endswith(".bias")]
+    model = RewardModel(getattr(classifier, prefix))
+    # BERT's classifier has a bias, which our export sets to zero; the value head has none.
+    if len(weights) != 1 or weights[0].shape != model.v_head.weight.shape or len(biases) > 1 \
+            or any(bias.any() for bias in biases):
+        raise UserError(f"{path}: expected one linear score head of width {model.v_head.in_features} "
+                        "without a bias (or with a zero one)")
+    model.v_head.weight.data.copy_(weights[0].data)
+    return model.eval()
+
+
+def load_manifest(path: str) -> dict:
+    """What training recorded for the scorer (max length, end token, ...); {} when absent,
+    as in a folder DeepSpeed-Chat wrote."""
+    manifest = os.path.join(path, MANIFEST_NAME)
+    if not os.path.isfile(manifest):
+        return {}
+    try:
+        with open(manifest, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{manifest}: not valid JSON ({err})") from None
+
+
+def load_scoring_tokenizer(path: str, tokenizer_path: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer saved beside the model; for a DeepSpeed-Chat folder, which holds only vocab
+    files, the one of the model it was trained from (config `_name_or_path`), unless given."""
+    from transformers import AutoTokenizer
+
+    source = tokenizer_path
+    if source is None:
+        if any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+            source = path
+        else:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+                source = json.load(handle).get("_name_or_path") or path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot load its tokenizer from '{source}' (pass --tokenizer_path): "
+                        f"{first_line(err)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,44 +1,15 @@
-"""Small helpers shared by the RLHF steps: ranks, seeds, model paths (GGUF files), tokenizer loading,
-optimizer groups."""
+"""Model paths and tokenizers: folders, hub ids and GGUF files, and the tokenizer with DeepSpeed-Chat's
+conventions."""
 
 from __future__ import annotations
 
 import functools
 import os
-import random
-
-import numpy as np
-import torch
-import torch.distributed as dist
 
 from utils.errors import UserError, first_line
 
 END_OF_CONVERSATION_TOKEN = "<|endoftext|>"
-LORA_NAMES = ("lora_A", "lora_B")
 GGUF_SUFFIX = ".gguf"
-
-
-def global_rank() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", 0))
-
-
-def print_rank_0(message: str, rank: int | None = None) -> None:
-    if (global_rank() if rank is None else rank) <= 0:
-        print(message, flush=True)
-
-
-def set_random_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors to `device`, without waiting for copies from pinned memory."""
-    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-            for key, value in batch.items()}
 
 
 def pretrained_source(path: str, flag: str = "--model_name_or_path") -> tuple[str, dict]:
@@ -93,39 +64,3 @@ def load_hf_tokenizer(model_name_or_path: str, add_eot_token: bool = False,
     if add_eot_token:
         tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CONVERSATION_TOKEN]})
     return tokenizer
-
-
-def get_optimizer_grouped_parameters(model: torch.nn.Module, weight_decay: float,
-                                     lora_learning_rate: float) -> list[dict]:
-    """Weight decay on matrices (embeddings, linear layers, the value head), not on vectors (biases
-    and norm scales, whatever a model family names them); LoRA factors at their own rate."""
-    groups = {"decay": [], "lora": [], "no_decay": []}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.dim() < 2:
-            groups["no_decay"].append(param)
-        elif any(part in name for part in LORA_NAMES):
-            groups["lora"].append(param)
-        else:
-            groups["decay"].append(param)
-    result = [{"params": groups["decay"], "weight_decay": weight_decay},
-              {"params": groups["lora"], "weight_decay": weight_decay, "lr": lora_learning_rate},
-              {"params": groups["no_decay"], "weight_decay": 0.0}]
-    return [group for group in result if group["params"]]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init_single_process_env() -> None:
-    """Let `python main.py` (no launcher) start a one-rank process group."""
-    if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(free_port())})

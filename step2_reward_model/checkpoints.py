@@ -1,4 +1,5 @@
-"""Training checkpoints: save every N steps, keep the last K, resume exactly where a run stopped.
+"""Training checkpoints (not the final model, which `output.py` saves): save every N steps, keep
+the last K, resume exactly where a run stopped.
 
     OUTPUT/checkpoints/step-000040/
         mp_rank_00_model_states.pt, zero_pp_rank_*   DeepSpeed's checkpoint: weights, optimizer,
@@ -26,14 +27,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from step2_reward_model.checkpoint import write_json
 from utils.errors import UserError, first_line
+from utils.files import fsync_path, write_json
+from utils.runtime import barrier
 
 FOLDER = "checkpoints"
 MARKER = "complete.json"
@@ -133,19 +134,6 @@ def resume_path(resume: str | None, output_dir: str | None) -> str | None:
     return latest(folder)
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def rng_states() -> dict:
     """This rank's random states, as tensors and plain data (loadable with weights_only)."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
@@ -174,10 +162,10 @@ def save(engine, output_dir: str, progress: Progress, settings: dict, rank: int,
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
         os.makedirs(folder, exist_ok=True)
-    _barrier()
+    barrier()
     engine.save_checkpoint(folder, tag=PARTIAL + name, save_latest=False)
     torch.save(rng_states(), os.path.join(partial, f"rng-rank-{rank}.pt"))
-    _barrier()
+    barrier()
     final = os.path.join(folder, name)
     if rank == 0:
         write_json(os.path.join(partial, STATE),
@@ -186,16 +174,16 @@ def save(engine, output_dir: str, progress: Progress, settings: dict, rank: int,
         for root, _, names in os.walk(partial):
             for file_name in names:
                 path = os.path.join(root, file_name)
-                _fsync(path)
+                fsync_path(path)
                 files[os.path.relpath(path, partial)] = os.path.getsize(path)
         write_json(os.path.join(partial, MARKER), {"step": progress.update, "files": files})
-        _fsync(partial)
+        fsync_path(partial)
         if os.path.isdir(final):  # the same step saved again (a stop right after a scheduled save)
             _discard(final)
         os.replace(partial, final)
-        _fsync(folder)
+        fsync_path(folder)
         prune(folder, keep_last)
-    _barrier()
+    barrier()
     return final
 
 

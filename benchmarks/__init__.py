@@ -1,0 +1,1 @@
+"""Benchmarks: throughput, memory, and quality against TRL (see README)."""

@@ -1,0 +1,203 @@
+"""Every command-line flag, defined once: training (`main.py`), evaluation and serving (`rw_eval.py`)
+and the converter (`export.py`) each pick theirs from `FLAGS`.
+
+The training flags are DeepSpeed-Chat's step-2 flags (same names, defaults and meaning), so its
+launch scripts run unchanged; added flags (`--loss`, `--dtype fp32`, `--dry_run`, ...) default to
+the old behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from transformers import SchedulerType
+
+from step2_reward_model.losses import LOSSES
+from step2_reward_model.model import BACKBONE, TYPO_BACKBONE
+from utils.data.build import MARGIN_SOURCES
+from utils.data.examples import BAD_ROWS
+from utils.data.steps import NEUTRAL
+from utils.model_files import END_OF_CONVERSATION_TOKEN
+
+# Flag name -> argparse keywords. An entry point may override a keyword (a default, a help text).
+FLAGS: dict[str, dict] = {
+    # Data
+    "data_path": dict(nargs="*", default=["Dahoas/rm-static"],
+                      help="One or more sources: a known hub id, any hub id org/name, local/jsonfile, "
+                           "or a local .json/.jsonl/.parquet/.csv file or folder."),
+    "data_split": dict(default="2,4,4",
+                       help="Proportions of each split for phases 1, 2, 3; the reward model takes phase 2."),
+    "data_output_path": dict(default="/tmp/data_files/", help="Where split indices and tokenised data are cached."),
+    "seed": dict(type=int, default=1234, help="Seeds training and fixes the data split."),
+    "bad_rows": dict(choices=BAD_ROWS, default="error",
+                     help="A malformed data row (unreadable, not an object, a missing field or one of the wrong "
+                          "type): error names its file, line and field; skip drops it and counts it in the summary."),
+    "data_weights": dict(type=float, nargs="*", default=None,
+                         help="One sampling weight per --data_path: each source's share of the training examples."),
+    "max_responses_per_prompt": dict(type=int, default=0, help="If > 0, keep at most this many responses of a "
+                                                               "ranked list (best, worst, evenly between)."),
+    "margin_source": dict(choices=MARGIN_SOURCES, default="column",
+                          help="Margin in -log sigmoid(r_c - r_r - margin): the data's `margin` column, "
+                               "score_chosen - score_rejected, or none."),
+    "chat_template": dict(default=None,
+                          help="A Jinja chat template file for conversational data (default: the tokenizer's)."),
+    "max_seq_len": dict(type=int, default=512, help="Longest sequence, prompt + response."),
+    # Model
+    "model_name_or_path": dict(required=True, help="Path or hub id of the (SFT) causal LM to start from."),
+    "num_padding_at_beginning": dict(type=int, default=1, help="Accepted for compatibility; the scored token "
+                                                               "comes from the attention mask."),
+    "trust_remote_code": dict(action="store_true", help="Allow model code from the checkpoint."),
+    "dropout": dict(type=float, default=None, help="Override the model's dropout rates."),
+    "disable_dropout": dict(action="store_true", help="Older DeepSpeed-Chat spelling of --dropout 0.0."),
+    "add_eot_token": dict(action="store_true",
+                          help=f"Add {END_OF_CONVERSATION_TOKEN} to the tokenizer as a special token."),
+    "attn_implementation": dict(default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2"],
+                                help="auto: the model's default (SDPA where it has it), or flash-attention 2 when "
+                                     "it is installed, on a GPU in fp16/bf16, with --no_prefix_sharing."),
+    "lora_dim": dict(type=int, default=0, help="If > 0, add LoRA adapters of this rank."),
+    "lora_module_name": dict(default="decoder.layers.", help="LoRA goes on linear layers whose name contains this."),
+    "only_optimize_lora": dict(action="store_true", help="Train only the adapters and the value head."),
+    # Objective
+    "loss": dict(default="per_token", choices=LOSSES,
+                 help="per_token: DeepSpeed-Chat's loss over the tokens where the two answers differ (pairs, causal "
+                      "LMs); end_token: Bradley-Terry on the end scores, over every ordered pair of a ranked list "
+                      "(InstructGPT); plackett_luce: the listwise likelihood of each ranking."),
+    "center_rewards_coefficient": dict(type=float, default=0.0, help="Add this times mean((r_chosen + "
+                                       "r_rejected)^2) to the loss, to keep rewards centred on 0."),
+    "compute_fp32_loss": dict(action="store_true", help="Compute the loss in fp32."),
+    "no_bf16_to_fp32_loss": dict(action="store_false", dest="bf16_to_fp32_loss",
+                                 help="With bf16, compute the loss in bf16 (default: fp32)."),
+    "process_reward": dict(action="store_true",
+                           help="Train a process reward model on step-labelled solutions (prompt, steps, labels): "
+                                "binary cross-entropy on the value at the end of each step."),
+    "step_separator": dict(default="\n\n", help="Appended to every step; the step is scored at its last token."),
+    "prm_neutral": dict(choices=NEUTRAL, default="positive",
+                        help="What a neutral (0) step label means: a good step, a bad one, or unlabelled."),
+    "train_on_last_step_only": dict(action="store_true", help="Use only the last labelled step of each solution."),
+    # Optimisation
+    "per_device_train_batch_size": dict(type=int, default=16, help="Pairs per device per step."),
+    "per_device_eval_batch_size": dict(type=int, default=16, help="Pairs per device in evaluation."),
+    "learning_rate": dict(type=float, default=5e-5, help="Peak learning rate."),
+    "weight_decay": dict(type=float, default=0.0, help="AdamW weight decay (not on biases, norms)."),
+    "num_train_epochs": dict(type=int, default=1),
+    "gradient_accumulation_steps": dict(type=int, default=1),
+    "lr_scheduler_type": dict(type=SchedulerType, default="cosine",
+                              choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                       "constant_with_warmup"]),
+    "num_warmup_steps": dict(type=int, default=0),
+    "lora_learning_rate": dict(type=float, default=5e-4),
+    "max_nonfinite_steps": dict(type=int, default=10, help="A NaN or inf loss skips its step; this many in a row "
+                                                           "stop training (with a checkpoint)."),
+    # Speed and memory
+    "dtype": dict(default="fp16", choices=["fp16", "bf16", "fp32"],
+                  help="Training precision; fp16 on a machine without a GPU falls back to fp32."),
+    "zero_stage": dict(type=int, default=0, choices=[0, 1, 2, 3]),
+    "offload": dict(action="store_true", help="ZeRO-Offload of optimizer state (and params at stage 3)."),
+    "gradient_checkpointing": dict(action="store_true"),
+    "no_fused_kernels": dict(action="store_true", help="Use torch's AdamW, unfused, instead of FusedAdam (GPU) or "
+                                                       "fused AdamW (CPU)."),
+    "no_prefix_sharing": dict(action="store_false", dest="prefix_sharing",
+                              help="Give every response its own row with its own copy of the prompt, instead of "
+                                   "one packed row per prompt that computes the prompt once."),
+    "length_grouping_steps": dict(type=int, default=None,
+                                  help="Shuffle, then sort by length within windows of this many steps, so a batch "
+                                       "holds similar lengths and little padding; 0: plain shuffled batches. Default "
+                                       "32, and 0 with --process_reward (grouped step batches learned worse in our "
+                                       "tests)."),
+    "no_memory_check": dict(action="store_false", dest="memory_check", help="Train even when the estimated peak "
+                            "memory of the largest batch exceeds the memory free."),
+    "local_rank": dict(type=int, default=-1, help="Set by the deepspeed launcher."),
+    # Evaluation, logging, saving
+    "eval_interval": dict(type=int, default=0, help="If > 0, evaluate every this many steps."),
+    "eval_iters": dict(type=int, default=100, help="Most evaluation batches per evaluation."),
+    "print_loss": dict(action="store_true", help="Print the loss at every logging interval."),
+    "enable_tensorboard": dict(action="store_true"),
+    "tensorboard_path": dict(default="step2_tensorboard"),
+    "output_dir": dict(default=None, help="Where the trained model is saved."),
+    "step3_key_prefix": dict(default=BACKBONE, choices=[BACKBONE, TYPO_BACKBONE],
+                             help="Prefix of the backbone's keys in pytorch_model.bin; newer DeepSpeed-Chat step 3 "
+                                  "expects the misspelt rwtranrsformer (and skips unknown keys without a word)."),
+    "no_hf_export": dict(action="store_true",
+                         help="Do not write OUTPUT/hf, the AutoModelForSequenceClassification export."),
+    "save_interval": dict(type=int, default=0,
+                          help="If > 0, save a training checkpoint (weights, optimizer, scheduler, random states, "
+                               "data position) into OUTPUT/checkpoints every this many steps, and at the end."),
+    "keep_last": dict(type=int, default=2, help="Keep only the newest this many training checkpoints (0: keep all)."),
+    "resume": dict(nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="Continue a run exactly where it stopped: from the newest complete checkpoint in "
+                        "OUTPUT/checkpoints (no value, or 'auto'; starts from the beginning if there is none) or "
+                        "from the checkpoint folder given."),
+    "dry_run": dict(action="store_true", help="Print the resolved configuration and exit, loading no model or data."),
+    # Scoring a saved model (rw_eval.py, export.py)
+    "model_path": dict(required=True, help="A step-2 output folder, its hf/ export, or a DeepSpeed-Chat step-2 "
+                                           "folder."),
+    "tokenizer_path": dict(default=None, help="Where the tokenizer is, when --model_path has none (DeepSpeed-Chat "
+                                              "saves only vocab files)."),
+    "prompt": dict(help="Score this prompt's --chosen and --rejected answers, or its --answer."),
+    "chosen": dict(help="The answer that should score higher."),
+    "rejected": dict(help="The answer that should score lower."),
+    "answer": dict(help="Score one answer to --prompt (the PPO step's call)."),
+    "steps": dict(nargs="+", help="Score each step of a solution to --prompt (process reward model)."),
+    "split": dict(choices=["eval", "train"], default="eval",
+                  help="Which half of the data to evaluate (default: the held-out one)."),
+    "report": dict(help="Write the full evaluation as JSON to this file."),
+    "plots": dict(help="Write PNG figures (histograms, reward vs length, reliability) here."),
+    "batch_size": dict(type=int, default=16, help="Sequences per forward pass."),
+    # Serving rewards over HTTP (rw_eval.py --serve)
+    "serve": dict(action="store_true", help="Serve rewards over HTTP (POST /score)."),
+    "host": dict(default="127.0.0.1", help="Address to bind (default: this machine only)."),
+    "port": dict(type=int, default=8000),
+    "token": dict(default=os.environ.get("RW_EVAL_TOKEN"),
+                  help="Require 'Authorization: Bearer TOKEN' (default: $RW_EVAL_TOKEN)."),
+    "max_request_bytes": dict(type=int, default=4 << 20, help="Larger request bodies get 413."),
+    "max_items": dict(type=int, default=256, help="Requests with more pairs or texts get 413."),
+    "batch_wait_ms": dict(type=float, default=5.0,
+                          help="How long the server waits for concurrent requests to fill a batch."),
+}
+
+TRAINING_FLAGS = (
+    "data_path", "data_split", "data_output_path", "model_name_or_path", "num_padding_at_beginning",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "max_seq_len", "learning_rate", "weight_decay",
+    "num_train_epochs", "gradient_accumulation_steps", "lr_scheduler_type", "num_warmup_steps", "output_dir", "seed",
+    "local_rank", "gradient_checkpointing", "dropout", "disable_dropout", "offload", "dtype", "zero_stage",
+    "lora_dim", "lora_module_name", "only_optimize_lora", "lora_learning_rate", "compute_fp32_loss",
+    "no_bf16_to_fp32_loss", "eval_interval", "eval_iters", "enable_tensorboard", "tensorboard_path", "add_eot_token",
+    "print_loss", "no_fused_kernels", "loss", "center_rewards_coefficient", "margin_source", "data_weights",
+    "max_responses_per_prompt", "chat_template", "process_reward", "step_separator", "prm_neutral",
+    "train_on_last_step_only", "step3_key_prefix", "no_hf_export", "no_prefix_sharing", "length_grouping_steps",
+    "attn_implementation", "save_interval", "keep_last", "resume", "max_nonfinite_steps", "bad_rows",
+    "trust_remote_code", "dry_run", "no_memory_check",
+)
+EVAL_FLAGS = (
+    "model_path", "tokenizer_path", "prompt", "chosen", "rejected", "answer", "steps", "data_path", "data_split",
+    "split", "data_output_path", "bad_rows", "seed", "report", "plots", "batch_size", "max_seq_len",
+    "num_padding_at_beginning", "serve", "host", "port", "token", "max_request_bytes", "max_items", "batch_wait_ms",
+    "trust_remote_code",
+)
+# Flags that must be at least this much.
+LEAST = {"save_interval": 0, "keep_last": 0, "max_nonfinite_steps": 1}
+
+
+def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | list[str], **overrides: dict) -> None:
+    """Add the flags `names` from `FLAGS`, each with the keywords in `overrides[name]` replaced."""
+    for name in names:
+        parser.add_argument(f"--{name}", **{**FLAGS[name], **overrides.get(name, {})})
+
+
+def parse_training_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """main.py's flags (DeepSpeed's own included), with the defaults that depend on other flags filled in."""
+    parser = argparse.ArgumentParser(description="Train a reward model (RLHF step 2) with DeepSpeed.")
+    add_flags(parser, TRAINING_FLAGS)
+    import deepspeed  # here, not above: rw_eval.py and export.py need no DeepSpeed
+
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.disable_dropout:
+        args.dropout = 0.0
+    if args.length_grouping_steps is None:
+        args.length_grouping_steps = 0 if args.process_reward else 32
+    for flag, least in LEAST.items():
+        if getattr(args, flag) < least:
+            parser.error(f"--{flag} must be at least {least}")
+    return args

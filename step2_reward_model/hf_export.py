@@ -1,0 +1,98 @@
+"""The standard Hugging Face export of a reward model, `OUTPUT/hf`.
+
+`OUTPUT/hf` loads with `AutoModelForSequenceClassification.from_pretrained(OUTPUT/hf)`: one label,
+safetensors, and a tokenizer that pads on the right. Its logit is our end score on the same token
+ids: transformers scores the rightmost token that is not the pad id, so the export gets a pad
+token that no text ever produces (a tokenizer whose pad is eos, like GPT-2's, would otherwise make
+it score the token before a final eos). A BERT export scores [CLS] through BERT's pooler, as
+training does, with the classifier's bias zero. Encoders with no matching classifier (DeBERTa-v2,
+T5) are known in advance: their export is skipped with the reason, which is no failure.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from step2_reward_model.model import BACKBONE, ENCODERS, embedding_rows
+from utils.errors import UserError
+
+HF_DIR = "hf"
+PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>")
+
+
+class ExportUnavailable(UserError):
+    """The model type has no sequence-classification class for our weights: known before trying."""
+
+
+def export_tokenizer(tokenizer, end_of_conversation_token: str):
+    """A copy padding on the right with a pad token that never occurs in scored text."""
+    export = copy.deepcopy(tokenizer)
+    export.padding_side = "right"
+    reserved = {export.eos_token_id, export.bos_token_id,
+                *export(end_of_conversation_token, add_special_tokens=False)["input_ids"]}
+    if export.pad_token_id is None or export.pad_token_id in reserved:
+        vocab = export.get_vocab()
+        free = [token for token in PAD_CANDIDATES if token in vocab and vocab[token] not in reserved]
+        if free:
+            export.pad_token = free[0]
+        else:
+            export.add_special_tokens({"pad_token": PAD_CANDIDATES[-1]})
+    return export
+
+
+def sequence_classification_state(state: dict[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], object]:
+    """Our `rwtransformer.*` / `v_head.weight` state renamed for `AutoModelForSequenceClassification`
+    of `config` (num_labels 1); the embedding grows in steps of 8 rows if the vocabulary needs it,
+    and a head bias (BERT's classifier has one) is zero, as our value head has none."""
+    from transformers import AutoModelForSequenceClassification
+
+    encoder = ENCODERS.get(config.model_type)
+    if encoder is not None and encoder.no_export:
+        raise ExportUnavailable(f"model type {config.model_type} has no Hugging Face export: {encoder.no_export}")
+    with torch.device("meta"):
+        target = AutoModelForSequenceClassification.from_config(config)
+    prefix = target.base_model_prefix
+    embedding = target.get_input_embeddings().weight
+    embedding_key = next(name for name, param in target.named_parameters() if param is embedding)
+    renamed, missing = {}, []
+    for key, expected in target.state_dict().items():
+        source = f"{BACKBONE}.{key[len(prefix) + 1:]}" if key.startswith(f"{prefix}.") else "v_head.weight"
+        if source not in state:
+            missing.append(key)
+            continue
+        tensor = state[source]
+        if source == "v_head.weight" and key.endswith(".bias") and expected.shape == (1,):
+            tensor = tensor.new_zeros(1)
+        if key == embedding_key and tensor.shape[0] < expected.shape[0]:
+            tensor = torch.cat([tensor, tensor.new_zeros(expected.shape[0] - tensor.shape[0], tensor.shape[1])])
+        if tensor.shape != expected.shape:
+            missing.append(f"{key} (shape {tuple(tensor.shape)}, expected {tuple(expected.shape)})")
+            continue
+        renamed[key] = tensor.contiguous()
+    unused = sorted(set(state) - {f"{BACKBONE}.{k[len(prefix) + 1:]}" for k in renamed} - {"v_head.weight"})
+    if missing or unused:
+        raise UserError(f"cannot export as {type(target).__name__}: keys without a source: "
+                        f"{', '.join(missing[:5]) or 'none'}; "
+                        f"our keys it has no place for: {', '.join(unused[:5]) or 'none'}")
+    return renamed, type(target)
+
+
+def save_sequence_classification(state: dict[str, torch.Tensor], config, tokenizer, folder: str,
+                                 end_of_conversation_token: str) -> None:
+    """Write the export into `folder` (which the caller then moves into place)."""
+    from safetensors.torch import save_file
+
+    tokenizer = export_tokenizer(tokenizer, end_of_conversation_token)
+    config = copy.deepcopy(config)
+    config.vocab_size = max(config.vocab_size, embedding_rows(len(tokenizer)))
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.pad_token_id
+    tensors, model_class = sequence_classification_state(state, config)
+    config.architectures = [model_class.__name__]
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
