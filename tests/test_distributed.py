@@ -75,7 +75,7 @@ def run(tmp_path_factory, name: str, model_dir: str, train_rows: list[dict], eva
         stats = json.load(handle)
     tokenizer = load_hf_tokenizer(model_dir)
     args = parse_training_args(["--model_name_or_path", model_dir, "--data_path", data, "--data_output_path",
-                       str(tmp_path / "cache"), *COMMON, *FLAGS, *flags])  # as train() passes them
+                                str(tmp_path / "cache"), *COMMON, *FLAGS, *flags])  # as train() passes them
     where = ([data], args.data_split, args.data_output_path, args.seed, tokenizer, args.max_seq_len)
     if args.process_reward:
         train_set, eval_set = create_step_datasets(*where, args.step_separator, args.prm_neutral,
