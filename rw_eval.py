@@ -6,6 +6,7 @@
     python rw_eval.py --model_path OUTPUT --prompt P --answer A             # one reward, as step 3 asks
     python rw_eval.py --model_path OUTPUT --prompt P --steps S1 S2 ...      # a process reward model's step scores
     python rw_eval.py --model_path OUTPUT --data_path DATA [--report r.json] [--plots DIR]
+    python rw_eval.py --model_path OUTPUT --benchmark rewardbench [--benchmark_path FILE] [--report r.json]
     python rw_eval.py --model_path OUTPUT --serve [--host 127.0.0.1] [--port 8000] [--token SECRET]
 
 OUTPUT is a step-2 output folder, its Hugging Face export (OUTPUT/hf), or a folder DeepSpeed-Chat's
@@ -26,7 +27,8 @@ import torch
 from step2_reward_model.flags import EVAL_FLAGS, add_flags
 from step2_reward_model.metrics import ranking_accuracies, ranking_metrics
 from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
-from step2_reward_model.report import format_report, pair_report
+from step2_reward_model.public_benchmarks import BENCHMARKS, format_result, read_items, score_items
+from step2_reward_model.report import format_report, length_bias, pair_report
 from step2_reward_model.scoring import Scorer, score_data
 from utils.data.tokenize import has_ranked_lists
 from utils.errors import UserError, exit_status
@@ -61,8 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--prompt needs --chosen and --rejected, --answer or --steps (and they need --prompt)")
     if given > 1:
         p.error("give one of --chosen/--rejected, --answer, --steps")
-    if args.prompt is not None and (args.data_path or args.serve):
-        p.error("--prompt cannot be combined with --data_path or --serve")
+    if sum(bool(mode) for mode in (args.prompt is not None, args.data_path, args.serve, args.benchmark)) > 1:
+        p.error("give one of --prompt, --data_path, --benchmark or --serve")
+    if args.benchmark_path and not args.benchmark:
+        p.error("--benchmark_path needs --benchmark")
     if args.batch_size < 1:
         p.error("--batch_size must be at least 1")
     return args
@@ -93,13 +97,7 @@ def evaluate_data(scorer: Scorer, args: argparse.Namespace) -> dict:
     if "ranking" in report:
         print("== Ranked lists ==\n" + "\n".join(f"{key}  {value}" for key, value in report["ranking"].items()))
     if args.report:
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
-            with open(args.report, "w", encoding="utf-8") as handle:
-                json.dump(report, handle, indent=2, allow_nan=False)
-        except OSError as err:
-            raise UserError(f"--report {args.report}: cannot write it ({err.strerror})") from None
-        print(f"report written to {args.report}")
+        write_report(args.report, report)
     if args.plots:
         from step2_reward_model.plots import write_plots
 
@@ -107,6 +105,38 @@ def evaluate_data(scorer: Scorer, args: argparse.Namespace) -> dict:
                                 scored["rejected_lengths"], report, args.plots):
             print(f"figure written to {path}")
     return report
+
+
+def write_report(path: str, report: dict) -> None:
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2, allow_nan=False)
+    except OSError as err:
+        raise UserError(f"--report {path}: cannot write it ({err.strerror})") from None
+    print(f"report written to {path}")
+
+
+def evaluate_benchmark(scorer: Scorer, args: argparse.Namespace) -> dict:
+    """Score a public benchmark; the report keeps every item's rewards, so anyone can recompute it."""
+    items = read_items(args.benchmark, args.benchmark_path)
+    print(f"{args.benchmark}: {len(items)} items from {args.benchmark_path or BENCHMARKS[args.benchmark].hub_id}",
+          file=sys.stderr)
+    rewards = score_items(scorer, items)
+    result = BENCHMARKS[args.benchmark].score(items, rewards)
+    if args.benchmark == "rewardbench":  # this project's length-bias metrics beside the subsets' length tags
+        lengths = [[len(ids) for ids in scorer.tokenizer([item.chosen[0], item.rejected[0]],
+                                                         add_special_tokens=False)["input_ids"]] for item in items]
+        result["length_bias"] = length_bias([c[0] for c, _ in rewards], [r[0] for _, r in rewards],
+                                            [pair[0] for pair in lengths], [pair[1] for pair in lengths])
+    print(format_result(args.benchmark, result))
+    if args.report:
+        write_report(args.report, {
+            "benchmark": args.benchmark, "benchmark_path": args.benchmark_path,
+            "model_path": os.path.abspath(args.model_path), "max_seq_len": scorer.max_seq_len, "result": result,
+            "items": [{"id": item.id, "subset": item.subset, "chosen": chosen.tolist(), "rejected": rejected.tolist()}
+                      for item, (chosen, rejected) in zip(items, rewards, strict=True)]})
+    return result
 
 
 def ranking_report(table) -> dict:
@@ -138,6 +168,8 @@ def run(args: argparse.Namespace) -> None:
               max_items=args.max_items, batch_wait_ms=args.batch_wait_ms)
     elif args.data_path:
         evaluate_data(scorer, args)
+    elif args.benchmark:
+        evaluate_benchmark(scorer, args)
     elif args.steps is not None:
         separator = load_manifest(args.model_path).get("step_separator", "\n\n")
         print(f"prompt: {args.prompt!r}")

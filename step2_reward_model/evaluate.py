@@ -14,6 +14,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from step2_reward_model.metrics import ranking_accuracies, ranking_metrics, step_metrics
+from step2_reward_model.public_benchmarks import BENCHMARKS, layout, read_items
+from step2_reward_model.scoring import Scorer
+from utils.data.collate import pad_right
 from utils.runtime import print_rank_0, to_device
 
 STEP_SUMS = ("steps", "steps_correct", "solutions", "solutions_correct", "first_error_correct")
@@ -151,7 +154,8 @@ def log_metrics(label: str, metrics: dict, writer, step: int) -> None:
                      f"rejected_last_scores (lower is better) : {metrics['rejected']:.4f}, "
                      f"diff : {metrics['difference']:.4f}, acc (higher is better) : {metrics['accuracy']:.4f} "
                      f"({metrics['pairs']:.0f} held-out pairs)")
-        extras = [f"{name} {value:.4f}" for name, value in metrics.items() if name.startswith(("top1", "accuracy/"))]
+        extras = [f"{name} {value:.4f}" for name, value in metrics.items()
+                  if name.startswith(("top1", "accuracy/", "benchmark/"))]
         if extras:
             print_rank_0("  " + ", ".join(extras))
     if writer:
@@ -159,3 +163,54 @@ def log_metrics(label: str, metrics: dict, writer, step: int) -> None:
             if name != "rows":
                 writer.add_scalar(f"eval/{name}", value, step)
         writer.flush()
+
+
+class BenchmarkEval:
+    """A public benchmark scored at every evaluation point (`--eval_benchmark NAME[:PATH]`): its
+    sequences are encoded once; each rank scores every world_size-th one, in as many batches as
+    the others (ZeRO-3 forwards are collective), and the rewards are gathered on every rank."""
+
+    def __init__(self, spec: str, tokenizer, max_seq_len: int, end_text: str, batch_size: int):
+        self.name, _, path = spec.partition(":")
+        self.items = read_items(self.name, path or None)
+        encoder = Scorer(None, tokenizer, max_seq_len, end_text)
+        prompts, answers = [], []
+        for item in self.items:
+            prompt, texts = layout(item, tokenizer)
+            prompts.extend([prompt] * len(texts))
+            answers.extend(texts)
+        self.sequences = encoder.encode_pairs(prompts, answers, cut_long=True)
+        self.batch_size = batch_size
+
+    def rewards(self, engine, device: torch.device) -> np.ndarray:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        per_rank = -(-len(self.sequences) // world_size)
+        mine = [(rank + k * world_size) % len(self.sequences) for k in range(per_rank)]
+        order = sorted(range(per_rank), key=lambda k: -len(self.sequences[mine[k]]))
+        local = torch.zeros(per_rank, dtype=torch.float64, device=device)
+        engine.eval()
+        for start in range(0, per_rank, self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            input_ids, attention_mask = pad_right([self.sequences[mine[k]] for k in chunk], 0)
+            with inference(engine):
+                scores = engine.module.forward_value(input_ids.to(device), attention_mask.to(device))
+            local[torch.tensor(chunk, device=device)] = scores["chosen_end_scores"].double()
+        engine.train()
+        gathered = [torch.zeros_like(local) for _ in range(world_size)]
+        dist.all_gather(gathered, local)
+        by_position = torch.stack(gathered, 1).flatten().cpu().numpy()  # position k * world_size + rank
+        return by_position[:len(self.sequences)]
+
+    def evaluate(self, engine, device: torch.device) -> dict[str, float]:
+        """The benchmark's score and section (or subset) scores, as `benchmark/NAME/...` metrics."""
+        flat, rewards, start = self.rewards(engine, device), [], 0
+        for item in self.items:
+            middle, stop = start + len(item.chosen), start + len(item.chosen) + len(item.rejected)
+            rewards.append((flat[start:middle], flat[middle:stop]))
+            start = stop
+        result = BENCHMARKS[self.name].score(self.items, rewards)
+        parts = result.get("sections") or result.get("subsets") or {}
+        if "levels" in result:
+            parts = result["levels"]
+        metrics = {"score": result["score"], **parts}
+        return {f"benchmark/{self.name}/{key}": value for key, value in metrics.items() if value is not None}

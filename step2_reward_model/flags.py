@@ -15,6 +15,7 @@ from transformers import SchedulerType
 
 from step2_reward_model.losses import LOSSES
 from step2_reward_model.model import BACKBONE, TYPO_BACKBONE
+from step2_reward_model.public_benchmarks import BENCHMARKS
 from utils.data.build import MARGIN_SOURCES
 from utils.data.examples import BAD_ROWS
 from utils.data.steps import NEUTRAL
@@ -111,6 +112,9 @@ FLAGS: dict[str, dict] = {
     # Evaluation, logging, saving
     "eval_interval": dict(type=int, default=0, help="If > 0, evaluate every this many steps."),
     "eval_iters": dict(type=int, default=100, help="Most evaluation batches per evaluation."),
+    "eval_benchmark": dict(action="append", default=[], metavar="NAME[:PATH]",
+                           help="Also score this public benchmark (rewardbench, rewardbench2, rmbench; from PATH, "
+                                "else the hub) at every evaluation; repeatable."),
     "print_loss": dict(action="store_true", help="Print the loss at every logging interval."),
     "enable_tensorboard": dict(action="store_true"),
     "tensorboard_path": dict(default="step2_tensorboard"),
@@ -144,6 +148,10 @@ FLAGS: dict[str, dict] = {
     "report": dict(help="Write the full evaluation as JSON to this file."),
     "plots": dict(help="Write PNG figures (histograms, reward vs length, reliability) here."),
     "batch_size": dict(type=int, default=16, help="Sequences per forward pass."),
+    "benchmark": dict(choices=sorted(BENCHMARKS), default=None,
+                      help="Score a public benchmark by its authors' rules: RewardBench, RewardBench 2 or RM-Bench."),
+    "benchmark_path": dict(default=None, help="The benchmark's file (.json/.jsonl/.parquet) or hub id (default: the "
+                                              "official hub data set, which needs the network)."),
     # Serving rewards over HTTP (rw_eval.py --serve)
     "serve": dict(action="store_true", help="Serve rewards over HTTP (POST /score)."),
     "host": dict(default="127.0.0.1", help="Address to bind (default: this machine only)."),
@@ -162,7 +170,8 @@ TRAINING_FLAGS = (
     "num_train_epochs", "gradient_accumulation_steps", "lr_scheduler_type", "num_warmup_steps", "output_dir", "seed",
     "local_rank", "gradient_checkpointing", "dropout", "disable_dropout", "offload", "dtype", "zero_stage",
     "lora_dim", "lora_module_name", "only_optimize_lora", "lora_learning_rate", "compute_fp32_loss",
-    "no_bf16_to_fp32_loss", "eval_interval", "eval_iters", "enable_tensorboard", "tensorboard_path", "add_eot_token",
+    "no_bf16_to_fp32_loss", "eval_interval", "eval_iters",
+    "eval_benchmark", "enable_tensorboard", "tensorboard_path", "add_eot_token",
     "print_loss", "no_fused_kernels", "loss", "center_rewards_coefficient", "margin_source", "data_weights",
     "max_responses_per_prompt", "chat_template", "process_reward", "step_separator", "prm_neutral",
     "train_on_last_step_only", "step3_key_prefix", "no_hf_export", "no_prefix_sharing", "length_grouping_steps",
@@ -171,7 +180,8 @@ TRAINING_FLAGS = (
 )
 EVAL_FLAGS = (
     "model_path", "tokenizer_path", "prompt", "chosen", "rejected", "answer", "steps", "data_path", "data_split",
-    "split", "data_output_path", "bad_rows", "seed", "report", "plots", "batch_size", "max_seq_len",
+    "split", "data_output_path", "bad_rows", "seed", "benchmark", "benchmark_path", "report", "plots", "batch_size",
+    "max_seq_len",
     "num_padding_at_beginning", "serve", "host", "port", "token", "max_request_bytes", "max_items", "batch_wait_ms",
     "trust_remote_code",
 )

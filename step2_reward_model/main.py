@@ -28,7 +28,7 @@ from transformers import SchedulerType
 
 from step2_reward_model import checkpoints
 from step2_reward_model.engine import build_ds_config, build_engine, resolve_attention, resolve_dtype
-from step2_reward_model.evaluate import best_worst_margins, evaluate, evaluate_steps, worst_rows
+from step2_reward_model.evaluate import BenchmarkEval, best_worst_margins, evaluate, evaluate_steps, worst_rows
 from step2_reward_model.flags import parse_training_args
 from step2_reward_model.lora import apply_lora, merge_lora
 from step2_reward_model.memory import check_memory
@@ -71,6 +71,8 @@ def train(args: argparse.Namespace) -> None:
         tokenizer.chat_template = load_chat_template(args.chat_template)  # saved with the tokenizer
     end_text = end_of_conversation_text(config)
     train_set, eval_set = load_datasets(args, tokenizer, end_text, local_rank)
+    benchmarks = [BenchmarkEval(spec, tokenizer, args.max_seq_len, end_text, args.per_device_eval_batch_size)
+                  for spec in args.eval_benchmark]
     model = create_reward_model(args.model_name_or_path, tokenizer, ds_config, dropout=args.dropout, loss=args.loss,
                                 compute_fp32_loss=args.compute_fp32_loss or (args.dtype == "bf16"
                                                                              and args.bf16_to_fp32_loss),
@@ -86,8 +88,15 @@ def train(args: argparse.Namespace) -> None:
     engine = build_engine(args, model, ds_config, len(train_loader))
 
     # The run: where it stands, and the work around each step.
-    run_eval = partial(evaluate_steps, engine, eval_loader, args.eval_iters, device) if args.process_reward \
+    held_out = partial(evaluate_steps, engine, eval_loader, args.eval_iters, device) if args.process_reward \
         else partial(evaluate, engine, eval_loader, args.eval_iters, device, eval_set.data.source_names)
+
+    def run_eval() -> dict:
+        metrics = held_out()
+        for benchmark in benchmarks:
+            metrics.update(benchmark.evaluate(engine, device))
+        return metrics
+
     settings = checkpoints.run_settings(args, world_size, len(train_set))
     progress = checkpoints.Progress()
     if resume_from:

@@ -239,7 +239,7 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+def text_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
     """Aligned columns: the first left-justified (labels), the others right-justified (numbers)."""
     cells = [list(header)] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(row[c]) for row in cells) for c in range(len(header))]
@@ -257,7 +257,7 @@ def _ranges(rows: list[dict]) -> list[str]:
 
 
 def _buckets_table(buckets: list[dict]) -> list[str]:
-    return _table(["range", "pairs", "accuracy"],
+    return text_table(["range", "pairs", "accuracy"],
                   [[label, b["pairs"], b["accuracy"]] for label, b in zip(_ranges(buckets), buckets, strict=True)])
 
 
@@ -265,17 +265,17 @@ def format_report(report: dict) -> str:
     """`pair_report`'s result as plain-text tables for a terminal: 4 decimals, "-" where undefined."""
     calib, rewards = report["calibration"], report["rewards"]
     sections = [
-        ("Summary", _table(["metric", "value"], list(report["summary"].items()))),
-        ("Per source", _table(["source", "pairs", "accuracy"],
+        ("Summary", text_table(["metric", "value"], list(report["summary"].items()))),
+        ("Per source", text_table(["source", "pairs", "accuracy"],
                               [[name, s["pairs"], s["accuracy"]] for name, s in report["by_source"].items()])),
         ("Accuracy by |margin|", _buckets_table(report["by_margin"])),
         ("Accuracy by pair length (tokens)", _buckets_table(report["by_length"])),
-        ("Length bias", _table(["metric", "value"], list(report["length_bias"].items()))),
-        ("Calibration", _table(["metric", "value"], [[k, calib[k]] for k in ("brier", "log_loss", "ece")])
-         + [""] + _table(["confidence bin", "count", "confidence", "accuracy"],
+        ("Length bias", text_table(["metric", "value"], list(report["length_bias"].items()))),
+        ("Calibration", text_table(["metric", "value"], [[k, calib[k]] for k in ("brier", "log_loss", "ece")])
+         + [""] + text_table(["confidence bin", "count", "confidence", "accuracy"],
                          [[label, b["count"], b["confidence"], b["accuracy"]]
                           for label, b in zip(_ranges(calib["bins"]), calib["bins"], strict=True)])),
-        ("Reward distribution", _table(["stat", *rewards],
+        ("Reward distribution", text_table(["stat", *rewards],
                                        [[key, *(stats[key] for stats in rewards.values())] for key in STAT_KEYS])),
     ]
     return "\n\n".join("\n".join([f"== {title} ==", *lines]) for title, lines in sections) + "\n"

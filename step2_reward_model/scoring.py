@@ -29,9 +29,10 @@ class Scorer:
     batch_size: int = 16
     device: torch.device = torch.device("cpu")
 
-    def encode_pairs(self, prompts: list[str], answers: list[str]) -> list[np.ndarray]:
-        """Token ids of each prompt + answer + end token; an answer that cannot fit is a UserError
-        naming its position."""
+    def encode_pairs(self, prompts: list[str], answers: list[str], cut_long: bool = False) -> list[np.ndarray]:
+        """Token ids of each prompt + answer + end token. An answer that cannot fit is a UserError
+        naming its position, or with `cut_long` (as benchmark runners do) loses its start too: the
+        sequence keeps its last `max_seq_len` tokens after the tokenizer's leading ones."""
         prefix, suffix = special_affixes(self.tokenizer)
         prompt_ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
         answer_ids = self.tokenizer([a + self.end_of_conversation_token for a in answers],
@@ -40,7 +41,9 @@ class Scorer:
         for index, (prompt, answer) in enumerate(zip(prompt_ids, answer_ids, strict=True)):
             response = answer + suffix
             fitted = fit_prompt(prompt, [response], len(prefix), self.max_seq_len)
-            if fitted is None:
+            if fitted is None and cut_long:
+                fitted, response = [], response[len(response) - (self.max_seq_len - len(prefix)):]
+            elif fitted is None:
                 raise UserError(f"item {index}: the answer is {len(response)} tokens, longer than "
                                 f"max_seq_len {self.max_seq_len}")
             sequences.append(np.asarray(prefix + fitted + response, dtype=np.int64))
