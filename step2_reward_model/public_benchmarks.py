@@ -337,5 +337,5 @@ def format_result(name: str, result: dict) -> str:
     summary = [["score", result["score"]], *extra,
                ["missing", ", ".join(result["missing"]) or "none"],
                ["unknown subsets", ", ".join(result["unknown_subsets"]) or "none"]]
-    sections.append((f"{name}", text_table(["", ""], summary)))
+    sections.append((name, text_table(["metric", "value"], summary)))
     return "\n\n".join("\n".join([f"== {title} ==", *lines]) for title, lines in sections) + "\n"
