@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from step2_reward_model.metrics import ranking_accuracies, ranking_metrics, step_metrics
-from step2_reward_model.public_benchmarks import BENCHMARKS, layout, read_items
+from step2_reward_model.public_benchmarks import BENCHMARKS, encode_items, per_item, read_items
 from step2_reward_model.scoring import Scorer
 from utils.data.collate import pad_right
 from utils.runtime import print_rank_0, to_device
@@ -173,13 +173,7 @@ class BenchmarkEval:
     def __init__(self, spec: str, tokenizer, max_seq_len: int, end_text: str, batch_size: int):
         self.name, _, path = spec.partition(":")
         self.items = read_items(self.name, path or None)
-        encoder = Scorer(None, tokenizer, max_seq_len, end_text)
-        prompts, answers = [], []
-        for item in self.items:
-            prompt, texts = layout(item, tokenizer)
-            prompts.extend([prompt] * len(texts))
-            answers.extend(texts)
-        self.sequences = encoder.encode_pairs(prompts, answers, cut_long=True)
+        self.sequences = encode_items(Scorer(None, tokenizer, max_seq_len, end_text), self.items)
         self.batch_size = batch_size
 
     def rewards(self, engine, device: torch.device) -> np.ndarray:
@@ -203,12 +197,7 @@ class BenchmarkEval:
 
     def evaluate(self, engine, device: torch.device) -> dict[str, float]:
         """The benchmark's score and section (or subset) scores, as `benchmark/NAME/...` metrics."""
-        flat, rewards, start = self.rewards(engine, device), [], 0
-        for item in self.items:
-            middle, stop = start + len(item.chosen), start + len(item.chosen) + len(item.rejected)
-            rewards.append((flat[start:middle], flat[middle:stop]))
-            start = stop
-        result = BENCHMARKS[self.name].score(self.items, rewards)
+        result = BENCHMARKS[self.name].score(self.items, per_item(self.items, self.rewards(engine, device)))
         parts = result.get("sections") or result.get("subsets") or {}
         if "levels" in result:
             parts = result["levels"]

@@ -104,21 +104,29 @@ def layout(item: Item, tokenizer) -> tuple[str, list[str]]:
     return f" Human: {item.prompt} Assistant:", [f" {answer}" for answer in answers]
 
 
-def score_items(scorer, items: list[Item], progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each item's (chosen rewards, rejected rewards), all sequences scored in length-sorted batches."""
-    prompts, answers, counts = [], [], []
+def encode_items(encoder, items: list[Item]) -> list[np.ndarray]:
+    """Token ids of every answer of every item, in order (`encoder`: a `Scorer`)."""
+    prompts, answers = [], []
     for item in items:
-        prompt, texts = layout(item, scorer.tokenizer)
+        prompt, texts = layout(item, encoder.tokenizer)
         prompts.extend([prompt] * len(texts))
         answers.extend(texts)
-        counts.append(len(item.chosen))
-    rewards = np.asarray(scorer.score_ids(scorer.encode_pairs(prompts, answers, cut_long=True), progress=progress))
+    return encoder.encode_pairs(prompts, answers, cut_long=True)
+
+
+def per_item(items: list[Item], rewards: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Flat rewards, in `encode_items`' order, as each item's (chosen rewards, rejected rewards)."""
     out, start = [], 0
-    for item, chosen in zip(items, counts, strict=True):
-        stop = start + chosen + len(item.rejected)
-        out.append((rewards[start:start + chosen], rewards[start + chosen:stop]))
-        start = stop
+    for item in items:
+        middle = start + len(item.chosen)
+        out.append((rewards[start:middle], rewards[middle:middle + len(item.rejected)]))
+        start = middle + len(item.rejected)
     return out
+
+
+def score_items(scorer, items: list[Item], progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each item's (chosen rewards, rejected rewards), all sequences scored in length-sorted batches."""
+    return per_item(items, np.asarray(scorer.score_ids(encode_items(scorer, items), progress=progress)))
 
 
 # RewardBench v1: allenai/reward-bench at 05a9005, rewardbench/constants.py (SUBSET_MAPPING,
