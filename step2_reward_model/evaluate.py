@@ -8,6 +8,9 @@ reward statistics saved beside the checkpoint.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -16,7 +19,6 @@ from torch.utils.data import DataLoader
 from step2_reward_model.metrics import ranking_accuracies, ranking_metrics, step_metrics
 from step2_reward_model.public_benchmarks import BENCHMARKS, encode_items, per_item, read_items
 from step2_reward_model.scoring import Scorer
-from utils.data.collate import pad_right
 from utils.runtime import print_rank_0, to_device
 
 STEP_SUMS = ("steps", "steps_correct", "solutions", "solutions_correct", "first_error_correct")
@@ -173,22 +175,16 @@ class BenchmarkEval:
     def __init__(self, spec: str, tokenizer, max_seq_len: int, end_text: str, batch_size: int):
         self.name, _, path = spec.partition(":")
         self.items = read_items(self.name, path or None)
-        self.sequences = encode_items(Scorer(None, tokenizer, max_seq_len, end_text), self.items)
-        self.batch_size = batch_size
+        self.scorer = Scorer(None, tokenizer, max_seq_len, end_text, batch_size=batch_size)
+        self.sequences = encode_items(self.scorer, self.items)
 
     def rewards(self, engine, device: torch.device) -> np.ndarray:
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        per_rank = -(-len(self.sequences) // world_size)
+        per_rank = -(-len(self.sequences) // world_size)  # so every rank runs as many batches
         mine = [(rank + k * world_size) % len(self.sequences) for k in range(per_rank)]
-        order = sorted(range(per_rank), key=lambda k: -len(self.sequences[mine[k]]))
-        local = torch.zeros(per_rank, dtype=torch.float64, device=device)
+        scorer = replace(self.scorer, model=engine.module, device=device, grad_mode=partial(inference, engine))
         engine.eval()
-        for start in range(0, per_rank, self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            input_ids, attention_mask = pad_right([self.sequences[mine[k]] for k in chunk], 0)
-            with inference(engine):
-                scores = engine.module.forward_value(input_ids.to(device), attention_mask.to(device))
-            local[torch.tensor(chunk, device=device)] = scores["chosen_end_scores"].double()
+        local = torch.tensor(scorer.score_ids([self.sequences[i] for i in mine]), dtype=torch.float64, device=device)
         engine.train()
         gathered = [torch.zeros_like(local) for _ in range(world_size)]
         dist.all_gather(gathered, local)
@@ -197,9 +193,7 @@ class BenchmarkEval:
 
     def evaluate(self, engine, device: torch.device) -> dict[str, float]:
         """The benchmark's score and section (or subset) scores, as `benchmark/NAME/...` metrics."""
-        result = BENCHMARKS[self.name].score(self.items, per_item(self.items, self.rewards(engine, device)))
-        parts = result.get("sections") or result.get("subsets") or {}
-        if "levels" in result:
-            parts = result["levels"]
-        metrics = {"score": result["score"], **parts}
+        benchmark = BENCHMARKS[self.name]
+        result = benchmark.score(self.items, per_item(self.items, self.rewards(engine, device)))
+        metrics = {"score": result["score"], **result[benchmark.parts]}
         return {f"benchmark/{self.name}/{key}": value for key, value in metrics.items() if value is not None}

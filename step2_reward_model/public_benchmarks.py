@@ -39,6 +39,7 @@ class Benchmark:
     split: str
     lists: bool  # chosen and rejected are lists of answers (else one text each)
     subset_field: str
+    parts: str  # the key of `score`'s result whose scores training logs beside the final one
     score: Callable[[list[Item], list[tuple[np.ndarray, np.ndarray]]], dict]
 
 
@@ -302,10 +303,11 @@ def score_rmbench(items: list[Item], rewards: list[tuple[np.ndarray, np.ndarray]
 
 BENCHMARKS = {
     "rewardbench": Benchmark("allenai/reward-bench", "filtered", lists=False, subset_field="subset",
-                             score=score_rewardbench),
+                             parts="sections", score=score_rewardbench),
     "rewardbench2": Benchmark("allenai/reward-bench-2", "test", lists=True, subset_field="subset",
-                              score=score_rewardbench2),
-    "rmbench": Benchmark("THU-KEG/RM-Bench", "train", lists=True, subset_field="domain", score=score_rmbench),
+                              parts="subsets", score=score_rewardbench2),
+    "rmbench": Benchmark("THU-KEG/RM-Bench", "train", lists=True, subset_field="domain", parts="levels",
+                         score=score_rmbench),
 }
 
 

@@ -9,6 +9,8 @@ on the right to the batch's longest.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +30,8 @@ class Scorer:
     end_of_conversation_token: str
     batch_size: int = 16
     device: torch.device = torch.device("cpu")
+    # How the forwards run: inference mode, except under ZeRO-3 in training (see `evaluate.inference`).
+    grad_mode: Callable[[], AbstractContextManager] = torch.inference_mode
 
     def encode_pairs(self, prompts: list[str], answers: list[str], cut_long: bool = False) -> list[np.ndarray]:
         """Token ids of each prompt + answer + end token. An answer that cannot fit is a UserError
@@ -60,9 +64,8 @@ class Scorer:
             sequences.append(np.asarray(ids, dtype=np.int64))
         return sequences
 
-    @torch.inference_mode()
     def score_ids(self, sequences: list[np.ndarray], progress: bool = False) -> list[float]:
-        """The end score of each sequence, in the order given."""
+        """The end score of each sequence, in the order given: ceil(len / batch_size) forwards."""
         from tqdm import tqdm
 
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
@@ -71,7 +74,8 @@ class Scorer:
         for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress, file=sys.stderr):
             chunk = order[start:start + self.batch_size]
             input_ids, attention_mask = pad_right([sequences[index] for index in chunk], 0)
-            out = self.model.forward_value(input_ids.to(self.device), attention_mask.to(self.device))
+            with self.grad_mode():
+                out = self.model.forward_value(input_ids.to(self.device), attention_mask.to(self.device))
             for index, score in zip(chunk, out["chosen_end_scores"].float().tolist(), strict=True):
                 scores[index] = score
         return scores
