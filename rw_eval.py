@@ -125,10 +125,11 @@ def evaluate_benchmark(scorer: Scorer, args: argparse.Namespace) -> dict:
     rewards = score_items(scorer, items)
     result = BENCHMARKS[args.benchmark].score(items, rewards)
     if args.benchmark == "rewardbench":  # this project's length-bias metrics beside the subsets' length tags
-        lengths = [[len(ids) for ids in scorer.tokenizer([item.chosen[0], item.rejected[0]],
-                                                         add_special_tokens=False)["input_ids"]] for item in items]
+        ids = scorer.tokenizer([answer for item in items for answer in (item.chosen[0], item.rejected[0])],
+                               add_special_tokens=False)["input_ids"]
+        lengths = [len(answer) for answer in ids]
         result["length_bias"] = length_bias([c[0] for c, _ in rewards], [r[0] for _, r in rewards],
-                                            [pair[0] for pair in lengths], [pair[1] for pair in lengths])
+                                            lengths[0::2], lengths[1::2])
     print(format_result(args.benchmark, result))
     if args.report:
         write_report(args.report, {
