@@ -12,6 +12,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from transformers import get_scheduler
 
+from step2_reward_model.model import flex_attention_problem
 from utils.ds_utils import get_train_ds_config, merge_user_config
 from utils.runtime import print_rank_0
 
@@ -41,15 +42,24 @@ def resolve_dtype(args: argparse.Namespace) -> None:
                      "times slower than fp32 here; --dtype fp32 is the fast path")
 
 
-def resolve_attention(args: argparse.Namespace) -> None:
-    """`--attn_implementation auto` -> flash-attention 2 where it applies, else None (the model's
-    default, SDPA for the supported families). Flash-attention takes no custom mask, so it is
-    chosen only when prefix sharing is off."""
-    if args.attn_implementation != "auto":
-        return
-    flash = (importlib.util.find_spec("flash_attn") is not None and get_accelerator().device_name() == "cuda"
-             and args.dtype in ("fp16", "bf16") and not args.prefix_sharing)
-    args.attn_implementation = "flash_attention_2" if flash else None
+def resolve_attention(args: argparse.Namespace, config=None) -> None:
+    """`--attn_implementation auto` -> the fastest attention for this run's batches, None being the
+    model's default (SDPA for the supported families). Flash-attention 2 takes no custom mask, so it
+    is chosen only when prefix sharing is off (installed, on a GPU, in fp16/bf16); with
+    --max_tokens_per_batch on a GPU, FlexAttention otherwise, whose block mask skips what a
+    document cannot see. Given the model's `config`, FlexAttention where it cannot run falls back
+    to the default, with a note."""
+    on_gpu = get_accelerator().device_name() == "cuda"
+    if args.attn_implementation == "auto":
+        flash = (importlib.util.find_spec("flash_attn") is not None and on_gpu and args.dtype in ("fp16", "bf16")
+                 and not args.prefix_sharing)
+        flex = on_gpu and getattr(args, "max_tokens_per_batch", None) is not None
+        args.attn_implementation = "flash_attention_2" if flash else "flex_attention" if flex else None
+    if args.attn_implementation == "flex_attention" and config is not None:
+        problem = flex_attention_problem(config, on_gpu)
+        if problem:
+            print_rank_0(f"note: FlexAttention is off ({problem}); using the model's default attention")
+            args.attn_implementation = None
 
 
 def build_ds_config(args: argparse.Namespace, world_size: int) -> dict:
@@ -99,12 +109,13 @@ def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.op
     return optimizer_class(groups, lr=args.learning_rate, betas=(0.9, 0.95), **fused)
 
 
-def build_engine(args: argparse.Namespace, model: torch.nn.Module, ds_config: dict, batches_per_epoch: int):
-    """The DeepSpeed engine that trains `model`, with its optimizer and learning-rate schedule."""
+def build_engine(args: argparse.Namespace, model: torch.nn.Module, ds_config: dict, batches_per_epoch: list[int]):
+    """The DeepSpeed engine that trains `model`, with its optimizer and learning-rate schedule
+    (`batches_per_epoch`: each epoch's steps, which differ with --max_tokens_per_batch)."""
     optimizer = make_optimizer(args, model)
-    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    updates = sum(math.ceil(batches / args.gradient_accumulation_steps) for batches in batches_per_epoch)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
-                              num_training_steps=args.num_train_epochs * updates_per_epoch)
+                              num_training_steps=updates)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, args=args, config=ds_config,
                                       lr_scheduler=scheduler, dist_init_required=True)
     if args.gradient_checkpointing:

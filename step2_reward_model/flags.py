@@ -53,9 +53,11 @@ FLAGS: dict[str, dict] = {
     "disable_dropout": dict(action="store_true", help="Older DeepSpeed-Chat spelling of --dropout 0.0."),
     "add_eot_token": dict(action="store_true",
                           help=f"Add {END_OF_CONVERSATION_TOKEN} to the tokenizer as a special token."),
-    "attn_implementation": dict(default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2"],
-                                help="auto: the model's default (SDPA where it has it), or flash-attention 2 when "
-                                     "it is installed, on a GPU in fp16/bf16, with --no_prefix_sharing."),
+    "attn_implementation": dict(default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2",
+                                                         "flex_attention"],
+                                help="auto: flash-attention 2 when it is installed, on a GPU in fp16/bf16, with "
+                                     "--no_prefix_sharing; else FlexAttention on a GPU with --max_tokens_per_batch, "
+                                     "where the model has it; else the model's default (SDPA where it has it)."),
     "lora_dim": dict(type=int, default=0, help="If > 0, add LoRA adapters of this rank."),
     "lora_module_name": dict(default="decoder.layers.", help="LoRA goes on linear layers whose name contains this."),
     "only_optimize_lora": dict(action="store_true", help="Train only the adapters and the value head."),
@@ -78,6 +80,12 @@ FLAGS: dict[str, dict] = {
     "train_on_last_step_only": dict(action="store_true", help="Use only the last labelled step of each solution."),
     # Optimisation
     "per_device_train_batch_size": dict(type=int, default=16, help="Pairs per device per step."),
+    "max_tokens_per_batch": dict(type=int, default=None, metavar="N",
+                                 help="Size each device's training step by tokens instead of pairs (replaces "
+                                      "--per_device_train_batch_size): as many prompts, with all their answers, as "
+                                      "fit in N tokens, packed several to a row with no padding between them. The "
+                                      "loss stays the mean per pair (per labelled step with --process_reward) over "
+                                      "the global batch."),
     "per_device_eval_batch_size": dict(type=int, default=16, help="Pairs per device in evaluation."),
     "learning_rate": dict(type=float, default=5e-5, help="Peak learning rate."),
     "weight_decay": dict(type=float, default=0.0, help="AdamW weight decay (not on biases, norms)."),
@@ -166,7 +174,8 @@ FLAGS: dict[str, dict] = {
 
 TRAINING_FLAGS = (
     "data_path", "data_split", "data_output_path", "model_name_or_path", "num_padding_at_beginning",
-    "per_device_train_batch_size", "per_device_eval_batch_size", "max_seq_len", "learning_rate", "weight_decay",
+    "per_device_train_batch_size", "max_tokens_per_batch", "per_device_eval_batch_size", "max_seq_len",
+    "learning_rate", "weight_decay",
     "num_train_epochs", "gradient_accumulation_steps", "lr_scheduler_type", "num_warmup_steps", "output_dir", "seed",
     "local_rank", "gradient_checkpointing", "dropout", "disable_dropout", "offload", "dtype", "zero_stage",
     "lora_dim", "lora_module_name", "only_optimize_lora", "lora_learning_rate", "compute_fp32_loss",
@@ -207,6 +216,8 @@ def parse_training_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.dropout = 0.0
     if args.length_grouping_steps is None:
         args.length_grouping_steps = 0 if args.process_reward else 32
+    if args.max_tokens_per_batch is not None and args.max_tokens_per_batch <= 0:
+        parser.error(f"--max_tokens_per_batch must be a positive number of tokens, not {args.max_tokens_per_batch}")
     for flag, least in LEAST.items():
         if getattr(args, flag) < least:
             parser.error(f"--{flag} must be at least {least}")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import SchedulerType
 
 from step2_reward_model import checkpoints
@@ -38,6 +38,7 @@ from step2_reward_model.model import (
     create_reward_model,
     end_of_conversation_text,
     load_config,
+    packing_problem,
     prefix_sharing_problem,
 )
 from step2_reward_model.output import export_skipped_error, save_reward_model
@@ -46,7 +47,8 @@ from step2_reward_model.training import Run, StopRequest, train_step
 from utils.data.build import DataOptions, create_reward_datasets, create_step_datasets
 from utils.data.chat import load_chat_template
 from utils.data.collate import ACCELERATOR_CHUNK_TOKENS, CHUNK_TOKENS, EvalShard, PairCollator
-from utils.data.sampler import LengthGroupedBatches
+from utils.data.packing import FLEX_BLOCK
+from utils.data.sampler import LengthGroupedBatches, PackedShapes, TokenBudgetBatches, WithDenominator
 from utils.data.steps import StepCollator
 from utils.data.tokenize import TokenizedExamples, has_ranked_lists
 from utils.errors import UserError, exit_status
@@ -66,6 +68,7 @@ def train(args: argparse.Namespace) -> None:
     # Data and model.
     config = load_config(args.model_name_or_path, args.trust_remote_code, "--model_name_or_path")
     check_backbone(args, config)
+    resolve_attention(args, config)
     tokenizer = load_hf_tokenizer(args.model_name_or_path, args.add_eot_token, args.trust_remote_code)
     if args.chat_template:
         tokenizer.chat_template = load_chat_template(args.chat_template)  # saved with the tokenizer
@@ -85,7 +88,7 @@ def train(args: argparse.Namespace) -> None:
     sampler, train_loader, eval_loader = make_loaders(args, train_set, eval_set, collator, share_prompt, rank,
                                                       world_size, device)
     check_memory(args, model, sampler, device, world_size)
-    engine = build_engine(args, model, ds_config, len(train_loader))
+    engine = build_engine(args, model, ds_config, [sampler.batches_in(e) for e in range(args.num_train_epochs)])
 
     # The run: where it stands, and the work around each step.
     held_out = partial(evaluate_steps, engine, eval_loader, args.eval_iters, device) if args.process_reward \
@@ -102,7 +105,7 @@ def train(args: argparse.Namespace) -> None:
     if resume_from:
         progress = checkpoints.load(engine, resume_from, rank, settings)
         print_rank_0(f"resumed from {resume_from}: step {progress.update}, epoch {progress.epoch + 1}, "
-                     f"batch {progress.batch} of {len(train_loader)}")
+                     f"batch {progress.batch} of {sampler.batches_in(progress.epoch)}")
     run = Run(args, engine, run_eval, settings, progress, bool(resume_from), rank, device,
               ds_config.get("steps_per_print", 10))
     print_rank_0(f"***** Running training: {len(train_set)} train pairs, {len(eval_set)} eval pairs, "
@@ -198,39 +201,84 @@ def check_objective(args: argparse.Namespace, data: TokenizedExamples) -> None:
 def make_collator(args: argparse.Namespace, model: RewardModel, pad_token_id: int | None,
                   device: torch.device) -> tuple[PairCollator | StepCollator, bool]:
     """The collator of the batch layout this model and these flags take, and whether it shares prompts."""
+    arrangement = packing_arrangement(args, model.config)
     if args.process_reward:
-        return StepCollator(pad_token_id), False
+        return StepCollator(pad_token_id, pad_multiple(model.config), arrangement), False
     problem = prefix_sharing_problem(model.config) if args.prefix_sharing else None
     if problem:
         print_rank_0(f"note: prefix sharing is off ({problem}): every response gets its own row with the prompt")
     share_prompt = args.prefix_sharing and problem is None
     # ZeRO-3 gathers every layer's weights once per forward, so it runs each batch as one.
     chunk_tokens = CHUNK_TOKENS.get(device.type, ACCELERATOR_CHUNK_TOKENS) if args.zero_stage < 3 else None
-    return PairCollator(pad_token_id, share_prompt=share_prompt, chunk_tokens=chunk_tokens), share_prompt
+    return PairCollator(pad_token_id, share_prompt=share_prompt, chunk_tokens=chunk_tokens, arrangement=arrangement,
+                        pad_to_multiple_of=pad_multiple(model.config)), share_prompt
+
+
+def pad_multiple(config) -> int:
+    """Rows are padded to a multiple of 8, or of FlexAttention's block size."""
+    return FLEX_BLOCK if config._attn_implementation == "flex_attention" else 8
+
+
+def packing_arrangement(args: argparse.Namespace, config) -> str | None:
+    """With --max_tokens_per_batch, how documents are packed (`utils/data/packing.py`): one flat row
+    for kernels that skip what a document cannot see (FlexAttention, flash-attention 2), first-fit
+    rows as wide as the longest document for attention that computes whole rows (SDPA, eager: on
+    the CPU, where flat rows measured slower). None: not packed."""
+    if args.max_tokens_per_batch is None:
+        return None
+    problem = packing_problem(config)
+    if problem:
+        print_rank_0(f"note: documents are not packed several to a row ({problem}): token-budget batches of "
+                     "padded rows")
+        return None
+    return "flat" if config._attn_implementation in ("flex_attention", "flash_attention_2") else "fit"
 
 
 def make_loaders(args: argparse.Namespace, train_set, eval_set, collator, share_prompt: bool, rank: int,
                  world_size: int, device: torch.device) -> tuple[LengthGroupedBatches, DataLoader, DataLoader]:
-    """Length-grouped shuffled training batches; evaluation batches sorted by length, longest
-    first, each rank taking every world_size-th."""
-    sampler = LengthGroupedBatches(train_set.lengths(share_prompt), args.per_device_train_batch_size, rank,
-                                   world_size, seed=args.seed, window=args.length_grouping_steps,
-                                   shapes=train_set.row_shapes(share_prompt))
+    """Length-grouped shuffled training batches (of --per_device_train_batch_size examples, or of
+    --max_tokens_per_batch tokens); evaluation batches sorted by length, longest first, each rank
+    taking every world_size-th."""
+    sampler, train_items = train_sampler(args, train_set, collator, share_prompt, rank, world_size)
     layout = "one row per solution" if args.process_reward else \
         "one packed row per prompt, computing it once" if share_prompt else "one row per response"
     grouping = f"grouped by length within windows of {args.length_grouping_steps} steps" \
         if args.length_grouping_steps > 0 else "in plain shuffled order"
     chunks = ", run in chunks of similar length" if getattr(collator, "chunk_tokens", None) is not None \
-        and not share_prompt else ""
-    print_rank_0(f"batches: {layout}, padded to their longest, {grouping}{chunks}")
+        and not share_prompt and not collator.arrangement else ""
+    packed = {"fit": ", packed several to a row as wide as the longest",
+              "flat": ", packed end to end in one row"}.get(collator.arrangement, ", padded to their longest")
+    budget = f"{args.max_tokens_per_batch} tokens per device and step" if args.max_tokens_per_batch else \
+        f"{args.per_device_train_batch_size} per device and step"
+    print_rank_0(f"batches: {layout}{packed}, {budget}, {grouping}{chunks}")
     options = {"collate_fn": collator, "pin_memory": device.type == "cuda"}
     eval_order = np.argsort(-eval_set.lengths(share_prompt), kind="stable")
     eval_loader = DataLoader(EvalShard(Subset(eval_set, eval_order), rank, world_size),
                              batch_size=args.per_device_eval_batch_size, **options)
     # Its own generator: a loader draws a seed from the global one at every epoch's start, which
     # would shift the dropout of a run resumed part way through an epoch.
-    train_loader = DataLoader(train_set, batch_sampler=sampler, generator=torch.Generator(), **options)
+    train_loader = DataLoader(train_items, batch_sampler=sampler, generator=torch.Generator(), **options)
     return sampler, train_loader, eval_loader
+
+
+def train_sampler(args: argparse.Namespace, train_set, collator, share_prompt: bool, rank: int,
+                  world_size: int) -> tuple[LengthGroupedBatches | TokenBudgetBatches, Dataset]:
+    """The training batch sampler, and the data set its batches index."""
+    if args.max_tokens_per_batch is None:
+        return LengthGroupedBatches(train_set.lengths(share_prompt), args.per_device_train_batch_size, rank,
+                                    world_size, seed=args.seed, window=args.length_grouping_steps,
+                                    shapes=train_set.row_shapes(share_prompt)), train_set
+    tokens = train_set.tokens(share_prompt)
+    shapes = PackedShapes(tokens, collator.arrangement) if collator.arrangement else train_set.row_shapes(False)
+    sampler = TokenBudgetBatches(tokens, args.max_tokens_per_batch, rank, world_size, seed=args.seed,
+                                 window=args.length_grouping_steps, units=train_set.loss_units(),
+                                 accumulation=args.gradient_accumulation_steps, epochs=args.num_train_epochs,
+                                 shapes=shapes)
+    if len(sampler.oversized):
+        print_rank_0(f"note: {len(sampler.oversized)} training example(s) have more tokens than "
+                     f"--max_tokens_per_batch {args.max_tokens_per_batch} (the longest {tokens.max()}): each is "
+                     "trained alone in its device's share of a step")
+    return sampler, WithDenominator(train_set)
 
 
 def save_output(args: argparse.Namespace, engine, tokenizer, metrics: dict, end_text: str, sources: list[str],

@@ -225,8 +225,9 @@ def budgets(estimate: Estimate, device: torch.device) -> list[tuple[str, float, 
 
 def fixes(args: argparse.Namespace) -> str:
     """The flags that lower the peak, of those this run can still change."""
-    ways = [f"lower --per_device_train_batch_size ({args.per_device_train_batch_size}), --max_responses_per_prompt "
-            f"or --max_seq_len ({args.max_seq_len})"]
+    batch = f"--max_tokens_per_batch ({args.max_tokens_per_batch})" if args.max_tokens_per_batch else \
+        f"--per_device_train_batch_size ({args.per_device_train_batch_size})"
+    ways = [f"lower {batch}, --max_responses_per_prompt or --max_seq_len ({args.max_seq_len})"]
     if not args.gradient_checkpointing:
         ways.append("pass --gradient_checkpointing")
     if args.dtype == "fp32":

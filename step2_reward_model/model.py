@@ -42,7 +42,7 @@ BACKBONE, TYPO_BACKBONE = "rwtransformer", "rwtranrsformer"  # newer DeepSpeed-C
 # Model types whose position ids and 4-D attention mask are tested to give the same scores and
 # gradients packed as unpacked (tests/test_prefix_sharing.py), and the attentions that take the mask.
 PREFIX_SHARING_MODELS = ("opt", "gpt2", "llama", "mistral", "qwen2")
-PREFIX_SHARING_ATTENTION = ("sdpa", "eager")
+PREFIX_SHARING_ATTENTION = ("sdpa", "eager", "flex_attention")
 T5_NO_EXPORT = "transformers has no encoder-only T5 sequence classifier (T5ForSequenceClassification runs a decoder)"
 
 
@@ -87,8 +87,34 @@ def prefix_sharing_problem(config) -> str | None:
     return None
 
 
-def segment_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive `[rows, 1, seq, seq]` mask: causal, and a key is visible if it is in the prompt
+def flex_attention_problem(config, on_gpu: bool) -> str | None:
+    """Why FlexAttention cannot train this model here, or None when it can."""
+    if not on_gpu:
+        return "it has no backward pass on the CPU"
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    cls = backbone_class(config)
+    if cls.__name__ == "AutoModel":
+        cls = MODEL_MAPPING[type(config)] if type(config) in MODEL_MAPPING else None
+    if not getattr(cls, "_supports_flex_attn", False):
+        return f"transformers has none for model type {config.model_type}"
+    return None
+
+
+def packing_problem(config) -> str | None:
+    """Why a model cannot read several documents in one row (position ids restarting in each, and
+    a mask keeping documents apart), or None when it can. Flash-attention 2 takes no mask, but
+    finds the documents of a flat row from its position ids."""
+    if getattr(config, "_attn_implementation", None) == "flash_attention_2" \
+            and config.model_type in PREFIX_SHARING_MODELS:
+        return None
+    return prefix_sharing_problem(config)
+
+
+def segment_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype,
+                           document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive `[rows, 1, seq, seq]` mask: causal, within the query's document (when there are
+    `document_ids`, for rows of several documents), and a key is visible if it is in the prompt
     (segment 0) or in the query's own segment. Padding (-1) sees the prompt and padding, so no
     query row is empty (an empty row would make softmax NaN). An ordinary padded row is the case
     of segments 0 (real) and -1 (padding, left or right).
@@ -100,8 +126,27 @@ def segment_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> tor
     causal = torch.ones((seq, seq), dtype=torch.bool, device=segment_ids.device).tril()
     query, key = segment_ids[:, :, None], segment_ids[:, None, :]
     visible = causal & ((key == 0) | (key == query))
+    if document_ids is not None:
+        visible &= document_ids[:, :, None] == document_ids[:, None, :]
     zero = torch.zeros((), dtype=dtype, device=segment_ids.device)
     return torch.where(visible, zero, torch.finfo(dtype).min)[:, None]
+
+
+def segment_block_mask(segment_ids: torch.Tensor, document_ids: torch.Tensor | None = None):
+    """The same visibility as `segment_attention_mask`, as FlexAttention's block mask: blocks of
+    128 x 128 that no query may see (another document, one answer against another) are skipped,
+    not computed and masked."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    documents = torch.zeros_like(segment_ids) if document_ids is None else document_ids
+    rows, seq = segment_ids.shape
+
+    def visible(row, head, query, key):
+        same_segment = (segment_ids[row, key] == 0) | (segment_ids[row, key] == segment_ids[row, query])
+        return (key <= query) & (documents[row, query] == documents[row, key]) & same_segment
+
+    return create_block_mask(visible, rows, None, seq, seq, device=segment_ids.device,
+                             _compile=segment_ids.device.type == "cuda")
 
 
 def embedding_rows(tokenizer_length: int) -> int:
@@ -149,16 +194,33 @@ class RewardModel(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         self.rwtransformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One value per token, `[batch, seq]`."""
+    def attention(self, segment_ids: torch.Tensor, document_ids: torch.Tensor | None):
+        """The mask of packed rows, in the form the model's attention takes: a block mask for
+        FlexAttention, none for flash-attention 2 (which finds the documents of a flat row from
+        where its position ids restart), else an additive 4-D mask."""
+        attention = getattr(self.config, "_attn_implementation", None)
+        if attention == "flex_attention":
+            return segment_block_mask(segment_ids, document_ids)
+        if attention == "flash_attention_2":
+            return None
+        return segment_attention_mask(segment_ids, self.v_head.weight.dtype, document_ids)
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+               document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One value per token, `[rows, seq]`: of padded rows (`attention_mask`), or of packed rows
+        (`position_ids`, `segment_ids`, `document_ids`; see `utils/data/packing.py`)."""
         extra = {}
-        if self._takes_positions:
-            extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        mask = attention_mask
-        if prefix_sharing_problem(self.config) is None:
-            # Our own 4-D mask spares transformers' check of whether the batch has padding, which
-            # copies a flag from the device every step.
-            mask = segment_attention_mask(attention_mask.long() - 1, self.v_head.weight.dtype)
+        if segment_ids is not None:
+            extra["position_ids"], mask = position_ids, self.attention(segment_ids, document_ids)
+        else:
+            if self._takes_positions:
+                extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            mask = attention_mask
+            if prefix_sharing_problem(self.config) is None:
+                # Our own mask spares transformers' check of whether the batch has padding, which
+                # copies a flag from the device every step.
+                mask = self.attention(attention_mask.long() - 1, None)
         hidden = self.rwtransformer(input_ids=input_ids, attention_mask=mask, use_cache=False,
                                     **extra).last_hidden_state
         if self.encoder is not None and self.encoder.pooler:
@@ -187,18 +249,17 @@ class RewardModel(nn.Module):
         return end_index(attention_mask)
 
     def packed_values(self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor,
+                      document_ids: torch.Tensor | None,
                       row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Values, ids and attention mask of every response row, from one forward of the packed rows."""
-        mask = segment_attention_mask(segment_ids, self.v_head.weight.dtype)
-        hidden = self.rwtransformer(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                    use_cache=False).last_hidden_state
+        values = self.values(input_ids, position_ids=position_ids, segment_ids=segment_ids, document_ids=document_ids)
         index = row_index.clamp(min=0)
-        values = self.v_head(hidden).squeeze(-1).flatten()[index]
-        return values, input_ids.flatten()[index], (row_index >= 0).long()
+        return values.flatten()[index], input_ids.flatten()[index], (row_index >= 0).long()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 group: torch.Tensor | None = None, rank: torch.Tensor | None = None,
-                margin: torch.Tensor | None = None, **layout) -> dict[str, torch.Tensor]:
+                margin: torch.Tensor | None = None, loss_denominator: float | None = None,
+                **layout) -> dict[str, torch.Tensor]:
         """A training batch -> its loss and scores. Rows of responses come in one of the collator's
         layouts (`response_values`); a process reward model's batch, with `step_*` tensors in
         `layout`, gets the step loss (`step_forward`).
@@ -206,9 +267,11 @@ class RewardModel(nn.Module):
         Without `group`/`rank` the rows are DeepSpeed-Chat's pairs: all chosen, then as many
         rejected. With them, any number of ranked responses per prompt (`group` its index, `rank`
         0 best), each prompt's best row first, in prompt order. `margin` is per prompt (its length
-        gives the prompt count without a device-to-host copy)."""
+        gives the prompt count without a device-to-host copy). `loss_denominator` (token-budget
+        batches, `utils/data/sampler.py`): the loss is the sum over this batch's prompts divided by
+        it, instead of their mean."""
         if "step_positions" in layout:
-            return self.step_forward(input_ids, attention_mask, **layout)
+            return self.step_forward(input_ids, attention_mask, loss_denominator=loss_denominator, **layout)
         values, input_ids, attention_mask = self.response_values(input_ids, attention_mask, **layout)
         if self.compute_fp32_loss:
             values = values.float()
@@ -221,18 +284,21 @@ class RewardModel(nn.Module):
         last = torch.full((prompts,), -1, device=scores.device).scatter_reduce(
             0, group, torch.arange(len(group), device=scores.device), "amax")
         loss = self.preference_loss(values, scores, input_ids, attention_mask, group, rank, margin, prompts)
+        if loss_denominator is not None:
+            loss = loss * prompts / loss_denominator
         return {"loss": loss, "chosen_mean_scores": scores[:prompts], "rejected_mean_scores": scores[last],
                 "scores": scores}
 
     def response_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                         position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                        row_index: torch.Tensor | None = None, chunk_order: torch.Tensor | None = None,
+                        document_ids: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
+                        chunk_order: torch.Tensor | None = None,
                         chunks: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, ...]:
         """Values, ids and attention mask of one row per response, from the batch's layout: packed
-        prefix-shared rows (`row_index`, with `position_ids` and `segment_ids`), rows run in length
-        chunks (`chunk_order`, `chunks`), or plain padded rows."""
+        documents (`row_index`, with `position_ids`, `segment_ids` and `document_ids`), rows run in
+        length chunks (`chunk_order`, `chunks`), or plain padded rows."""
         if row_index is not None:
-            return self.packed_values(input_ids, position_ids, segment_ids, row_index)
+            return self.packed_values(input_ids, position_ids, segment_ids, document_ids, row_index)
         if chunks:
             return self.chunked_values(input_ids, attention_mask, chunk_order, chunks), input_ids, attention_mask
         return self.values(input_ids, attention_mask), input_ids, attention_mask
@@ -252,15 +318,21 @@ class RewardModel(nn.Module):
             return plackett_luce_loss(scores, group, rank)
         return ranked_pair_loss(scores, group, rank, margin, self.center_coefficient)
 
-    def step_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step_rows: torch.Tensor,
-                     step_positions: torch.Tensor, step_labels: torch.Tensor,
-                     step_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A process reward model's batch: the logit of each step at its last token, and the step loss."""
-        values = self.values(input_ids, attention_mask)
+    def step_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, step_index: torch.Tensor,
+                     step_labels: torch.Tensor, step_mask: torch.Tensor, loss_denominator: float | None = None,
+                     position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                     document_ids: torch.Tensor | None = None, **_steps) -> dict[str, torch.Tensor]:
+        """A process reward model's batch, padded or packed: the logit of each step at its last token
+        (`step_index` into the flattened rows), and the step loss, the mean over labelled steps (or
+        their sum over `loss_denominator`)."""
+        values = self.values(input_ids, attention_mask, position_ids, segment_ids, document_ids)
         if self.compute_fp32_loss:
             values = values.float()
-        logits = values[step_rows, step_positions]
-        return {"loss": step_loss(logits, step_labels, step_mask), "step_logits": logits}
+        logits = values.flatten()[step_index]
+        loss = step_loss(logits, step_labels, step_mask)
+        if loss_denominator is not None:
+            loss = loss * step_mask.sum() / loss_denominator
+        return {"loss": loss, "step_logits": logits}
 
     def forward_value(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       return_value_only: bool = False, prompt_length: int = 0,

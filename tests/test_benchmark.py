@@ -14,13 +14,15 @@ def test_throughput_benchmark_prints_every_mode(tmp_path):
     result = run_cli([sys.executable, "benchmarks/throughput.py", "--preset", "tiny", "--data_path", "synthetic",
                       "--pairs", "24", "--warmup_steps", "1", "--json", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
-    for mode in ("max_len", "dynamic", "grouped", "shared"):
+    for mode in ("max_len", "dynamic", "grouped", "shared", "packed"):
         assert f"\n{mode} " in result.stdout
     rows = {row["mode"]: row for row in json.loads(out.read_text())["results"]}
     assert rows["max_len"]["tokens_per_pair"] == 2 * 512  # two rows of --max_seq_len per pair
     # The same sequences in every mode; fewer tokens processed the more the layout saves.
     assert len({round(row["seq_tokens_per_s"] / row["pairs_per_s"]) for row in rows.values()}) == 1
     assert rows["max_len"]["tokens_per_pair"] > rows["dynamic"]["tokens_per_pair"] \
-        >= rows["grouped"]["tokens_per_pair"] > rows["shared"]["tokens_per_pair"]
-    assert rows["shared"]["real_share"] > rows["dynamic"]["real_share"]
+        >= rows["grouped"]["tokens_per_pair"] > rows["shared"]["tokens_per_pair"] >= rows["packed"]["tokens_per_pair"]
+    assert rows["packed"]["real_share"] >= rows["shared"]["real_share"] > rows["dynamic"]["real_share"]
+    assert rows["packed"]["arrangement"] == "fit" and rows["packed"]["attention"] == "sdpa"
+    assert "\npacked runs " in result.stdout
     assert all(row["peak_mib"] > 0 and 0 < row["flops_per_s"] for row in rows.values())

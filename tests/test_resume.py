@@ -338,3 +338,27 @@ def test_two_ranks_zero3_sigterm_and_resume_match_uninterrupted_run(tmp_path, mo
     for step, value in reference_losses.items():
         assert ours[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
     assert_same_weights(out, reference)
+
+
+def test_two_ranks_token_budget_sigterm_and_resume_match_uninterrupted_run(tmp_path, model_dirs, data, ds_config):
+    """Token-budget batches (packed rows, a varying number of pairs per rank) keep the ranks in
+    lockstep and resume exactly, with accumulation and gradient checkpointing under ZeRO-3."""
+    flags = ["--zero_stage", "3", "--num_train_epochs", "1", "--max_tokens_per_batch", "400",
+             "--gradient_accumulation_steps", "2", "--gradient_checkpointing"]
+    reference = tmp_path / "full"
+    full_log = run(command(reference, model_dirs["opt"], data, ds_config, *flags, ranks=2))
+    assert "packed several to a row as wide as the longest, 400 tokens per device and step" in full_log
+    out = tmp_path / "out"
+    cmd = command(out, model_dirs["opt"], data, ds_config, *flags, ranks=2)
+    log = tmp_path / "stopped.log"
+    process = start(cmd, log)
+    signal_when(process, log, "epoch 1 step 6:", signal.SIGTERM, group=True)
+    wait_for_group(process)
+    (stopped_at, _), = checkpoints.saved_steps(checkpoints.checkpoint_folder(str(out)))
+    run(cmd + ["--resume"])
+    reference_losses, ours = losses(reference), losses(out)
+    assert 0 < stopped_at < max(reference_losses)
+    assert sorted(ours) == sorted(reference_losses)
+    for step, value in reference_losses.items():
+        assert ours[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
+    assert_same_weights(out, reference)

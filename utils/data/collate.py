@@ -11,7 +11,8 @@ With `share_prompt`, the model reads each example once: one packed row [prompt, 
 response 2, ...] whose position ids restart after the prompt for every response and whose
 `segment_ids` (0 prompt, k + 1 response k, -1 padding) let the model mask each response from
 the others. `row_index` maps every (row, position) of the layout above to its token in the
-packed rows (-1 for padding), so the loss sees the same rows either way.
+packed rows (-1 for padding), so the loss sees the same rows either way. With an `arrangement`,
+several such documents share a row (`utils/data/packing.py`), with or without prefix sharing.
 
 Unpacked rows of very different lengths waste compute on padding even in a length-grouped batch
 (a pair's two responses differ; a ranked list's more so). With `chunk_tokens`, the collator also
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.data.packing import Document, pack_documents, plain_document, round_up
 from utils.data.tokenize import TokenizedExamples
 
 # The padded length at which a row's attention costs as much memory as the rest of its
@@ -91,6 +93,18 @@ class PairDataset(Dataset):
         return RowShapes(np.array([len(responses) for _, responses in pairs]),
                          np.array([len(prompt) + max(map(len, responses)) for prompt, responses in pairs]))
 
+    def tokens(self, share_prompt: bool = False) -> np.ndarray:
+        """Each example's tokens once packed: prompt + all responses, or without `share_prompt` the
+        prompt again with every response."""
+        pairs = zip(self.data.prompts, self.data.responses, strict=True)
+        if share_prompt:
+            return np.array([len(prompt) + sum(map(len, responses)) for prompt, responses in pairs])
+        return np.array([len(prompt) * len(responses) + sum(map(len, responses)) for prompt, responses in pairs])
+
+    def loss_units(self) -> np.ndarray:
+        """What the loss averages over, per example: one ranking (a pair or a ranked list)."""
+        return np.ones(len(self))
+
     def __getitem__(self, index: int) -> dict:
         data = self.data
         return {"prompt": data.prompts[index], "responses": data.responses[index], "ranks": data.ranks[index],
@@ -113,10 +127,6 @@ class EvalShard(Dataset):
         item = dict(self.dataset[position % len(self.dataset)])
         item["is_real"] = position < len(self.dataset)
         return item
-
-
-def round_up(length: int, multiple: int) -> int:
-    return multiple * math.ceil(length / multiple)
 
 
 def length_chunks(lengths: list[int], chunk_tokens: int, multiple: int = 8) -> list[tuple[list[int], int]]:
@@ -156,26 +166,32 @@ class PairCollator:
     """Stacks every example's response `k` as row block `k`; examples with fewer responses skip
     the later blocks. `margin`, `source` and `is_real` are per example, `group` and `rank` per row.
     `pad_to` pads every row to that length, as DeepSpeed-Chat does (for benchmarks). `chunk_tokens`
-    adds length chunks to unpacked batches (see the module's docstring)."""
+    adds length chunks to unpacked batches (see the module's docstring). `arrangement` ("fit" or
+    "flat", see `utils/data/packing.py`) packs the documents, prompts with all their answers or
+    (without `share_prompt`) with one each, several to a row; by default only shared prompts are
+    packed, one per row."""
 
     def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int = 8, share_prompt: bool = False,
-                 pad_to: int | None = None, chunk_tokens: int | None = None):
+                 pad_to: int | None = None, chunk_tokens: int | None = None, arrangement: str | None = None):
         self.pad_token_id = pad_token_id if pad_token_id is not None else 0  # masked out either way
         self.multiple = pad_to_multiple_of
         self.share_prompt = share_prompt
         self.pad_to = pad_to
         self.chunk_tokens = chunk_tokens
+        self.arrangement = arrangement or ("row" if share_prompt else None)
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         placed = [(g, k) for k in range(max(len(item["responses"]) for item in items))
                   for g, item in enumerate(items) if k < len(item["responses"])]
-        batch = self.packed(items, placed) if self.share_prompt else self.unpacked(items, placed)
+        batch = self.packed(items, placed) if self.arrangement else self.unpacked(items, placed)
         batch.update(group=torch.tensor([g for g, _ in placed]),
                      rank=torch.tensor([int(items[g]["ranks"][k]) for g, k in placed]),
                      margin=torch.tensor([float(item["margin"]) for item in items]),
                      source=torch.tensor([item["source"] for item in items]))
         if "is_real" in items[0]:
             batch["is_real"] = torch.tensor([item["is_real"] for item in items])
+        if "loss_denominator" in items[0]:
+            batch["loss_denominator"] = items[0]["loss_denominator"]
         return batch
 
     def unpacked(self, items: list[dict], placed: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
@@ -190,27 +206,32 @@ class PairCollator:
         return batch
 
     def packed(self, items: list[dict], placed: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        packed = [np.concatenate([item["prompt"], *item["responses"]]) for item in items]
-        input_ids, _ = pad_right(packed, self.pad_token_id, self.multiple)
-        width = input_ids.shape[1]
-        position_ids = torch.zeros_like(input_ids)
-        segment_ids = torch.full_like(input_ids, -1)
-        starts = []  # per example: where each response begins in its packed row
-        for g, item in enumerate(items):
-            prompt = len(item["prompt"])
-            position_ids[g, :prompt] = torch.arange(prompt)
-            segment_ids[g, :prompt] = 0
-            offsets = np.cumsum([prompt] + [len(resp) for resp in item["responses"]])
-            for k, resp in enumerate(item["responses"]):
-                span = slice(offsets[k], offsets[k] + len(resp))
-                position_ids[g, span] = torch.arange(prompt, prompt + len(resp))
-                segment_ids[g, span] = k + 1
-            starts.append(offsets)
+        """Packed documents, and `row_index`: where each token of each response row lies in them."""
         row_len = [len(items[g]["prompt"]) + len(items[g]["responses"][k]) for g, k in placed]
         row_index = torch.full((len(placed), round_up(max(row_len), self.multiple)), -1, dtype=torch.long)
+        if not self.share_prompt:
+            documents = [plain_document(np.concatenate([items[g]["prompt"], items[g]["responses"][k]]))
+                         for g, k in placed]
+            batch, starts = pack_documents(documents, self.pad_token_id, self.arrangement, self.multiple)
+            for r, length in enumerate(row_len):
+                row_index[r, :length] = starts[r] + torch.arange(length)
+            return {**batch, "row_index": row_index}
+        batch, starts = pack_documents([shared_document(item) for item in items], self.pad_token_id,
+                                       self.arrangement, self.multiple)
         for r, (g, k) in enumerate(placed):
-            prompt, resp = len(items[g]["prompt"]), len(items[g]["responses"][k])
-            row_index[r, :prompt] = g * width + torch.arange(prompt)
-            row_index[r, prompt:prompt + resp] = g * width + int(starts[g][k]) + torch.arange(resp)
-        return {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids,
-                "row_index": row_index}
+            prompt, responses = len(items[g]["prompt"]), items[g]["responses"]
+            offset = prompt + sum(len(resp) for resp in responses[:k])
+            row_index[r, :prompt] = starts[g] + torch.arange(prompt)
+            row_index[r, prompt:prompt + len(responses[k])] = starts[g] + offset + torch.arange(len(responses[k]))
+        return {**batch, "row_index": row_index}
+
+
+def shared_document(item: dict) -> Document:
+    """[prompt, response 1, response 2, ...], each response placed right after the prompt (its
+    positions) and seeing only the prompt and itself (its segment)."""
+    prompt, responses = item["prompt"], item["responses"]
+    return Document(np.concatenate([prompt, *responses]),
+                    np.concatenate([np.zeros(len(prompt), dtype=np.int64)]
+                                   + [np.full(len(resp), k + 1) for k, resp in enumerate(responses)]),
+                    np.concatenate([np.arange(len(prompt))]
+                                   + [len(prompt) + np.arange(len(resp)) for resp in responses]))

@@ -11,6 +11,13 @@ ranked list adds a row per response and a packed row is as long as all its respo
 the one holding the longest example.
 An epoch's order depends only on the seed and the epoch, so a resumed run starts an epoch part
 way (`set_epoch(epoch, start)`) on exactly the batches the interrupted run had not yet taken.
+
+`TokenBudgetBatches` (`--max_tokens_per_batch`) sizes steps by tokens instead of examples: each
+rank's share of a step holds as many documents (`utils/data/packing.py`) as fit in the budget, so
+memory stays flat whatever the lengths. The number of examples per step then varies, so the loss
+is a sum over examples divided by the step's `loss_denominator` (its examples over all ranks and
+accumulated micro-batches, divided by their number): the per-example mean over the global batch,
+whatever the packing.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
-from utils.data.collate import RowShapes
+from utils.data.collate import ATTENTION_WIDTH, RowShapes
+from utils.data.packing import arrange, first_fit, round_up
 
 
 class LengthGroupedBatches(Sampler[list[int]]):
@@ -42,6 +50,10 @@ class LengthGroupedBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return math.ceil(self.total / (self.batch_size * self.world_size))
+
+    def batches_in(self, epoch: int) -> int:
+        """Steps in `epoch` (the same in every epoch)."""
+        return len(self)
 
     def global_batches(self) -> list[np.ndarray]:
         """This epoch's batches of all ranks together, in the order they run."""
@@ -73,3 +85,145 @@ class LengthGroupedBatches(Sampler[list[int]]):
     def __iter__(self):
         for batch in self.global_batches()[self.start:]:
             yield self.parts(batch)[self.rank].tolist()
+
+
+class WithDenominator(Dataset):
+    """`dataset`'s items for the (index, loss denominator) keys that `TokenBudgetBatches` yields."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, float]) -> dict:
+        index, denominator = key
+        return {**self.dataset[index], "loss_denominator": denominator}
+
+
+class PackedShapes:
+    """The rows and width a rank's share of a step packs into, for the memory estimate."""
+
+    def __init__(self, sizes: np.ndarray, arrangement: str, multiple: int = 8):
+        self.sizes, self.arrangement, self.multiple = np.asarray(sizes), arrangement, multiple
+
+    def size(self, part: np.ndarray) -> tuple[int, int]:
+        if self.arrangement == "flat":
+            return 1, round_up(int(self.sizes[part].sum()), self.multiple)
+        rows, width = arrange(self.sizes[part].tolist(), self.arrangement, self.multiple)
+        return len(rows), width
+
+    def cost(self, part: np.ndarray) -> float:
+        rows, width = self.size(part)
+        return rows * width * (1 + width / ATTENTION_WIDTH)
+
+
+class TokenBudgetBatches(Sampler[list[tuple[int, float]]]):
+    """Batch sampler for this rank: documents of at most `budget` tokens per rank and step.
+
+    Each epoch the examples are shuffled and cut into windows of about `window` steps; within a
+    window they are packed largest first into budgets (first-fit decreasing, so one budget mixes a
+    long document with short ones that fill its room), and consecutive budgets of similar length
+    make the ranks' shares of a step. The steps are then shuffled, the costliest first, as in
+    `LengthGroupedBatches`. `window` <= 0: budgets filled in shuffled order, no grouping. A document
+    longer than the budget is a step's share alone. When the budgets do not divide among the ranks,
+    the last step's missing shares repeat examples from the epoch's start (as DistributedSampler).
+
+    `sizes` are the documents' tokens, `units` what the loss averages over per example (1 for a
+    pair or ranked list, the labelled steps of a solution), `accumulation` the micro-batches per
+    optimizer step, `epochs` how many the run trains (the last optimizer step of an epoch may take
+    micro-batches of the next)."""
+
+    def __init__(self, sizes: np.ndarray, budget: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 window: int = 32, units: np.ndarray | None = None, accumulation: int = 1, epochs: int = 1,
+                 shapes: PackedShapes | None = None):
+        if budget <= 0:
+            raise ValueError(f"a token budget must be positive, not {budget}")
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.units = np.ones(len(self.sizes)) if units is None else np.asarray(units, dtype=np.float64)
+        self.budget, self.rank, self.world_size, self.seed, self.window = budget, rank, world_size, seed, window
+        self.accumulation, self.epochs, self.shapes = accumulation, epochs, shapes
+        self.epoch, self.start = 0, 0
+        self._batches: dict[int, list[list[np.ndarray]]] = {}
+
+    @property
+    def oversized(self) -> np.ndarray:
+        """Examples longer than the budget (each trained alone in its share of a step)."""
+        return np.flatnonzero(self.sizes > self.budget)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.batches_in(self.epoch)
+
+    def batches_in(self, epoch: int) -> int:
+        return len(self.global_batches(epoch))
+
+    def parts(self, batch: list[np.ndarray]) -> list[np.ndarray]:
+        return batch
+
+    def cost(self, batch: list[np.ndarray]) -> float:
+        """The memory a step takes on the rank it costs most: tokens, and attention over the widest document."""
+        if self.shapes is not None:
+            return max(self.shapes.cost(part) for part in batch)
+        return max(self.sizes[part].sum() * (1 + self.sizes[part].max() / ATTENTION_WIDTH) for part in batch)
+
+    def budgets(self, order: np.ndarray) -> list[np.ndarray]:
+        """The epoch's examples, in `order`, packed into budgets."""
+        if self.window <= 0:
+            out, current, used = [], [], 0
+            for i in order:
+                if current and used + self.sizes[i] > self.budget:
+                    out.append(np.array(current))
+                    current, used = [], 0
+                current.append(i)
+                used += self.sizes[i]
+            return out + [np.array(current)]
+        per_step = max(1.0, self.world_size * self.budget / max(self.sizes.mean(), 1))
+        span = max(1, round(self.window * per_step))
+        out = []
+        for start in range(0, len(order), span):
+            chunk = order[start:start + span]
+            bins = [chunk[members] for members in first_fit(self.sizes[chunk].tolist(), self.budget)]
+            out += sorted(bins, key=lambda members: -self.sizes[members].max())
+        return out
+
+    def global_batches(self, epoch: int | None = None) -> list[list[np.ndarray]]:
+        """The epoch's steps in the order they run, each a list of every rank's share."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._batches:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.sizes))
+            budgets = self.budgets(order)
+            missing = -len(budgets) % self.world_size
+            budgets += [order[i:i + 1] for i in range(missing)]
+            steps = [budgets[i:i + self.world_size] for i in range(0, len(budgets), self.world_size)]
+            costliest = max(range(len(steps)), key=lambda i: self.cost(steps[i]))
+            self._batches[epoch] = [steps[costliest]] + [steps[i] for i in rng.permutation(len(steps))
+                                                          if i != costliest]
+        return self._batches[epoch]
+
+    def denominators(self, epoch: int) -> list[float]:
+        """Each of the epoch's steps' loss denominator: the units of its optimizer step (counted across
+        the run's micro-batches, as DeepSpeed accumulates them) over its ranks and micro-batches."""
+        first = sum(self.batches_in(e) for e in range(epoch))
+        group_start = first // self.accumulation * self.accumulation
+        group_end = math.ceil((first + self.batches_in(epoch)) / self.accumulation) * self.accumulation
+        totals: dict[int, float] = {}
+        micro = 0
+        for e in range(max(self.epochs, epoch + 1)):
+            for batch in self.global_batches(e):
+                if group_start <= micro < group_end:
+                    group = micro // self.accumulation
+                    totals[group] = totals.get(group, 0.0) + sum(self.units[part].sum() for part in batch)
+                micro += 1
+            if micro >= group_end:
+                break
+        scale = self.world_size * self.accumulation
+        return [totals[(first + b) // self.accumulation] / scale for b in range(self.batches_in(epoch))]
+
+    def __iter__(self):
+        denominators = self.denominators(self.epoch)
+        for b, batch in enumerate(self.global_batches(self.epoch)[self.start:], start=self.start):
+            yield [(int(i), denominators[b]) for i in batch[self.rank]]

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from utils.data.collate import RowShapes, pad_right
 from utils.data.examples import Outcome, judge_rows
 from utils.data.fields import Malformed, as_object, as_text, list_of, required
+from utils.data.packing import pack_documents, plain_document
 from utils.data.ragged import pack, unpack
 from utils.data.synthetic import is_held_out
 from utils.data.tokenize import encode_bounded, encode_tails, special_affixes
@@ -191,33 +192,53 @@ class StepDataset(Dataset):
         """One row per solution."""
         return RowShapes(np.ones(len(self), dtype=np.int64), self.lengths())
 
+    def tokens(self, share_prompt: bool = False) -> np.ndarray:
+        return self.lengths()
+
+    def loss_units(self) -> np.ndarray:
+        """What the loss averages over, per solution: its labelled steps."""
+        return np.array([np.count_nonzero(labels != UNLABELLED) for labels in self.data.labels])
+
     def __getitem__(self, index: int) -> dict:
         return {"input_ids": self.data.sequences[index], "positions": self.data.positions[index],
                 "labels": self.data.labels[index], "source": self.data.sources[index]}
 
 
 class StepCollator:
-    """Right-padded rows, and the steps of all rows flattened in order: `step_rows` [S] says whose step each is.
+    """Right-padded rows (or with an `arrangement`, packed documents: `utils/data/packing.py`), and the
+    steps of all rows flattened in order: `step_rows` [S] says whose step each is, `step_positions`
+    where it ends in its solution, `step_index` where that token lies in the flattened batch.
 
     Unlabelled steps have `step_mask` False and label 0.0, so the labels are valid BCE targets everywhere.
     """
 
-    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int = 8):
+    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int = 8, arrangement: str | None = None):
         self.pad_token_id = pad_token_id if pad_token_id is not None else 0  # masked out either way
         self.multiple = pad_to_multiple_of
+        self.arrangement = arrangement
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = pad_right([item["input_ids"] for item in items], self.pad_token_id, self.multiple)
+        sequences = [item["input_ids"] for item in items]
+        if self.arrangement:
+            batch, starts = pack_documents([plain_document(ids) for ids in sequences], self.pad_token_id,
+                                           self.arrangement, self.multiple)
+        else:
+            input_ids, attention_mask = pad_right(sequences, self.pad_token_id, self.multiple)
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+            starts = [i * input_ids.shape[1] for i in range(len(items))]
+        positions = [item["positions"].astype(np.int64) for item in items]
+        index = np.concatenate([start + pos for start, pos in zip(starts, positions, strict=True)])
         labels = torch.from_numpy(np.concatenate([item["labels"] for item in items]).astype(np.float32))
         mask = labels != UNLABELLED
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "step_rows": torch.cat([torch.full((len(item["positions"]),), i, dtype=torch.long)
-                                         for i, item in enumerate(items)]),
-                 "step_positions": torch.from_numpy(np.concatenate([item["positions"] for item in items])
-                                                    .astype(np.int64)),
-                 "step_labels": torch.where(mask, labels, 0.0), "step_mask": mask}
+        batch.update(step_rows=torch.cat([torch.full((len(item["positions"]),), i, dtype=torch.long)
+                                          for i, item in enumerate(items)]),
+                     step_positions=torch.from_numpy(np.concatenate(positions)),
+                     step_index=torch.from_numpy(index),
+                     step_labels=torch.where(mask, labels, 0.0), step_mask=mask)
         if "is_real" in items[0]:
             batch["is_real"] = torch.tensor([item["is_real"] for item in items])
+        if "loss_denominator" in items[0]:
+            batch["loss_denominator"] = items[0]["loss_denominator"]
         return batch
 
 

@@ -1,0 +1,47 @@
+"""Run by tests/test_packing.py under the deepspeed launcher on two ranks: one optimizer step of
+ZeRO-3, with gradient checkpointing and two accumulated micro-batches of token-budget packed rows,
+through SGD at learning rate 1, so each weight moves by exactly its gradient. Rank 0 saves the
+weights before and after the step to the file named by the last argument."""
+
+from __future__ import annotations
+
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from test_packing import budget_parts, packing_items, reward_model
+
+from utils.data.collate import PairCollator
+
+WORLD_SIZE, ACCUMULATION, BUDGET = 2, 2, 70
+
+
+def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def main(path: str) -> None:
+    deepspeed.init_distributed()
+    rank = dist.get_rank()
+    model = reward_model("llama", "end_token").float().train()
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": ACCUMULATION,
+              "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                      config=config)
+    engine.module.gradient_checkpointing_enable()
+    collate = PairCollator(1, share_prompt=True, arrangement="fit")
+    for micro_batch in budget_parts(packing_items(3, seed=11), WORLD_SIZE, ACCUMULATION, BUDGET):
+        batch = collate(micro_batch[rank])
+        batch.pop("source")
+        engine.backward(engine(**batch)["loss"])
+        engine.step()
+    after = gathered(engine.module)
+    if rank == 0:
+        torch.save({"before": before, "after": after}, path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[-1])  # the launcher puts --local_rank first
