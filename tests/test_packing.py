@@ -218,7 +218,7 @@ def test_budget_steps_average_the_loss_over_the_global_batch(loss, responses):
     model = reward_model("llama", loss)
     items = make_items(responses, seed=7) + make_items(responses, seed=8) + make_items(responses, seed=9)
     world_size, accumulation = 2, 2
-    parts = budget_parts(items, world_size, accumulation, budget=70)
+    parts = budget_parts(items, world_size, accumulation, budget=80)
     counts = [len(part) for step in parts for part in step]
     assert len(set(counts)) > 1, "equal shares: the test would not see the weighting"
     model.zero_grad()
@@ -275,9 +275,12 @@ def test_flex_attention_falls_back_where_it_cannot_train():
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("family", ["opt", "llama"])
-def test_flex_attention_block_mask_scores_as_the_dense_mask(family):
+def test_flex_attention_block_mask_scores_as_the_dense_mask(family, tmp_path, monkeypatch):
     """FlexAttention (forward only on the CPU, compiled, float32) on one flat row of shared
-    prompts scores every response as the dense mask on padded rows does."""
+    prompts scores every response as the dense mask on padded rows does. It compiles into a cache
+    of its own: a kernel cached by a process with another ATEN_CPU_CAPABILITY (the numerics
+    reruns) gave wrong scores when reused."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     config = CONFIGS[family]()
     config._attn_implementation = "flex_attention"
     torch.manual_seed(0)
@@ -399,3 +402,22 @@ def test_flex_attention_trains_on_one_flat_row_as_on_padded_rows(family, share):
         torch.testing.assert_close(out[key], expected[key], atol=rounding_tolerance(expected[key]), rtol=0)
     for grad, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, want, atol=rounding_tolerance(*expected_grads), rtol=0)
+
+
+@pytest.mark.parametrize("arrangement", ["row", "fit", "flat"])
+def test_rows_wider_than_the_position_table_score_as_padded_rows(arrangement):
+    """A prompt with three answers is longer than OPT's 64 positions, though each answer's own
+    row fits: padding never takes a position past the table, and the scores are the padded ones."""
+    config = CONFIGS["opt"]()
+    config.max_position_embeddings = 64
+    torch.manual_seed(0)
+    model = RewardModel(AutoModel.from_config(config), loss="end_token").double()
+    rng = np.random.default_rng(0)
+    items = [{"prompt": rng.integers(3, VOCAB, size=prompt),
+              "responses": [rng.integers(3, VOCAB, size=answer) for _ in range(count)],
+              "ranks": np.arange(count), "margin": 0.0, "source": 0}
+             for prompt, answer, count in ((20, 30, 3), (4, 5, 2))]
+    packed = PairCollator(1, share_prompt=True, arrangement=arrangement)(items)
+    assert packed["input_ids"].shape[1] > config.max_position_embeddings
+    assert packed["position_ids"].max() == 49
+    assert_outputs_equal(model, packed, PairCollator(1)(items), ("loss", "scores"))

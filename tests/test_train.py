@@ -159,8 +159,8 @@ def test_unshared_plain_batches_reach_the_same_accuracy(zero0_run, tmp_path, mod
     _, _, fast, fast_log = zero0_run
     _, meta, log = train(tmp_path, model_dirs["opt"], synthetic_dir, "--zero_stage", "0", "--no_prefix_sharing",
                          "--length_grouping_steps", "0")
-    assert PACKED in fast_log and "batches: one row per response, padded to their longest, 16 per device and step, in plain " \
-        "shuffled" in log
+    unshared = "batches: one row per response, padded to their longest, 16 per device and step, in plain shuffled"
+    assert PACKED in fast_log and unshared in log
     # One run each, 300 held-out pairs: the difference of two accuracies near 0.8 has a standard error
     # of about 0.034, so 0.1 is three of them (a different first batch moved it from 0.02 to 0.06).
     assert meta["final_eval"]["accuracy"] == pytest.approx(fast["final_eval"]["accuracy"], abs=0.1)

@@ -13,8 +13,9 @@ in one of three arrangements:
 
 Every token carries its document id, segment id (0 prompt, k + 1 answer k) and position id
 (restarting in each document, and after the prompt for every answer): the model's attention
-mask follows from them (`step2_reward_model/model.py`). Padding is document -1, segment -1, its
-positions counting from 0 as a sequence of its own.
+mask follows from them (`step2_reward_model/model.py`). Padding is document -1, segment -1,
+position 0: each padding token a sequence of its own to flash-attention, and never past the
+model's position table, however wide the row.
 """
 
 from __future__ import annotations
@@ -88,7 +89,6 @@ def pack_documents(documents: list[Document], pad_token_id: int, arrangement: st
             document_ids[r, span] = d
             starts[d] = r * width + column
             column = span.stop
-        position_ids[r, column:] = np.arange(width - column)
     tensors = {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids,
                "document_ids": document_ids}
     return {key: torch.from_numpy(value) for key, value in tensors.items()}, starts

@@ -28,7 +28,7 @@ import numpy as np
 from torch.utils.data import Dataset, Sampler
 
 from utils.data.collate import ATTENTION_WIDTH, RowShapes
-from utils.data.packing import arrange, first_fit, round_up
+from utils.data.packing import arrange, round_up
 
 
 class LengthGroupedBatches(Sampler[list[int]]):
@@ -122,9 +122,9 @@ class TokenBudgetBatches(Sampler[list[tuple[int, float]]]):
     """Batch sampler for this rank: documents of at most `budget` tokens per rank and step.
 
     Each epoch the examples are shuffled and cut into windows of about `window` steps; within a
-    window they are packed largest first into budgets (first-fit decreasing, so one budget mixes a
-    long document with short ones that fill its room), and consecutive budgets of similar length
-    make the ranks' shares of a step. The steps are then shuffled, the costliest first, as in
+    window they are sorted longest first and cut into budgets in that order, so a budget holds
+    documents of similar length (first-fit rows then pad little), and consecutive budgets make
+    the ranks' shares of a step. The steps are then shuffled, the costliest first, as in
     `LengthGroupedBatches`. `window` <= 0: budgets filled in shuffled order, no grouping. A document
     longer than the budget is a step's share alone. When the budgets do not divide among the ranks,
     the last step's missing shares repeat examples from the epoch's start (as DistributedSampler).
@@ -170,24 +170,21 @@ class TokenBudgetBatches(Sampler[list[tuple[int, float]]]):
         return max(self.sizes[part].sum() * (1 + self.sizes[part].max() / ATTENTION_WIDTH) for part in batch)
 
     def budgets(self, order: np.ndarray) -> list[np.ndarray]:
-        """The epoch's examples, in `order`, packed into budgets."""
-        if self.window <= 0:
-            out, current, used = [], [], 0
-            for i in order:
-                if current and used + self.sizes[i] > self.budget:
-                    out.append(np.array(current))
-                    current, used = [], 0
-                current.append(i)
-                used += self.sizes[i]
-            return out + [np.array(current)]
-        per_step = max(1.0, self.world_size * self.budget / max(self.sizes.mean(), 1))
-        span = max(1, round(self.window * per_step))
-        out = []
-        for start in range(0, len(order), span):
-            chunk = order[start:start + span]
-            bins = [chunk[members] for members in first_fit(self.sizes[chunk].tolist(), self.budget)]
-            out += sorted(bins, key=lambda members: -self.sizes[members].max())
-        return out
+        """The epoch's examples, shuffled in `order`, sorted longest first within windows, and cut
+        into budgets in that order (a new one where the next example would overflow)."""
+        if self.window > 0:
+            per_step = max(1.0, self.world_size * self.budget / max(self.sizes.mean(), 1))
+            span = max(1, round(self.window * per_step))
+            order = np.concatenate([chunk[np.argsort(-self.sizes[chunk], kind="stable")]
+                                    for chunk in np.array_split(order, max(1, -(-len(order) // span)))])
+        out, current, used = [], [], 0
+        for i in order.tolist():
+            if current and used + self.sizes[i] > self.budget:
+                out.append(np.array(current))
+                current, used = [], 0
+            current.append(i)
+            used += self.sizes[i]
+        return out + [np.array(current)]
 
     def global_batches(self, epoch: int | None = None) -> list[list[np.ndarray]]:
         """The epoch's steps in the order they run, each a list of every rank's share."""
