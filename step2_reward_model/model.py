@@ -13,6 +13,12 @@ of once per response, and the values are gathered back into the usual one-row-pe
 layout, so every loss sees the same numbers as without sharing. Model types whose attention or
 positions cannot take such a mask (ALiBi, flash-attention 2) fall back to unshared rows.
 
+Token-budget batches (--max_tokens_per_batch) pack several such documents into a row, each with
+its document id (`utils/data/packing.py`). `attention` turns the ids into what the configured
+attention takes: the 4-D mask for SDPA and eager, a block mask for FlexAttention (which skips
+the blocks no query may see), nothing for flash-attention 2 (whose variable-length kernel finds
+the documents of a flat row where the position ids restart).
+
 Encoders (BERT, DeBERTa-v2/v3, T5's encoder; the `ENCODERS` table) see the whole text at every
 position, so the first token is as good a summary as the last: BERT-style models are scored at
 their first real token ([CLS]), T5 at its last (the `</s>` its tokenizer appends). They attend
