@@ -85,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu_table", action="store_true",
                    help="Run the GPU presets at sequence lengths 512, 2048 and 8192 on both length mixes "
                         "(bf16, synthetic data, modes dynamic, shared, packed) and print one table.")
+    p.add_argument("--table_presets", nargs="+", choices=PRESETS, default=list(GPU_TABLE["presets"]),
+                   help="The GPU table's presets (a subset fits a shorter slot).")
+    p.add_argument("--table_lengths", nargs="+", type=int, default=list(GPU_TABLE["lengths"]),
+                   help="The GPU table's sequence lengths.")
+    p.add_argument("--table_mixes", nargs="+", choices=["hh", "long_tail"], default=list(GPU_TABLE["mixes"]),
+                   help="The GPU table's length mixes.")
     p.add_argument("--max_seq_len", type=int, default=512)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
@@ -367,9 +373,9 @@ def gpu_table(args: argparse.Namespace, peak_flops: float) -> list[dict]:
     """The GPU presets at every length and length mix (bf16, gradient checkpointing, synthetic
     data; fewer pairs at longer lengths), then one summary table and the issue's goals."""
     rows = []
-    for preset in GPU_TABLE["presets"]:
-        for length in GPU_TABLE["lengths"]:
-            for mix in GPU_TABLE["mixes"]:
+    for preset in args.table_presets:
+        for length in args.table_lengths:
+            for mix in args.table_mixes:
                 config = argparse.Namespace(**{**vars(args), "preset": preset, "max_seq_len": length, "lengths": mix,
                                                "data_path": "synthetic", "modes": list(GPU_TABLE_MODES),
                                                "pairs": max(32, args.pairs * 512 // length)})

@@ -28,13 +28,12 @@ def test_throughput_benchmark_prints_every_mode(tmp_path):
     assert all(row["peak_mib"] > 0 and 0 < row["flops_per_s"] for row in rows.values())
 
 
-def test_gpu_table_runs_every_preset_length_and_mix(monkeypatch, capsys):
+def test_gpu_table_runs_every_preset_length_and_mix(capsys):
     """The GPU table's loop and summary, on the tiny preset (the real presets need a GPU)."""
     from benchmarks import throughput
 
-    table = {"presets": ("tiny",), "lengths": (256,), "mixes": ("hh", "long_tail")}
-    monkeypatch.setattr(throughput, "GPU_TABLE", table)
-    assert throughput.main(["--gpu_table", "--pairs", "16", "--warmup_steps", "1"]) == 0
+    assert throughput.main(["--gpu_table", "--table_presets", "tiny", "--table_lengths", "256", "--pairs", "16",
+                            "--warmup_steps", "1"]) == 0
     out = capsys.readouterr().out
     summary = out[out.rindex("preset "):].splitlines()[1:]
     assert [line.split()[:4] for line in summary] == [["tiny", "256", mix, mode] for mix in ("hh", "long_tail")
