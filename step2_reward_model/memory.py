@@ -79,6 +79,10 @@ class PeakBytes(TorchDispatchMode):
         self.alive.pop(key, None)
 
 
+# Attention kernels whose memory grows with tokens, not tokens^2.
+LINEAR_MEMORY_ATTENTION = ("flex_attention", "flash_attention_2")
+
+
 @dataclass(frozen=True)
 class Activations:
     """Bytes a row of `tokens` holds at the peak of a forward and backward pass."""
@@ -127,12 +131,17 @@ def probe_peak(probe: RewardModel, tokens: int) -> int:
 
 
 def measure_activations(model: RewardModel, dtype: torch.dtype, checkpointing: bool) -> Activations:
-    """Fit the activations of a row of `model` from probes of one and two layers."""
+    """Fit the activations of a row of `model` from probes of one and two layers. The probes run
+    SDPA; FlexAttention and flash-attention keep neither scores nor a mask of tokens^2, so for
+    them only the linear part counts (a 16k-token flat row would otherwise add a 0.5 GiB mask)."""
     peaks = {layers: [probe_peak(probe_model(model, layers, dtype, checkpointing), tokens) for tokens in PROBE_TOKENS]
              for layers in (1, 2)}
     layers = model.config.num_hidden_layers
     per_row = [one + (layers - 1) * (two - one) for one, two in zip(peaks[1], peaks[2], strict=True)]
-    return fit(PROBE_TOKENS, per_row)
+    activations = fit(PROBE_TOKENS, per_row)
+    if model.config._attn_implementation in LINEAR_MEMORY_ATTENTION:
+        return Activations(activations.linear, 0.0)
+    return activations
 
 
 def fit(tokens: tuple[int, int], peaks: list[int]) -> Activations:

@@ -170,3 +170,12 @@ def test_the_cli_stops_before_training_with_one_line(tmp_path, model_dirs):
     assert "Traceback" not in result.stderr and "Running training" not in result.stdout
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training needs about ") and "--per_device_train_batch_size (16)" in last, last
+
+
+def test_flex_attention_activations_have_no_quadratic_part():
+    """The probes run SDPA (FlexAttention has no backward pass on the CPU), whose mask grows with
+    tokens^2; FlexAttention builds none, so only the linear part of the same probes counts."""
+    sdpa = memory.measure_activations(reward_model(attention="sdpa"), torch.float32, checkpointing=False)
+    flex = memory.measure_activations(reward_model(attention="flex_attention"), torch.float32, checkpointing=False)
+    assert sdpa.quadratic > 0
+    assert flex == memory.Activations(sdpa.linear, 0.0)
