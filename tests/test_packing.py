@@ -421,3 +421,20 @@ def test_rows_wider_than_the_position_table_score_as_padded_rows(arrangement):
     assert packed["input_ids"].shape[1] > config.max_position_embeddings
     assert packed["position_ids"].max() == 49
     assert_outputs_equal(model, packed, PairCollator(1)(items), ("loss", "scores"))
+
+
+@pytest.mark.parametrize("share,arrangement", PACKED)
+def test_packed_training_never_waits_on_the_device(share, arrangement):
+    """Packed rows with a loss denominator (pairs), and packed solutions: no tensor-to-Python
+    conversion in the forward and backward."""
+    from test_prefix_sharing import HostSyncs
+
+    model = reward_model("opt", "end_token")
+    batch = PairCollator(1, share_prompt=share, arrangement=arrangement)(
+        [{**item, "loss_denominator": 2.5} for item in packing_items(3)])
+    steps = StepCollator(1, arrangement=arrangement)([{**item, "loss_denominator": 4.0} for item in step_items(5)])
+    for layout in (batch, steps):
+        layout.pop("source", None)
+        with HostSyncs() as syncs:
+            model(**layout)["loss"].backward()
+        assert syncs.seen == []
