@@ -306,7 +306,7 @@ def run_mode(mode: str, args: argparse.Namespace, data, vocab: int, pad_token_id
 def batching(mode: str, args: argparse.Namespace, dataset, config, pad_token_id: int):
     """The mode's batch sampler, collator and the data set the sampler indexes."""
     from utils.data.collate import PairCollator
-    from utils.data.packing import FLEX_BLOCK
+    from utils.data.packing import arrangement_for, pad_multiple
     from utils.data.sampler import LengthGroupedBatches, TokenBudgetBatches, WithDenominator
 
     share = mode in ("shared", "packed")
@@ -315,12 +315,12 @@ def batching(mode: str, args: argparse.Namespace, dataset, config, pad_token_id:
         pad_to = args.max_seq_len if mode == "max_len" else None
         collator = PairCollator(pad_token_id, share_prompt=share, pad_to=pad_to)
         return LengthGroupedBatches(dataset.lengths(share), args.batch_size, seed=0, window=window), collator, dataset
-    arrangement = args.packing if args.packing != "auto" else \
-        "flat" if config._attn_implementation in ("flex_attention", "flash_attention_2") else "fit"
+    attention = config._attn_implementation
+    arrangement = args.packing if args.packing != "auto" else arrangement_for(attention)
     tokens = dataset.tokens(share_prompt=True)
     budget = args.max_tokens_per_batch or round(args.batch_size * tokens.mean())
-    multiple = FLEX_BLOCK if config._attn_implementation == "flex_attention" else 8
-    collator = PairCollator(pad_token_id, share_prompt=True, arrangement=arrangement, pad_to_multiple_of=multiple)
+    collator = PairCollator(pad_token_id, share_prompt=True, arrangement=arrangement,
+                            pad_to_multiple_of=pad_multiple(attention))
     return TokenBudgetBatches(tokens, budget, seed=0, window=window), collator, WithDenominator(dataset)
 
 

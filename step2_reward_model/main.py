@@ -47,7 +47,7 @@ from step2_reward_model.training import Run, StopRequest, train_step
 from utils.data.build import DataOptions, create_reward_datasets, create_step_datasets
 from utils.data.chat import load_chat_template
 from utils.data.collate import ACCELERATOR_CHUNK_TOKENS, CHUNK_TOKENS, EvalShard, PairCollator
-from utils.data.packing import FLEX_BLOCK
+from utils.data.packing import arrangement_for, pad_multiple
 from utils.data.sampler import LengthGroupedBatches, PackedShapes, TokenBudgetBatches, WithDenominator
 from utils.data.steps import StepCollator
 from utils.data.tokenize import TokenizedExamples, has_ranked_lists
@@ -203,7 +203,7 @@ def make_collator(args: argparse.Namespace, model: RewardModel, pad_token_id: in
     """The collator of the batch layout this model and these flags take, and whether it shares prompts."""
     arrangement = packing_arrangement(args, model.config)
     if args.process_reward:
-        return StepCollator(pad_token_id, pad_multiple(model.config), arrangement), False
+        return StepCollator(pad_token_id, pad_multiple(model.config._attn_implementation), arrangement), False
     problem = prefix_sharing_problem(model.config) if args.prefix_sharing else None
     if problem:
         print_rank_0(f"note: prefix sharing is off ({problem}): every response gets its own row with the prompt")
@@ -211,19 +211,12 @@ def make_collator(args: argparse.Namespace, model: RewardModel, pad_token_id: in
     # ZeRO-3 gathers every layer's weights once per forward, so it runs each batch as one.
     chunk_tokens = CHUNK_TOKENS.get(device.type, ACCELERATOR_CHUNK_TOKENS) if args.zero_stage < 3 else None
     return PairCollator(pad_token_id, share_prompt=share_prompt, chunk_tokens=chunk_tokens, arrangement=arrangement,
-                        pad_to_multiple_of=pad_multiple(model.config)), share_prompt
-
-
-def pad_multiple(config) -> int:
-    """Rows are padded to a multiple of 8, or of FlexAttention's block size."""
-    return FLEX_BLOCK if config._attn_implementation == "flex_attention" else 8
+                        pad_to_multiple_of=pad_multiple(model.config._attn_implementation)), share_prompt
 
 
 def packing_arrangement(args: argparse.Namespace, config) -> str | None:
-    """With --max_tokens_per_batch, how documents are packed (`utils/data/packing.py`): one flat row
-    for kernels that skip what a document cannot see (FlexAttention, flash-attention 2), first-fit
-    rows as wide as the longest document for attention that computes whole rows (SDPA, eager: on
-    the CPU, where flat rows measured slower). None: not packed."""
+    """With --max_tokens_per_batch, how documents are packed (`packing.arrangement_for`), or None:
+    not packed, for a model that cannot take several documents in a row."""
     if args.max_tokens_per_batch is None:
         return None
     problem = packing_problem(config)
@@ -231,7 +224,7 @@ def packing_arrangement(args: argparse.Namespace, config) -> str | None:
         print_rank_0(f"note: documents are not packed several to a row ({problem}): token-budget batches of "
                      "padded rows")
         return None
-    return "flat" if config._attn_implementation in ("flex_attention", "flash_attention_2") else "fit"
+    return arrangement_for(config._attn_implementation)
 
 
 def make_loaders(args: argparse.Namespace, train_set, eval_set, collator, share_prompt: bool, rank: int,

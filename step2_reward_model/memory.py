@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from step2_reward_model.model import RewardModel
+from utils.data.packing import VARLEN_ATTENTION
 from utils.data.sampler import LengthGroupedBatches
 from utils.errors import UserError
 from utils.runtime import print_rank_0
@@ -77,10 +78,6 @@ class PeakBytes(TorchDispatchMode):
     def freed(self, key: int, size: int, _ref: weakref.ref) -> None:
         self.live -= size
         self.alive.pop(key, None)
-
-
-# Attention kernels whose memory grows with tokens, not tokens^2.
-LINEAR_MEMORY_ATTENTION = ("flex_attention", "flash_attention_2")
 
 
 @dataclass(frozen=True)
@@ -139,7 +136,7 @@ def measure_activations(model: RewardModel, dtype: torch.dtype, checkpointing: b
     layers = model.config.num_hidden_layers
     per_row = [one + (layers - 1) * (two - one) for one, two in zip(peaks[1], peaks[2], strict=True)]
     activations = fit(PROBE_TOKENS, per_row)
-    if model.config._attn_implementation in LINEAR_MEMORY_ATTENTION:
+    if model.config._attn_implementation in VARLEN_ATTENTION:
         return Activations(activations.linear, 0.0)
     return activations
 

@@ -46,6 +46,11 @@ CHUNK_TOKENS = {"cpu": 32}
 ACCELERATOR_CHUNK_TOKENS = 2048
 
 
+def padded_cost(rows: int, width: int) -> float:
+    """Memory of `rows` rows padded to `width`, in tokens, their attention counted as tokens too."""
+    return rows * width * (1 + width / ATTENTION_WIDTH)
+
+
 @dataclass(frozen=True)
 class RowShapes:
     """Per example, how many rows it adds to a batch and how long they are before padding: what a
@@ -58,10 +63,8 @@ class RowShapes:
         """Rows of the batch of these examples, and the length they are padded to."""
         return int(self.rows[batch].sum()), round_up(int(self.widths[batch].max()), multiple)
 
-    def cost(self, batch: np.ndarray, attention_width: float = ATTENTION_WIDTH) -> float:
-        """Memory of the batch in padded tokens, its attention counted as tokens too."""
-        rows, width = self.size(batch)
-        return rows * width * (1 + width / attention_width)
+    def cost(self, batch: np.ndarray) -> float:
+        return padded_cost(*self.size(batch))
 
 
 class PairDataset(Dataset):

@@ -27,7 +27,7 @@ import math
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from utils.data.collate import ATTENTION_WIDTH, RowShapes
+from utils.data.collate import ATTENTION_WIDTH, RowShapes, padded_cost
 from utils.data.packing import arrange, round_up
 
 
@@ -114,8 +114,7 @@ class PackedShapes:
         return len(rows), width
 
     def cost(self, part: np.ndarray) -> float:
-        rows, width = self.size(part)
-        return rows * width * (1 + width / ATTENTION_WIDTH)
+        return padded_cost(*self.size(part))
 
 
 class TokenBudgetBatches(Sampler[list[tuple[int, float]]]):
