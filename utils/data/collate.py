@@ -99,9 +99,9 @@ class PairDataset(Dataset):
     def tokens(self, share_prompt: bool = False) -> np.ndarray:
         """Each example's tokens once packed: prompt + all responses, or without `share_prompt` the
         prompt again with every response."""
-        pairs = zip(self.data.prompts, self.data.responses, strict=True)
         if share_prompt:
-            return np.array([len(prompt) + sum(map(len, responses)) for prompt, responses in pairs])
+            return self.row_shapes(share_prompt=True).widths
+        pairs = zip(self.data.prompts, self.data.responses, strict=True)
         return np.array([len(prompt) * len(responses) + sum(map(len, responses)) for prompt, responses in pairs])
 
     def loss_units(self) -> np.ndarray:
