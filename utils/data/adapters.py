@@ -36,7 +36,8 @@ OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 ACCEPTED_LAYOUTS = ("prompt/chosen/rejected, chosen/rejected (HH dialogues or chat messages), prompt/responses/ranks, "
                     "prompt/ranked_outputs, conversation/ranked_responses (OpenAssistant) or "
                     "input_ids_chosen/input_ids_rejected (pretokenized); step-labelled prompt/steps/labels "
-                    "rows train a process reward model with --process_reward")
+                    "rows train a process reward model with --process_reward, attribute-rated "
+                    "prompt/response rows (HelpSteer, UltraFeedback) one with --objective regression")
 ASSISTANT = "\n\nAssistant:"
 
 
@@ -257,4 +258,8 @@ SOURCES: dict[str, Source] = {
     "openai/webgpt_comparisons": Source(_webgpt, eval_split=None),
     "stanfordnlp/SHP": Source(_shp, eval_split="validation"),
     "Anthropic/hh-rlhf": Source(columns),
+    # Attribute-rated responses, for --objective regression (read by utils.data.attributes).
+    "nvidia/HelpSteer": Source(columns, eval_split="validation"),
+    "nvidia/HelpSteer2": Source(columns, eval_split="validation"),
+    "openbmb/UltraFeedback": Source(columns, eval_split=None),
 }

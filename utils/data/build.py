@@ -18,6 +18,7 @@ from functools import partial
 
 import numpy as np
 
+from utils.data.attributes import attribute_names, group_by_prompt, judge_rated_rows
 from utils.data.collate import PairDataset
 from utils.data.examples import (
     Example,
@@ -37,7 +38,7 @@ from utils.data.tokenize import TokenizedExamples, load_tokenized, save_tokenize
 from utils.errors import UserError
 from utils.runtime import barrier
 
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5
 
 
 def _file_stamps(path: str) -> list:
@@ -241,20 +242,10 @@ def create_step_datasets(data_paths: list[str], data_split: str, data_output_pat
     paths = {split: os.path.join(data_output_path, f"steps_{split}_{key}.npz") for split in ("train", "eval")}
     if local_rank <= 0 and not all(os.path.isfile(p) for p in paths.values()):
         os.makedirs(data_output_path, exist_ok=True)
-        examples: dict[str, list[StepExample]] = {"train": [], "eval": []}
-        for path in data_paths:
-            raw = load_source(path, repo_root)
-            judge = partial(judge_step_rows, source=raw.name, neutral=neutral, bad_rows=bad_rows)
-            for split, (rows, outcomes) in _phase_outcomes(raw, judge, data_split, phase, seed,
-                                                           data_output_path).items():
-                cleaned, dropped = tally(outcomes)
-                log(f"data: {raw.name} [{split}]: {len(rows)} rows -> {len(cleaned)} step-labelled solutions "
-                    f"(dropped: {describe_drops(dropped)})")
-                if not cleaned:
-                    raise UserError(f"{origin(rows) if rows else raw.name}: no usable step-labelled rows in the "
-                                    f"{split} split (expected prompt, steps or completions, labels; "
-                                    f"dropped: {describe_drops(dropped)})")
-                examples[split].extend(cleaned)
+        examples: dict[str, list[StepExample]] = _judged(
+            data_paths, lambda raw: partial(judge_step_rows, source=raw.name, neutral=neutral, bad_rows=bad_rows),
+            data_split, phase, seed, data_output_path, repo_root, log, "step-labelled solutions",
+            "prompt, steps or completions, labels")
         for split, items in examples.items():
             tokenized = tokenize_steps(items, tokenizer, max_seq_len, separator, last_step_only)
             log(f"data: {split}: {len(tokenized)} solutions tokenised, {tokenized.truncated} shortened, "
@@ -265,3 +256,66 @@ def create_step_datasets(data_paths: list[str], data_split: str, data_output_pat
             save_steps(tokenized, paths[split])
     barrier()
     return StepDataset(load_steps(paths["train"])), StepDataset(load_steps(paths["eval"]))
+
+
+def create_attribute_datasets(data_paths: list[str], data_split: str, data_output_path: str, seed: int, tokenizer,
+                              max_seq_len: int, end_of_conversation_token: str, repo_root: str,
+                              attributes: list[str] | None = None, local_rank: int = 0, phase: int = 2,
+                              log: Callable[[str], None] = print,
+                              options: DataOptions | None = None) -> tuple[TokenizedExamples, TokenizedExamples]:
+    """Train and eval sets of attribute-rated responses (`utils/data/attributes.py`), one example per
+    prompt, split, cleaned, counted and cached like the preference sets. The attribute names (the
+    data's, or `attributes` in that order) are saved with both sets."""
+    options = options or DataOptions()
+    key = cache_key(data_paths, repo_root, tokenizer,
+                    {"split": data_split, "phase": phase, "seed": seed, "max_seq_len": max_seq_len,
+                     "eot": end_of_conversation_token, "attributes": attributes,
+                     "chat_template": options.chat_template, "bad_rows": options.bad_rows})
+    paths = {split: os.path.join(data_output_path, f"attributes_{split}_{key}.npz") for split in ("train", "eval")}
+    if local_rank <= 0 and not all(os.path.isfile(p) for p in paths.values()):
+        os.makedirs(data_output_path, exist_ok=True)
+        rated = load_rated(data_paths, data_split, phase, seed, data_output_path, repo_root, log, options.bad_rows)
+        names = attribute_names(rated["train"], attributes)
+        log(f"data: attributes {', '.join(names)}")
+        for split, examples in rated.items():
+            grouped, dropped = group_by_prompt(examples, names)
+            if dropped:
+                log(f"data: {split}: {describe_drops(dropped)} (responses)")
+            if not grouped:
+                raise UserError(f"{_sources(examples)}: no {split} response rates any of {', '.join(names)}")
+            tokenized = _tokenize_split(grouped, split, tokenizer, max_seq_len, end_of_conversation_token, log,
+                                        options)
+            tokenized.attribute_names = names
+            save_tokenized(tokenized, paths[split])
+    barrier()
+    return load_tokenized(paths["train"]), load_tokenized(paths["eval"])
+
+
+def load_rated(data_paths: list[str], data_split: str, phase: int, seed: int, cache_dir: str, repo_root: str,
+               log: Callable[[str], None], bad_rows: str = "error") -> dict[str, list[dict]]:
+    """This phase's train and eval rows of attribute-rated responses from every source."""
+    parse_split(data_split)
+    return _judged(data_paths, lambda raw: partial(judge_rated_rows, source=raw.name, bad_rows=bad_rows), data_split,
+                   phase, seed, cache_dir, repo_root, log, "rated responses",
+                   "prompt, response and attributes, HelpSteer's columns or UltraFeedback's completions",
+                   lambda examples: sum(len(example["responses"]) for example in examples))
+
+
+def _judged(data_paths: list[str], judge_of: Callable[[RawSplits], Callable[[list], list[Outcome]]],
+            data_split: str, phase: int, seed: int, cache_dir: str, repo_root: str, log: Callable[[str], None],
+            what: str, expected: str, count: Callable[[list], int] = len) -> dict[str, list]:
+    """This phase's clean train and eval examples of every source, judged by `judge_of(source)`, with
+    each split's summary logged; a split with none is an error that says what was `expected`."""
+    examples: dict[str, list] = {"train": [], "eval": []}
+    for path in data_paths:
+        raw = load_source(path, repo_root)
+        for split, (rows, outcomes) in _phase_outcomes(raw, judge_of(raw), data_split, phase, seed,
+                                                       cache_dir).items():
+            cleaned, dropped = tally(outcomes)
+            log(f"data: {raw.name} [{split}]: {len(rows)} rows -> {count(cleaned)} {what} "
+                f"(dropped: {describe_drops(dropped)})")
+            if not cleaned:
+                raise UserError(f"{origin(rows) if rows else raw.name}: no usable {what} in the {split} split "
+                                f"(expected {expected}; dropped: {describe_drops(dropped)})")
+            examples[split].extend(cleaned)
+    return examples

@@ -191,6 +191,8 @@ class PairCollator:
                      rank=torch.tensor([int(items[g]["ranks"][k]) for g, k in placed]),
                      margin=torch.tensor([float(item["margin"]) for item in items]),
                      source=torch.tensor([item["source"] for item in items]))
+        if "labels" in items[0]:  # attribute-rated responses: a label vector per row, NaN where not rated
+            batch["attribute_labels"] = torch.from_numpy(np.stack([items[g]["labels"][k] for g, k in placed]))
         if "is_real" in items[0]:
             batch["is_real"] = torch.tensor([item["is_real"] for item in items])
         if "loss_denominator" in items[0]:

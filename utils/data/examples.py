@@ -49,7 +49,7 @@ class Example(TypedDict, total=False):
     source: str
 
 
-def _blank(value: str | Messages) -> bool:
+def is_blank(value: str | Messages) -> bool:
     return not value.strip() if isinstance(value, str) else not any(m["content"].strip() for m in value)
 
 
@@ -67,9 +67,9 @@ def _ranking_problem(responses: list, ranks: list[int]) -> str | None:
 
 
 def _content_problem(prompt: str | Messages, responses: list, ranks: list[int], pair: bool) -> str | None:
-    if _blank(prompt):
+    if is_blank(prompt):
         return "empty prompt"
-    if any(_blank(response) for response in responses):
+    if any(is_blank(response) for response in responses):
         return "empty response"
     if isinstance(responses[0], list) and any(response[0]["role"] != "assistant" for response in responses):
         return "response does not start with an assistant message"

@@ -131,6 +131,8 @@ class TokenizedExamples:
     too_long: int = 0
     responses_dropped: int = 0  # over-long answers left out of ranked lists that still have two ranks
     bad_ids: int = 0  # pretokenized examples dropped (--bad_rows skip) for ids outside the tokenizer's range
+    labels: list[np.ndarray] = field(default_factory=list)  # attribute data: [responses, attributes], NaN unrated
+    attribute_names: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -150,14 +152,13 @@ def _pretokenized(sequences: list[list[int]]) -> tuple[list[int], list[list[int]
     return list(sequences[0][:shared]), [list(seq[shared:]) for seq in sequences]
 
 
-def _fitting_responses(responses: list[list[int]], ranks: list[int],
-                       room: int) -> tuple[list[list[int]], list[int]]:
-    """A ranked list keeps the responses that fit while two of different rank remain (a pair keeps
-    both or neither): one over-long answer does not cost the whole list."""
+def _fitting_responses(responses: list[list[int]], ranks: list[int], room: int) -> list[int]:
+    """Which responses a ranked list keeps: those that fit while two of different rank remain (a
+    pair keeps both or neither): one over-long answer does not cost the whole list."""
     keep = [i for i, response in enumerate(responses) if len(response) <= room]
     if len(keep) == len(responses) or (len(responses) > 2 and len({ranks[i] for i in keep}) > 1):
-        return [responses[i] for i in keep], [ranks[i] for i in keep]
-    return [], []
+        return keep
+    return []
 
 
 def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int, end_of_conversation_token: str,
@@ -184,8 +185,9 @@ def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int, end_
         else:
             lead, prompt = prefix, next(prompt_ids)
             responses = [next(flat_ids) + suffix for _ in example["responses"]]
-        responses, ranks = _fitting_responses(responses, list(example.get("ranks", range(len(responses)))),
-                                              max_seq_len - len(lead))
+        ranks = list(example.get("ranks", range(len(responses))))
+        keep = _fitting_responses(responses, ranks, max_seq_len - len(lead))
+        responses, ranks = [responses[i] for i in keep], [ranks[i] for i in keep]
         fitted = fit_prompt(prompt, responses, len(lead), max_seq_len) if responses else None
         if fitted is None:
             out.too_long += 1
@@ -197,6 +199,8 @@ def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int, end_
         out.ranks.append(np.asarray(ranks, dtype=np.int32))
         out.margins.append(float(example.get("margin", 0.0)))
         out.sources.append(names.setdefault(example["source"], len(names)))
+        if "labels" in example:
+            out.labels.append(np.asarray(example["labels"], dtype=np.float32)[keep])
     out.source_names = list(names)
     return out
 
@@ -214,7 +218,9 @@ def save_tokenized(tokenized: TokenizedExamples, path: str) -> None:
                  sources=np.asarray(tokenized.sources, dtype=np.int64),
                  source_names=np.asarray(tokenized.source_names, dtype=np.str_),
                  stats=np.array([tokenized.truncated, tokenized.too_long, tokenized.responses_dropped,
-                                 tokenized.bad_ids], dtype=np.int64))
+                                 tokenized.bad_ids], dtype=np.int64),
+                 labels=np.concatenate(tokenized.labels) if tokenized.labels else np.zeros((0, 0), np.float32),
+                 attribute_names=np.asarray(tokenized.attribute_names, dtype=np.str_))
 
 
 def load_tokenized(path: str) -> TokenizedExamples:
@@ -227,4 +233,6 @@ def load_tokenized(path: str) -> TokenizedExamples:
                                  margins=saved["margins"].tolist(), sources=saved["sources"].tolist(),
                                  source_names=saved["source_names"].tolist(),
                                  truncated=truncated, too_long=too_long, responses_dropped=responses_dropped,
-                                 bad_ids=bad_ids)
+                                 bad_ids=bad_ids,
+                                 labels=unpack(saved["labels"], groups) if saved["labels"].size else [],
+                                 attribute_names=saved["attribute_names"].tolist())
