@@ -16,8 +16,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from step2_reward_model.losses import combined_labels
 from step2_reward_model.metrics import ranking_accuracies, ranking_metrics, step_metrics
 from step2_reward_model.public_benchmarks import BENCHMARKS, encode_items, per_item, read_items
+from step2_reward_model.report import attribute_report
 from step2_reward_model.scoring import Scorer
 from utils.runtime import print_rank_0, to_device
 
@@ -145,9 +147,53 @@ def evaluate_steps(engine, loader: DataLoader, eval_iters: int, device: torch.de
             "solutions": sums["solutions"], "rows": table.numpy()}
 
 
+def evaluate_attributes(engine, loader: DataLoader, eval_iters: int, device: torch.device,
+                        names: list[str]) -> dict:
+    """A multi-attribute model's MSE, Pearson and Spearman per attribute on held-out rated responses,
+    and the pairwise accuracy of its reward (`report.attribute_report`), each prompt counted once
+    across ranks. `rows` keeps (reward, prompt, combined label, predictions..., labels...) of every
+    response, in the model's (scaled) units."""
+    engine.eval()
+    weights = engine.module.attribute_weights
+    rows, seen = [], 0
+    for step, batch in enumerate(loader):
+        if step == eval_iters:
+            break
+        real, _ = batch.pop("is_real"), batch.pop("source")
+        batch = to_device(batch, device)
+        with inference(engine):
+            out = engine(**batch)
+        labels, group = batch["attribute_labels"].double(), batch["group"]
+        rows.append(torch.cat([out["scores"].double()[:, None], (group + seen).double()[:, None],
+                               combined_labels(labels, weights)[:, None], out["attributes"].double(), labels,
+                               real.to(device)[group].double()[:, None]], 1))
+        seen += len(real)
+    count = len(names)
+    local = torch.cat(rows) if rows else torch.zeros((0, 4 + 2 * count), dtype=torch.float64, device=device)
+    local[:, 1] += dist.get_rank() * 2.0 ** 32  # prompt ids unique across ranks
+    table = gather_rows(local)
+    engine.train()
+    table = table[table[:, -1] > 0, :-1].numpy()
+    report = attribute_report(table[:, 3:3 + count], table[:, 3 + count:], names, table[:, 0], table[:, 1],
+                              table[:, 2])
+    summary = {key: report[key] for key in ("responses", "mse", "pearson", "spearman", "comparisons",
+                                            "pairwise_accuracy")}
+    for name, row in report["attributes"].items():
+        summary.update({f"{metric}/{name}": row[metric] for metric in ("mse", "pearson", "spearman")})
+    return {**{key: value for key, value in summary.items() if value is not None}, "rows": table}
+
+
 def log_metrics(label: str, metrics: dict, writer, step: int) -> None:
     """Print an evaluation's metrics (rank 0) and add them to TensorBoard."""
-    if "first_error_accuracy" in metrics:
+    if "responses" in metrics:
+        pairwise = f", pairwise accuracy {metrics['pairwise_accuracy']:.4f} on {metrics['comparisons']:.0f} " \
+                   "comparisons" if "pairwise_accuracy" in metrics else ""
+        print_rank_0(f"{label}: mean Spearman {metrics.get('spearman', float('nan')):.4f}, mean MSE "
+                     f"{metrics.get('mse', float('nan')):.4f}{pairwise} "
+                     f"({metrics['responses']:.0f} held-out responses)")
+        print_rank_0("  " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()
+                                      if name.startswith(("spearman/", "mse/"))))
+    elif "first_error_accuracy" in metrics:
         print_rank_0(f"{label}: step accuracy {metrics['accuracy']:.4f}, first-error accuracy "
                      f"{metrics['first_error_accuracy']:.4f}, solution accuracy {metrics['solution_accuracy']:.4f} "
                      f"({metrics['solutions']:.0f} held-out solutions, {metrics['steps']:.0f} labelled steps)")

@@ -16,6 +16,7 @@ from transformers import SchedulerType
 from step2_reward_model.losses import LOSSES
 from step2_reward_model.model import BACKBONE, TYPO_BACKBONE
 from step2_reward_model.public_benchmarks import BENCHMARKS
+from utils.data.attributes import RECIPES, SCALES
 from utils.data.build import MARGIN_SOURCES
 from utils.data.examples import BAD_ROWS
 from utils.data.steps import NEUTRAL
@@ -74,6 +75,24 @@ FLAGS: dict[str, dict] = {
     "process_reward": dict(action="store_true",
                            help="Train a process reward model on step-labelled solutions (prompt, steps, labels): "
                                 "binary cross-entropy on the value at the end of each step."),
+    "objective": dict(choices=["preference", "regression"], default="preference",
+                      help="preference: learn a reward from compared answers (--loss); regression: learn one score "
+                           "per attribute from rated answers (HelpSteer, UltraFeedback or {prompt, response, "
+                           "attributes}), mean squared error over the rated ones; the reward is their weighted sum "
+                           "(--attribute_weights)."),
+    "attributes": dict(nargs="+", default=None, metavar="NAME",
+                       help="With --objective regression: the attributes to learn, in this order (default: every "
+                            "one the data rates)."),
+    "attribute_weights": dict(nargs="+", default=None, metavar="NAME=W",
+                              help="The reward is the sum of W times each attribute (unnamed ones weigh 0), or a "
+                                   f"recipe: {', '.join(RECIPES)}. Default: equal weights summing to 1. Step 3 gets "
+                                   "this sum as its one value head."),
+    "attribute_scale": dict(choices=SCALES, default="none",
+                            help="minmax: learn each attribute scaled from its training range to [0, 1], so that "
+                                 "attributes rated on different ranges weigh alike; none: as rated."),
+    "pair_loss_coefficient": dict(type=float, default=0.0,
+                                  help="With --objective regression: add this times the Bradley-Terry loss of the "
+                                       "reward on every two answers to one prompt whose weighted labels differ."),
     "step_separator": dict(default="\n\n", help="Appended to every step; the step is scored at its last token."),
     "prm_neutral": dict(choices=NEUTRAL, default="positive",
                         help="What a neutral (0) step label means: a good step, a bad one, or unlabelled."),
@@ -182,7 +201,8 @@ TRAINING_FLAGS = (
     "no_bf16_to_fp32_loss", "eval_interval", "eval_iters",
     "eval_benchmark", "enable_tensorboard", "tensorboard_path", "add_eot_token",
     "print_loss", "no_fused_kernels", "loss", "center_rewards_coefficient", "margin_source", "data_weights",
-    "max_responses_per_prompt", "chat_template", "process_reward", "step_separator", "prm_neutral",
+    "max_responses_per_prompt", "chat_template", "objective", "attributes", "attribute_weights", "attribute_scale",
+    "pair_loss_coefficient", "process_reward", "step_separator", "prm_neutral",
     "train_on_last_step_only", "step3_key_prefix", "no_hf_export", "no_prefix_sharing", "length_grouping_steps",
     "attn_implementation", "save_interval", "keep_last", "resume", "max_nonfinite_steps", "bad_rows",
     "trust_remote_code", "dry_run", "no_memory_check",
@@ -195,7 +215,12 @@ EVAL_FLAGS = (
     "trust_remote_code",
 )
 # Flags that must be at least this much.
-LEAST = {"save_interval": 0, "keep_last": 0, "max_nonfinite_steps": 1}
+LEAST = {"save_interval": 0, "keep_last": 0, "max_nonfinite_steps": 1, "pair_loss_coefficient": 0.0}
+# Flags of one objective, at their defaults under the other.
+REGRESSION_ONLY = {"attributes": None, "attribute_weights": None, "attribute_scale": "none",
+                   "pair_loss_coefficient": 0.0}
+PREFERENCE_ONLY = {"loss": "per_token", "center_rewards_coefficient": 0.0, "margin_source": "column",
+                   "data_weights": None, "max_responses_per_prompt": 0}
 
 
 def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | list[str], **overrides: dict) -> None:
@@ -221,4 +246,12 @@ def parse_training_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, least in LEAST.items():
         if getattr(args, flag) < least:
             parser.error(f"--{flag} must be at least {least}")
+    if args.objective == "regression" and args.process_reward:
+        parser.error("--objective regression and --process_reward are two different objectives: give one")
+    for flag, default in REGRESSION_ONLY.items():
+        if args.objective != "regression" and getattr(args, flag) != default:
+            parser.error(f"--{flag} needs --objective regression")
+    for flag, default in PREFERENCE_ONLY.items():
+        if args.objective == "regression" and getattr(args, flag) != default:
+            parser.error(f"--{flag} applies to --objective preference, not regression (see --pair_loss_coefficient)")
     return args

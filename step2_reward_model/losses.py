@@ -8,6 +8,8 @@
 - `plackett_luce_loss`: the listwise likelihood of the whole ranking: each response is picked among those ranked
   no better than it (a strict ranking of K gives K-1 softmax terms, not K(K-1)/2 pairs).
 - `step_loss`: binary cross-entropy at labelled steps, for process reward models.
+- `attribute_loss`: mean squared error over the rated cells of `[responses, attributes]` labels (NaN: not
+  rated), for multi-attribute regression; `combined_labels` gives the pair loss its targets.
 
 Ranked inputs are flat: `scores` [R] end rewards, `group` [R] prompt index (0..G-1), `rank` [R] (lower is better,
 equal ranks are unordered).
@@ -94,6 +96,22 @@ def step_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) ->
     """Process reward model loss: binary cross-entropy with logits at the labelled steps (mask True), averaged."""
     losses = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
     return torch.where(mask, losses, 0).sum() / mask.sum().clamp(min=1)
+
+
+def attribute_loss(predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the rated cells; a NaN label (not rated) adds nothing to the loss or
+    its gradient, whatever the prediction there."""
+    rated = ~labels.isnan()
+    errors = torch.where(rated, predicted - labels.nan_to_num().to(predicted.dtype), 0)
+    return errors.square().sum() / rated.sum().clamp(min=1)
+
+
+def combined_labels(labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each response's weighted sum of its labels: the combined reward it should get; NaN where an
+    attribute of non-zero weight is not rated."""
+    known = (~labels.isnan() | (weights == 0)).all(-1)
+    combined = labels.nan_to_num().double() @ weights.double()
+    return torch.where(known, combined, torch.nan)
 
 
 LOSSES = ("per_token", "end_token", "plackett_luce")

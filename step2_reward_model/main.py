@@ -28,12 +28,20 @@ from transformers import SchedulerType
 
 from step2_reward_model import checkpoints
 from step2_reward_model.engine import build_ds_config, build_engine, resolve_attention, resolve_dtype
-from step2_reward_model.evaluate import BenchmarkEval, best_worst_margins, evaluate, evaluate_steps, worst_rows
+from step2_reward_model.evaluate import (
+    BenchmarkEval,
+    best_worst_margins,
+    evaluate,
+    evaluate_attributes,
+    evaluate_steps,
+    worst_rows,
+)
 from step2_reward_model.flags import parse_training_args
 from step2_reward_model.lora import apply_lora, merge_lora
 from step2_reward_model.memory import check_memory
 from step2_reward_model.model import (
     ENCODERS,
+    Attributes,
     RewardModel,
     create_reward_model,
     end_of_conversation_text,
@@ -42,9 +50,10 @@ from step2_reward_model.model import (
     prefix_sharing_problem,
 )
 from step2_reward_model.output import export_skipped_error, save_reward_model
-from step2_reward_model.report import reward_statistics
+from step2_reward_model.report import best_worst, reward_statistics
 from step2_reward_model.training import Run, StopRequest, train_step
-from utils.data.build import DataOptions, create_reward_datasets, create_step_datasets
+from utils.data.attributes import AttributeDataset, AttributeScale, parse_weights
+from utils.data.build import DataOptions, create_attribute_datasets, create_reward_datasets, create_step_datasets
 from utils.data.chat import load_chat_template
 from utils.data.collate import ACCELERATOR_CHUNK_TOKENS, CHUNK_TOKENS, EvalShard, PairCollator
 from utils.data.packing import arrangement_for, pad_multiple
@@ -81,7 +90,8 @@ def train(args: argparse.Namespace) -> None:
                                                                              and args.bf16_to_fp32_loss),
                                 trust_remote_code=args.trust_remote_code,
                                 center_coefficient=args.center_rewards_coefficient,
-                                attn_implementation=args.attn_implementation)
+                                attn_implementation=args.attn_implementation,
+                                attributes=attribute_head(args), pair_loss_coefficient=args.pair_loss_coefficient)
     if args.lora_dim > 0:
         apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
     collator, share_prompt = make_collator(args, model, tokenizer.pad_token_id, device)
@@ -91,8 +101,12 @@ def train(args: argparse.Namespace) -> None:
     engine = build_engine(args, model, ds_config, [sampler.batches_in(e) for e in range(args.num_train_epochs)])
 
     # The run: where it stands, and the work around each step.
-    held_out = partial(evaluate_steps, engine, eval_loader, args.eval_iters, device) if args.process_reward \
-        else partial(evaluate, engine, eval_loader, args.eval_iters, device, eval_set.data.source_names)
+    if args.process_reward:
+        held_out = partial(evaluate_steps, engine, eval_loader, args.eval_iters, device)
+    elif args.objective == "regression":
+        held_out = partial(evaluate_attributes, engine, eval_loader, args.eval_iters, device, args.attributes)
+    else:
+        held_out = partial(evaluate, engine, eval_loader, args.eval_iters, device, eval_set.data.source_names)
 
     def run_eval() -> dict:
         metrics = held_out()
@@ -108,7 +122,8 @@ def train(args: argparse.Namespace) -> None:
                      f"batch {progress.batch} of {sampler.batches_in(progress.epoch)}")
     run = Run(args, engine, run_eval, settings, progress, bool(resume_from), rank, device,
               ds_config.get("steps_per_print", 10))
-    print_rank_0(f"***** Running training: {len(train_set)} train pairs, {len(eval_set)} eval pairs, "
+    unit = "prompts" if args.objective == "regression" else "pairs"
+    print_rank_0(f"***** Running training: {len(train_set)} train {unit}, {len(eval_set)} eval {unit}, "
                  f"{world_size} rank(s), dtype {args.dtype}, ZeRO stage {args.zero_stage} *****")
     if not resume_from:
         run.report("Epoch 0 (before training)", run_eval())
@@ -162,13 +177,16 @@ def check_backbone(args: argparse.Namespace, config) -> None:
     if args.process_reward:
         raise UserError(f"--process_reward scores each step where it ends, but {encoder} (later steps included): "
                         "start from a causal LM")
-    if args.loss == "per_token":
+    if args.loss == "per_token" and args.objective == "preference":
         raise UserError(f"--loss per_token compares the two answers token by token, but {encoder}: "
                         "pass --loss end_token (or --loss plackett_luce) to compare the pooled scores")
 
 
 def load_datasets(args: argparse.Namespace, tokenizer, end_text: str, local_rank: int):
-    """The train and eval sets: step-labelled solutions with --process_reward, else pairs and ranked lists."""
+    """The train and eval sets: step-labelled solutions with --process_reward, rated responses with
+    --objective regression, else pairs and ranked lists."""
+    if args.objective == "regression":
+        return attribute_datasets(args, tokenizer, end_text, local_rank)
     if args.process_reward:
         return create_step_datasets(args.data_path, args.data_split, args.data_output_path, args.seed, tokenizer,
                                     args.max_seq_len, args.step_separator, args.prm_neutral,
@@ -183,6 +201,30 @@ def load_datasets(args: argparse.Namespace, tokenizer, end_text: str, local_rank
                                                  local_rank=local_rank, log=print_rank_0, options=options)
     check_objective(args, train_set.data)
     return train_set, eval_set
+
+
+def attribute_datasets(args: argparse.Namespace, tokenizer, end_text: str,
+                       local_rank: int) -> tuple[AttributeDataset, AttributeDataset]:
+    """Rated responses, one example per prompt. Resolves `args.attributes` to the names trained, and
+    keeps the label scale (from the training labels) and the reward's weights in `args`."""
+    options = DataOptions(chat_template=tokenizer.chat_template if args.chat_template else None,
+                          bad_rows=args.bad_rows)
+    train, held_out = create_attribute_datasets(args.data_path, args.data_split, args.data_output_path, args.seed,
+                                                tokenizer, args.max_seq_len, end_text, REPO_ROOT, args.attributes,
+                                                local_rank=local_rank, log=print_rank_0, options=options)
+    args.attributes = train.attribute_names
+    args.label_scale = AttributeScale.of(args.attribute_scale, train.labels, len(args.attributes))
+    args.reward_weights = parse_weights(args.attribute_weights, args.attributes)
+    print_rank_0("reward = " + " + ".join(f"{weight:g} * {name}" for name, weight in
+                                           zip(args.attributes, args.reward_weights, strict=True) if weight))
+    return AttributeDataset(train, args.label_scale), AttributeDataset(held_out, args.label_scale)
+
+
+def attribute_head(args: argparse.Namespace) -> Attributes | None:
+    """The attributes the value head predicts, with --objective regression (after the data is read)."""
+    if args.objective != "regression":
+        return None
+    return Attributes(tuple(args.attributes), tuple(args.reward_weights))
 
 
 def check_objective(args: argparse.Namespace, data: TokenizedExamples) -> None:
@@ -281,12 +323,19 @@ def save_output(args: argparse.Namespace, engine, tokenizer, metrics: dict, end_
     if args.lora_dim > 0:
         merge_lora(engine.module, args.zero_stage)
     rows = metrics.pop("rows")
+    data = f"held-out split of {' '.join(args.data_path)}"
     meta = {"base_model": args.model_name_or_path, "end_of_conversation_token": end_text,
             "add_eot_token": args.add_eot_token, "max_seq_len": args.max_seq_len, "loss": args.loss,
             "center_rewards_coefficient": args.center_rewards_coefficient, "sources": sources,
             "final_eval": metrics}
-    data = f"held-out split of {' '.join(args.data_path)}"
-    if args.process_reward:  # step logits: good steps as "chosen", bad ones as "rejected"
+    if args.objective == "regression":  # the reward of each prompt's best and worst rated response
+        scale = args.label_scale
+        meta.update(objective="regression", loss="attribute_mse", pair_loss_coefficient=args.pair_loss_coefficient,
+                    attributes={"scale": {"kind": args.attribute_scale, "low": scale.low, "high": scale.high}})
+        best, worst = best_worst(rows[:, 1], rows[:, 2])
+        stats = reward_statistics(rows[best, 0], rows[worst, 0], data, all_rewards=rows[:, 0],
+                                  margins=rows[best, 0] - rows[worst, 0])
+    elif args.process_reward:  # step logits: good steps as "chosen", bad ones as "rejected"
         meta.update(loss="step_bce", process_reward=True, step_separator=args.step_separator,
                     prm_neutral=args.prm_neutral, train_on_last_step_only=args.train_on_last_step_only)
         stats = reward_statistics(rows[rows[:, 1] > 0.5, 0], rows[rows[:, 1] < 0.5, 0], data, all_rewards=rows[:, 0])

@@ -25,6 +25,10 @@ their first real token ([CLS]), T5 at its last (the `</s>` its tokenizer appends
 both ways through a plain padding mask, and never share prefixes: a shared prompt's hidden states
 would depend on each response.
 
+A multi-attribute model (`Attributes`, for `--objective regression`) has one value-head output per
+attribute, regressed on rated responses; its reward is a fixed weighted sum of the outputs. As the
+head is linear, that sum is itself one linear head, `w^T W`: the one step 3 gets (`output.py`).
+
 Rows of one response each (encoders, or prefix sharing off) are right-padded to the batch's
 longest. With `chunks` from the collator, their forward runs chunk by chunk, rows of similar
 length together, each chunk cut to its own longest row: the same values, without computing most
@@ -40,7 +44,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from step2_reward_model.losses import end_index, per_token_loss, plackett_luce_loss, ranked_pair_loss, step_loss
+from step2_reward_model.losses import (
+    attribute_loss,
+    combined_labels,
+    end_index,
+    per_token_loss,
+    plackett_luce_loss,
+    ranked_pair_loss,
+    step_loss,
+)
 from utils.errors import UserError, first_line
 from utils.model_files import END_OF_CONVERSATION_TOKEN, pretrained_source
 
@@ -71,6 +83,20 @@ ENCODERS = {
     "mt5": Encoder(first_token=False, backbone="MT5EncoderModel", no_export=T5_NO_EXPORT),
     "umt5": Encoder(first_token=False, backbone="UMT5EncoderModel", no_export=T5_NO_EXPORT),
 }
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """The attributes a multi-attribute head predicts, in output order, and their weights in the reward."""
+
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+
+    def collapse(self, weight: torch.Tensor) -> torch.Tensor:
+        """The `[1, width]` head that gives the weighted sum of the `[attributes, width]` head `weight`'s
+        outputs (computed in float64, stored in `weight`'s dtype)."""
+        weights = torch.tensor(self.weights, dtype=torch.float64, device=weight.device)
+        return (weights @ weight.double())[None].to(weight.dtype)
 
 
 def end_of_conversation_text(config) -> str:
@@ -186,7 +212,8 @@ def new_backbone(config, trust_remote_code: bool) -> nn.Module:
 
 class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, loss: str = "per_token", compute_fp32_loss: bool = False,
-                 center_coefficient: float = 0.0):
+                 center_coefficient: float = 0.0, attributes: Attributes | None = None,
+                 pair_loss_coefficient: float = 0.0):
         super().__init__()
         self.config = backbone.config
         self.v_head = nn.Linear(value_head_width(self.config), 1, bias=False)
@@ -194,8 +221,30 @@ class RewardModel(nn.Module):
         self.loss = loss
         self.compute_fp32_loss = compute_fp32_loss
         self.center_coefficient = center_coefficient
+        self.pair_loss_coefficient = pair_loss_coefficient
+        self.attributes: Attributes | None = None
+        if attributes is not None:
+            self.set_attributes(attributes)
         self.encoder = ENCODERS.get(self.config.model_type)
         self._takes_positions = "position_ids" in inspect.signature(backbone.forward).parameters
+
+    def set_attributes(self, attributes: Attributes, weight: torch.Tensor | None = None) -> None:
+        """Make this a multi-attribute model: a head of one output per attribute (`weight`, or newly
+        initialised), and the weights of the reward, kept out of the state dict (step 3's keys)."""
+        head = nn.Linear(self.v_head.in_features, len(attributes.names), bias=False)
+        if weight is not None:
+            head.weight.data.copy_(weight)
+        self.v_head = head.to(self.v_head.weight)
+        self.attributes = attributes
+        self.register_buffer("attribute_weights", torch.tensor(attributes.weights, device=head.weight.device),
+                             persistent=False)
+
+    def combine(self, head: torch.Tensor) -> torch.Tensor:
+        """The reward from the value head's outputs `[..., outputs]`: its one output, or the weighted sum
+        of the attributes."""
+        if self.attributes is None:
+            return head.squeeze(-1)
+        return head @ self.attribute_weights.to(head.dtype)
 
     def gradient_checkpointing_enable(self) -> None:
         self.rwtransformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -213,9 +262,10 @@ class RewardModel(nn.Module):
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-               document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """One value per token, `[rows, seq]`: of padded rows (`attention_mask`), or of packed rows
-        (`position_ids`, `segment_ids`, `document_ids`; see `utils/data/packing.py`)."""
+               document_ids: torch.Tensor | None = None, per_attribute: bool = False) -> torch.Tensor:
+        """One value per token, `[rows, seq]` (with `per_attribute`, the head's outputs `[rows, seq,
+        outputs]`): of padded rows (`attention_mask`), or of packed rows (`position_ids`,
+        `segment_ids`, `document_ids`; see `utils/data/packing.py`)."""
         extra = {}
         if segment_ids is not None:
             extra["position_ids"], mask = position_ids, self.attention(segment_ids, document_ids)
@@ -233,18 +283,19 @@ class RewardModel(nn.Module):
             # Every token through the pooler: it reads position 0, which left padding fills with a pad.
             pooler = self.rwtransformer.pooler
             hidden = pooler.activation(pooler.dense(hidden))
-        return self.v_head(hidden).squeeze(-1)
+        head = self.v_head(hidden)
+        return head if per_attribute else self.combine(head)
 
     def chunked_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_order: torch.Tensor,
-                       chunks: list[tuple[int, int]]) -> torch.Tensor:
+                       chunks: list[tuple[int, int]], per_attribute: bool = False) -> torch.Tensor:
         """`values` of right-padded rows, one forward per chunk: `chunk_order` lists the rows chunk
         after chunk, `chunks` gives each chunk's row count and the width it is cut to. Zero past
         a chunk's width, where only padding is."""
         width, pieces, start = input_ids.shape[1], [], 0
         for count, cut in chunks:
             rows = chunk_order[start:start + count]
-            values = self.values(input_ids[rows, :cut], attention_mask[rows, :cut])
-            pieces.append(nn.functional.pad(values, (0, width - cut)))
+            values = self.values(input_ids[rows, :cut], attention_mask[rows, :cut], per_attribute=per_attribute)
+            pieces.append(nn.functional.pad(values, (0, 0) * (values.dim() - 2) + (0, width - cut)))
             start += count
         return torch.cat(pieces)[chunk_order.argsort()]
 
@@ -255,12 +306,13 @@ class RewardModel(nn.Module):
         return end_index(attention_mask)
 
     def packed_values(self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor,
-                      document_ids: torch.Tensor | None,
-                      row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      document_ids: torch.Tensor | None, row_index: torch.Tensor,
+                      per_attribute: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Values, ids and attention mask of every response row, from one forward of the packed rows."""
-        values = self.values(input_ids, position_ids=position_ids, segment_ids=segment_ids, document_ids=document_ids)
+        values = self.values(input_ids, position_ids=position_ids, segment_ids=segment_ids, document_ids=document_ids,
+                             per_attribute=per_attribute)
         index = row_index.clamp(min=0)
-        return values.flatten()[index], input_ids.flatten()[index], (row_index >= 0).long()
+        return values.flatten(0, 1)[index], input_ids.flatten()[index], (row_index >= 0).long()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 group: torch.Tensor | None = None, rank: torch.Tensor | None = None,
@@ -268,7 +320,8 @@ class RewardModel(nn.Module):
                 **layout) -> dict[str, torch.Tensor]:
         """A training batch -> its loss and scores. Rows of responses come in one of the collator's
         layouts (`response_values`); a process reward model's batch, with `step_*` tensors in
-        `layout`, gets the step loss (`step_forward`).
+        `layout`, gets the step loss (`step_forward`), and rated responses, with `attribute_labels`,
+        the attribute loss (`attribute_forward`).
 
         Without `group`/`rank` the rows are DeepSpeed-Chat's pairs: all chosen, then as many
         rejected. With them, any number of ranked responses per prompt (`group` its index, `rank`
@@ -278,6 +331,9 @@ class RewardModel(nn.Module):
         it, instead of their mean."""
         if "step_positions" in layout:
             return self.step_forward(input_ids, attention_mask, loss_denominator=loss_denominator, **layout)
+        if "attribute_labels" in layout:
+            return self.attribute_forward(input_ids, attention_mask, group=group, loss_denominator=loss_denominator,
+                                          **layout)
         values, input_ids, attention_mask = self.response_values(input_ids, attention_mask, **layout)
         if self.compute_fp32_loss:
             values = values.float()
@@ -299,15 +355,17 @@ class RewardModel(nn.Module):
                         position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                         document_ids: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
                         chunk_order: torch.Tensor | None = None,
-                        chunks: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, ...]:
+                        chunks: list[tuple[int, int]] | None = None,
+                        per_attribute: bool = False) -> tuple[torch.Tensor, ...]:
         """Values, ids and attention mask of one row per response, from the batch's layout: packed
         documents (`row_index`, with `position_ids`, `segment_ids` and `document_ids`), rows run in
         length chunks (`chunk_order`, `chunks`), or plain padded rows."""
         if row_index is not None:
-            return self.packed_values(input_ids, position_ids, segment_ids, document_ids, row_index)
+            return self.packed_values(input_ids, position_ids, segment_ids, document_ids, row_index, per_attribute)
         if chunks:
-            return self.chunked_values(input_ids, attention_mask, chunk_order, chunks), input_ids, attention_mask
-        return self.values(input_ids, attention_mask), input_ids, attention_mask
+            return (self.chunked_values(input_ids, attention_mask, chunk_order, chunks, per_attribute), input_ids,
+                    attention_mask)
+        return self.values(input_ids, attention_mask, per_attribute=per_attribute), input_ids, attention_mask
 
     def preference_loss(self, values: torch.Tensor, scores: torch.Tensor, input_ids: torch.Tensor,
                         attention_mask: torch.Tensor, group: torch.Tensor, rank: torch.Tensor,
@@ -340,6 +398,30 @@ class RewardModel(nn.Module):
             loss = loss * step_mask.sum() / loss_denominator
         return {"loss": loss, "step_logits": logits}
 
+    def attribute_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          attribute_labels: torch.Tensor, group: torch.Tensor,
+                          loss_denominator: float | None = None, **layout) -> dict[str, torch.Tensor]:
+        """Rated responses, in any layout of `response_values`: each attribute predicted at the scored
+        token, the mean squared error over the rated ones, and with `pair_loss_coefficient` the
+        Bradley-Terry loss of the reward on every two responses to a prompt whose combined labels
+        differ. `loss_denominator`: the loss is scaled to the sum over this batch's rated cells
+        divided by it, instead of their mean."""
+        values, input_ids, attention_mask = self.response_values(input_ids, attention_mask, per_attribute=True,
+                                                                  **layout)
+        if self.compute_fp32_loss:
+            values = values.float()
+        index = self.scored_index(attention_mask)
+        predicted = values[torch.arange(len(index), device=index.device), index]
+        scores = self.combine(predicted)
+        loss = attribute_loss(predicted, attribute_labels)
+        if self.pair_loss_coefficient:
+            # The better response of a pair ranks lower; an unknown target (NaN) is in no pair.
+            rank = -combined_labels(attribute_labels, self.attribute_weights)
+            loss = loss + self.pair_loss_coefficient * ranked_pair_loss(scores, group, rank)
+        if loss_denominator is not None:
+            loss = loss * (~attribute_labels.isnan()).sum() / loss_denominator
+        return {"loss": loss, "attributes": predicted, "scores": scores}
+
     def forward_value(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       return_value_only: bool = False, prompt_length: int = 0,
                       use_cache: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -350,11 +432,15 @@ class RewardModel(nn.Module):
         is found from the mask, which already excludes left-padded prompt and right-padded answer."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        values = self.values(input_ids, attention_mask)
+        head = self.values(input_ids, attention_mask, per_attribute=True)
+        values = self.combine(head)
         if return_value_only:
             return values
-        end_scores = values.gather(-1, self.scored_index(attention_mask)[:, None]).squeeze(-1)
-        return {"values": values, "chosen_end_scores": end_scores}
+        index = self.scored_index(attention_mask)
+        out = {"values": values, "chosen_end_scores": values.gather(-1, index[:, None]).squeeze(-1)}
+        if self.attributes is not None:  # each attribute of each sequence, as trained
+            out["end_attributes"] = head[torch.arange(len(index), device=index.device), index]
+        return out
 
 
 def configure_dropout(config, dropout: float | None) -> None:
@@ -397,7 +483,8 @@ def dequantized(gguf: dict) -> dict:
 def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | None = None,
                         dropout: float | None = None, loss: str = "per_token", compute_fp32_loss: bool = False,
                         trust_remote_code: bool = False, center_coefficient: float = 0.0,
-                        attn_implementation: str | None = None) -> RewardModel:
+                        attn_implementation: str | None = None, attributes: Attributes | None = None,
+                        pair_loss_coefficient: float = 0.0) -> RewardModel:
     """A reward model on pretrained weights, with DeepSpeed-Chat's embedding size (a multiple of 8
     of the tokenizer's length) so that its step 3 can load the checkpoint as it is.
     `attn_implementation` None keeps the model's default (SDPA where transformers has it)."""
@@ -417,4 +504,5 @@ def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | No
     backbone.config.pad_token_id = backbone.config.eos_token_id
     backbone.resize_token_embeddings(embedding_rows(len(tokenizer)))
     del zero3_context
-    return RewardModel(backbone, loss=loss, compute_fp32_loss=compute_fp32_loss, center_coefficient=center_coefficient)
+    return RewardModel(backbone, loss=loss, compute_fp32_loss=compute_fp32_loss, center_coefficient=center_coefficient,
+                       attributes=attributes, pair_loss_coefficient=pair_loss_coefficient)

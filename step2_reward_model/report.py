@@ -1,4 +1,5 @@
-"""Metrics of a reward model on held-out preference pairs, beyond the single accuracy number.
+"""Metrics of a reward model on held-out preference pairs (or rated answers, `attribute_report`),
+beyond the single accuracy number.
 
 Pairwise accuracy alone hides what matters downstream: whether the margins are calibrated
 probabilities, where the model is right (by source, by margin, by length), whether it simply
@@ -229,6 +230,77 @@ def pair_report(chosen: ArrayLike, rejected: ArrayLike, chosen_lengths: ArrayLik
         "rewards": {"all": reward_stats(np.concatenate([chosen, rejected])),
                     "chosen": reward_stats(chosen), "rejected": reward_stats(rejected)},
     }
+
+
+def ordered_comparisons(prompts: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """(better, worse) positions of every two responses to one prompt whose targets (combined
+    labels; NaN unknown) differ."""
+    prompts, targets = np.asarray(prompts), _vector(targets)
+    better, worse = [], []
+    for prompt in np.unique(prompts):
+        members = np.flatnonzero((prompts == prompt) & ~np.isnan(targets))
+        first, second = np.meshgrid(members, members, indexing="ij")
+        above = targets[first] > targets[second]
+        better.append(first[above])
+        worse.append(second[above])
+    empty = np.zeros(0, dtype=np.int64)
+    return (np.concatenate(better) if better else empty), (np.concatenate(worse) if worse else empty)
+
+
+def best_worst(prompts: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt with two different known targets, the positions of its best and worst response."""
+    prompts, targets = np.asarray(prompts), _vector(targets)
+    best, worst = [], []
+    for prompt in np.unique(prompts):
+        members = np.flatnonzero((prompts == prompt) & ~np.isnan(targets))
+        if len(members) and np.ptp(targets[members]) > 0:
+            best.append(members[np.argmax(targets[members])])
+            worst.append(members[np.argmin(targets[members])])
+    return np.asarray(best, dtype=np.int64), np.asarray(worst, dtype=np.int64)
+
+
+def attribute_report(predicted: np.ndarray, labels: np.ndarray, names: Sequence[str], rewards: ArrayLike,
+                     prompts: ArrayLike, targets: ArrayLike, lengths: ArrayLike | None = None) -> dict:
+    """A multi-attribute model on rated responses (`labels` NaN where not rated): per attribute,
+    MSE, Pearson and Spearman correlation of prediction and label over its rated responses (and with
+    `lengths`, each one's Spearman correlation with the response length, predicted and labelled:
+    how much of an attribute is length); their means; and the pairwise accuracy of the reward on
+    every two responses to one prompt whose `targets` (combined labels) differ, ties half."""
+    predicted, labels, rewards = np.asarray(predicted, np.float64), np.asarray(labels, np.float64), _vector(rewards)
+    per_attribute = {}
+    for k, name in enumerate(names):
+        rated = ~np.isnan(labels[:, k])
+        x, y = predicted[rated, k], labels[rated, k]
+        row = {"rated": int(rated.sum()), "mse": _number(np.mean((x - y) ** 2)) if len(x) else None,
+               "pearson": _pearson(x, y), "spearman": _pearson(_average_ranks(x), _average_ranks(y))}
+        if lengths is not None:
+            size = _average_ranks(_vector(lengths)[rated])
+            row["length_spearman_predicted"] = _pearson(_average_ranks(x), size)
+            row["length_spearman_labelled"] = _pearson(_average_ranks(y), size)
+        per_attribute[name] = row
+    better, worse = ordered_comparisons(prompts, targets)
+
+    def mean(key: str) -> float | None:
+        values = [row[key] for row in per_attribute.values() if row[key] is not None]
+        return _number(np.mean(values)) if values else None
+
+    return {"responses": len(rewards), "mse": mean("mse"), "pearson": mean("pearson"), "spearman": mean("spearman"),
+            "comparisons": len(better), "pairwise_accuracy": _accuracy(rewards[better], rewards[worse]),
+            "attributes": per_attribute}
+
+
+def format_attribute_report(report: dict) -> str:
+    """`attribute_report`'s result as a plain-text table."""
+    columns = ["rated", "mse", "pearson", "spearman", "length_spearman_predicted", "length_spearman_labelled"]
+    columns = [c for c in columns if c in next(iter(report["attributes"].values()))]
+    summary = [[key, report[key]] for key in ("responses", "mse", "pearson", "spearman", "comparisons",
+                                              "pairwise_accuracy")]
+    sections = [("Attributes", text_table(["attribute", *columns],
+                                          [[name, *(row[c] for c in columns)] for name, row in
+                                           report["attributes"].items()])),
+                ("Attribute summary (means over attributes; pairwise accuracy of the combined reward)",
+                 text_table(["metric", "value"], summary))]
+    return "\n\n".join("\n".join([f"== {title} ==", *lines]) for title, lines in sections) + "\n"
 
 
 def _cell(value: object) -> str:

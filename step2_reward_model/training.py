@@ -221,8 +221,14 @@ class Run:
             print_rank_0(f"skipped {self.progress.skipped} step(s) with a NaN or inf loss")
         if self.metrics is None:  # resumed after the last epoch had ended
             self.metrics = self.evaluate()
-        count, unit = ("solutions", "solutions (step accuracy)") if self.args.process_reward else ("pairs", "pairs")
-        print_rank_0(f"final held-out accuracy: {self.metrics['accuracy']:.4f} on {self.metrics[count]:.0f} {unit}")
+        metrics = self.metrics
+        if "responses" in metrics:
+            print_rank_0(f"final held-out mean Spearman: {metrics.get('spearman', float('nan')):.4f} over "
+                         f"{len(self.args.attributes)} attribute(s) on {metrics['responses']:.0f} responses")
+        else:
+            count, unit = ("solutions", "solutions (step accuracy)") if self.args.process_reward else \
+                ("pairs", "pairs")
+            print_rank_0(f"final held-out accuracy: {metrics['accuracy']:.4f} on {metrics[count]:.0f} {unit}")
         if self.writer:
             self.writer.close()
         return self.metrics
