@@ -11,7 +11,8 @@
 
 OUTPUT is a step-2 output folder, its Hugging Face export (OUTPUT/hf), or a folder DeepSpeed-Chat's
 step 2 wrote. Texts are tokenised exactly as in training (prompt, then answer + end-of-conversation
-token) and scored at the last real token.
+token) and scored at the last real token. A multi-attribute model (--objective regression) scores
+each attribute besides the reward, and is evaluated on attribute-rated data.
 """
 
 from __future__ import annotations
@@ -22,14 +23,23 @@ import math
 import os
 import sys
 
+import numpy as np
 import torch
 
 from step2_reward_model.flags import EVAL_FLAGS, add_flags
 from step2_reward_model.metrics import ranking_accuracies, ranking_metrics
 from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.public_benchmarks import BENCHMARKS, format_result, read_items, score_items
-from step2_reward_model.report import format_report, length_bias, pair_report
-from step2_reward_model.scoring import Scorer, score_data
+from step2_reward_model.report import (
+    attribute_report,
+    best_worst,
+    format_attribute_report,
+    format_report,
+    length_bias,
+    pair_report,
+)
+from step2_reward_model.scoring import Scorer, score_data, score_rated_data
+from utils.data.attributes import AttributeScale
 from utils.data.tokenize import has_ranked_lists
 from utils.errors import UserError, exit_status
 from utils.files import REPO_ROOT
@@ -72,13 +82,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def attribute_lines(scorer: Scorer, attributes) -> str:
+    """A multi-attribute model's scores of one answer, one line each (nothing for other models)."""
+    return "".join(f"\n  {name}: {value:.4f}" for name, value in zip(scorer.attribute_names, attributes, strict=True))
+
+
 def print_pairs(scorer: Scorer, pairs: list[dict]) -> None:
     for pair in pairs:
-        chosen, rejected = scorer.score_answers(pair["prompt"], [pair["chosen"], pair["rejected"]])
+        (chosen, rejected), attributes = scorer.rate_answers(pair["prompt"], [pair["chosen"], pair["rejected"]])
         print("==================Eval result============================")
         print(f"prompt: {pair['prompt']!r}")
-        print(f"chosen: {pair['chosen']!r}\n  reward: {chosen:.4f}")
-        print(f"rejected: {pair['rejected']!r}\n  reward: {rejected:.4f}")
+        print(f"chosen: {pair['chosen']!r}\n  reward: {chosen:.4f}{attribute_lines(scorer, attributes[0])}")
+        print(f"rejected: {pair['rejected']!r}\n  reward: {rejected:.4f}{attribute_lines(scorer, attributes[1])}")
         print(f"preferred: {'chosen' if chosen > rejected else 'rejected'} (margin {chosen - rejected:+.4f})")
 
 
@@ -104,6 +119,33 @@ def evaluate_data(scorer: Scorer, args: argparse.Namespace) -> dict:
         for path in write_plots(scored["chosen"], scored["rejected"], scored["chosen_lengths"],
                                 scored["rejected_lengths"], report, args.plots):
             print(f"figure written to {path}")
+    return report
+
+
+def evaluate_rated(scorer: Scorer, args: argparse.Namespace) -> dict:
+    """A multi-attribute model on attribute-rated data: per attribute MSE, Pearson and Spearman (and
+    how much of each is length), then the reward's diagnostics on each prompt's best and worst
+    rated answer, where the data has two answers with different combined labels."""
+    scored = score_rated_data(scorer, args.data_path, args.data_split, args.split, args.seed, args.data_output_path,
+                              REPO_ROOT, log=lambda m: print(m, file=sys.stderr), bad_rows=args.bad_rows)
+    report = {"attributes": attribute_report(scored["predicted"], scored["labels"], scorer.attribute_names,
+                                             scored["rewards"], scored["prompts"], scored["targets"],
+                                             scored["lengths"])}
+    print(format_attribute_report(report["attributes"]))
+    best, worst = best_worst(scored["prompts"], scored["targets"])
+    if len(best):
+        report.update(pair_report(scored["rewards"][best], scored["rewards"][worst], scored["lengths"][best],
+                                  scored["lengths"][worst], scored["prompt_lengths"][best]
+                                  + np.maximum(scored["lengths"][best], scored["lengths"][worst]),
+                                  scored["sources"][best]))
+        print(f"== Best vs worst rated answer of each prompt: {len(best)} pairs ==\n" + format_report(report))
+    else:
+        print("no prompt has two answers with different combined labels: no pairwise diagnostics")
+    report["model_path"] = os.path.abspath(args.model_path)
+    report["data"] = {"data_path": args.data_path, "data_split": args.data_split, "split": args.split,
+                      "seed": args.seed, "max_seq_len": scorer.max_seq_len}
+    if args.report:
+        write_report(args.report, report)
     return report
 
 
@@ -157,7 +199,8 @@ def build_scorer(args: argparse.Namespace) -> Scorer:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Scorer(model.to(device), tokenizer, args.max_seq_len or manifest.get("max_seq_len", 512),
                   manifest.get("end_of_conversation_token", END_OF_CONVERSATION_TOKEN),
-                  batch_size=args.batch_size, device=device)
+                  batch_size=args.batch_size, device=device,
+                  scale=AttributeScale.from_manifest(manifest))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -167,6 +210,8 @@ def run(args: argparse.Namespace) -> None:
 
         serve(scorer, host=args.host, port=args.port, token=args.token, max_request_bytes=args.max_request_bytes,
               max_items=args.max_items, batch_wait_ms=args.batch_wait_ms)
+    elif args.data_path and scorer.attribute_names:
+        evaluate_rated(scorer, args)
     elif args.data_path:
         evaluate_data(scorer, args)
     elif args.benchmark:
@@ -178,8 +223,9 @@ def run(args: argparse.Namespace) -> None:
                                                    strict=True), 1):
             print(f"step {number}: {step!r}\n  reward: {logit:.4f} (p(correct) {1 / (1 + math.exp(-logit)):.4f})")
     elif args.answer is not None:
-        reward = scorer.score_answers(args.prompt, [args.answer])[0]
-        print(f"prompt: {args.prompt!r}\nanswer: {args.answer!r}\n  reward: {reward:.4f}")
+        rewards, attributes = scorer.rate_answers(args.prompt, [args.answer])
+        print(f"prompt: {args.prompt!r}\nanswer: {args.answer!r}\n  reward: {rewards[0]:.4f}"
+              f"{attribute_lines(scorer, attributes[0])}")
     else:
         print_pairs(scorer, [vars(args)] if args.prompt is not None else BUILT_IN_EXAMPLES)
 

@@ -3,7 +3,8 @@
 A prompt/answer pair is tokenised exactly as in training (prompt, then answer + end-of-conversation
 token, the prompt cut from the left when too long), so a reward here equals the reward training
 and the PPO step compute for the same text. Sequences are scored in length-sorted batches, padded
-on the right to the batch's longest.
+on the right to the batch's longest. A multi-attribute model's scores come with each attribute,
+in the data's units (its label scale undone).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from step2_reward_model.losses import combined_labels
 from step2_reward_model.model import RewardModel
+from utils.data.attributes import AttributeScale
 from utils.data.collate import pad_right
 from utils.data.tokenize import TokenizedExamples, fit_prompt, special_affixes
 from utils.errors import UserError
@@ -32,6 +35,14 @@ class Scorer:
     device: torch.device = torch.device("cpu")
     # How the forwards run: inference mode, except under ZeRO-3 in training (see `evaluate.inference`).
     grad_mode: Callable[[], AbstractContextManager] = torch.inference_mode
+    # A multi-attribute model's label scale, to report its attributes in the data's units.
+    scale: AttributeScale | None = None
+
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        """The attributes a multi-attribute model scores besides its reward; none for others."""
+        attributes = self.model.attributes if self.model is not None else None
+        return attributes.names if attributes else ()
 
     def encode_pairs(self, prompts: list[str], answers: list[str], cut_long: bool = False) -> list[np.ndarray]:
         """Token ids of each prompt + answer + end token. An answer that cannot fit is a UserError
@@ -66,22 +77,36 @@ class Scorer:
 
     def score_ids(self, sequences: list[np.ndarray], progress: bool = False) -> list[float]:
         """The end score of each sequence, in the order given: ceil(len / batch_size) forwards."""
+        return self.score_all(sequences, progress)[0].tolist()
+
+    def score_all(self, sequences: list[np.ndarray], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Each sequence's end score and `[sequences, attributes]` attribute scores (no columns for a
+        model without attributes), in the order given."""
         from tqdm import tqdm
 
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-        scores = [0.0] * len(sequences)
+        order = np.argsort([-len(sequence) for sequence in sequences], kind="stable")
+        scores = np.zeros(len(sequences))
+        attributes = np.zeros((len(sequences), len(self.attribute_names)))
         starts = range(0, len(order), self.batch_size)
         for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress, file=sys.stderr):
             chunk = order[start:start + self.batch_size]
             input_ids, attention_mask = pad_right([sequences[index] for index in chunk], 0)
             with self.grad_mode():
                 out = self.model.forward_value(input_ids.to(self.device), attention_mask.to(self.device))
-            for index, score in zip(chunk, out["chosen_end_scores"].float().tolist(), strict=True):
-                scores[index] = score
-        return scores
+            # Detached: under ZeRO-3 in training the forwards run with gradients (see `grad_mode`).
+            scores[chunk] = out["chosen_end_scores"].detach().float().cpu().numpy()
+            if "end_attributes" in out:
+                attributes[chunk] = out["end_attributes"].detach().float().cpu().numpy()
+        if self.scale is not None and attributes.shape[1]:
+            attributes = self.scale.invert(attributes)
+        return scores, attributes
 
     def score_answers(self, prompt: str, answers: list[str]) -> list[float]:
         return self.score_ids(self.encode_pairs([prompt] * len(answers), answers))
+
+    def rate_answers(self, prompt: str, answers: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The reward and the attribute scores of each answer to `prompt`."""
+        return self.score_all(self.encode_pairs([prompt] * len(answers), answers))
 
     @torch.inference_mode()
     def score_steps(self, prompt: str, steps: list[str], separator: str) -> list[float]:
@@ -139,3 +164,39 @@ def score_data(scorer: Scorer, data_paths: list[str], data_split: str, split: st
     if not len(tokenized):
         raise UserError(f"--data_path {' '.join(data_paths)}: no pair to score in the {split} split")
     return *score_tokenized(scorer, tokenized), tokenized
+
+
+def score_rated_data(scorer: Scorer, data_paths: list[str], data_split: str, split: str, seed: int, cache_dir: str,
+                     repo_root: str, log=print, bad_rows: str = "error") -> dict[str, np.ndarray]:
+    """Score a split of attribute-rated data (same sources, cleaning, split and truncation as
+    training) with a multi-attribute model: per response its reward, predicted and rated attributes
+    (NaN: not rated) in the data's units, combined label (the reward it should get, in the model's
+    units; NaN when unknown), prompt index, length in tokens and source."""
+    from utils.data.attributes import group_by_prompt
+    from utils.data.build import load_rated
+    from utils.data.tokenize import tokenize_examples
+
+    names = list(scorer.attribute_names)
+    rated = load_rated(data_paths, data_split, 2, seed, cache_dir, repo_root, log, bad_rows)[split]
+    grouped, dropped = group_by_prompt(rated, names)
+    tokenized = tokenize_examples(grouped, scorer.tokenizer, scorer.max_seq_len, scorer.end_of_conversation_token,
+                                  bad_rows=bad_rows)
+    log(f"data: {sum(map(len, tokenized.responses))} responses to {len(tokenized)} prompts to score, "
+        f"{dropped.total()} rating none of {', '.join(names)}, {tokenized.too_long} prompts skipped (an answer "
+        f"longer than {scorer.max_seq_len} tokens), {tokenized.responses_dropped} over-long answers left out")
+    if not len(tokenized):
+        raise UserError(f"--data_path {' '.join(data_paths)}: no rated response to score in the {split} split")
+    sequences = [np.concatenate([prompt, response]).astype(np.int64)
+                 for prompt, responses in zip(tokenized.prompts, tokenized.responses, strict=True)
+                 for response in responses]
+    rewards, predicted = scorer.score_all(sequences, progress=True)
+    labels = np.concatenate(tokenized.labels).astype(np.float64)
+    scaled = labels if scorer.scale is None else scorer.scale.apply(labels).astype(np.float64)
+    weights = torch.tensor(scorer.model.attributes.weights)
+    counts = [len(responses) for responses in tokenized.responses]
+    return {"rewards": rewards, "predicted": predicted, "labels": labels,
+            "targets": combined_labels(torch.from_numpy(scaled), weights).numpy(),
+            "prompts": np.repeat(np.arange(len(counts)), counts),
+            "lengths": np.array([len(response) for responses in tokenized.responses for response in responses]),
+            "prompt_lengths": np.repeat([len(prompt) for prompt in tokenized.prompts], counts),
+            "sources": np.repeat([tokenized.source_names[s] for s in tokenized.sources], counts)}

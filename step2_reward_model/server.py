@@ -3,7 +3,8 @@
 Protocol (JSON in and out; every response carries Content-Type: application/json and Content-Length):
 
     POST /score   {"pairs": [{"prompt": str, "answer": str}, ...]}   or   {"texts": [str, ...]}
-                  -> 200 {"rewards": [float, ...]}, one per item, in request order
+                  -> 200 {"rewards": [float, ...]}, one per item, in request order; a multi-attribute
+                     model adds "attributes": [{name: float, ...}, ...], one object per item
     GET  /health  -> 200 {"status": "ok", "max_seq_len": N, "max_items": N, "batch_size": N}
 
 Pairs are tokenised exactly as in training (prompt, then answer + end-of-conversation token, the prompt
@@ -20,7 +21,7 @@ sends a large body regardless may see the connection closed under it instead of 
 Why batching: PPO workers each send a few sequences at a time, and one model call on a batch costs about
 as much as one on a single sequence. Handler threads tokenise their request and queue it; one batcher
 thread, the only one that touches the model, takes what is queued, waits up to batch_wait_ms for more
-(until it holds BATCH_FACTOR * batch_size sequences), scores everything in one `Scorer.score_ids` call
+(until it holds BATCH_FACTOR * batch_size sequences), scores everything in one `Scorer.score_all` call
 and hands each request its own rewards. A failed model call fails the requests of that batch only.
 """
 
@@ -114,11 +115,12 @@ class _Job:
     sequences: list[np.ndarray]
     done: threading.Event = field(default_factory=threading.Event)
     rewards: list[float] = field(default_factory=list)
+    attributes: np.ndarray | None = None
     error: str | None = None
 
 
 class Batcher:
-    """The one thread that calls the model, merging queued requests into few `score_ids` calls."""
+    """The one thread that calls the model, merging queued requests into few `score_all` calls."""
 
     def __init__(self, scorer: Scorer, wait_s: float, max_sequences: int) -> None:
         self.scorer, self.wait_s, self.max_sequences = scorer, wait_s, max_sequences
@@ -128,8 +130,9 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="reward-batcher", daemon=True)
         self._thread.start()
 
-    def score(self, sequences: list[np.ndarray]) -> list[float]:
-        """The rewards of `sequences`, scored together with whatever else is queued meanwhile."""
+    def score(self, sequences: list[np.ndarray]) -> _Job:
+        """The rewards (and attribute scores) of `sequences`, scored together with whatever else is
+        queued meanwhile."""
         job = _Job(sequences)
         with self._lock:  # nothing is queued after stop()'s end marker, so every job gets an answer
             if self._stopped:
@@ -138,7 +141,7 @@ class Batcher:
         job.done.wait()
         if job.error is not None:
             raise RequestError(500, job.error)
-        return job.rewards
+        return job
 
     def stop(self) -> None:
         """Score what is already queued, then end the thread."""
@@ -170,7 +173,7 @@ class Batcher:
 
     def _score(self, batch: list[_Job]) -> None:
         try:
-            rewards = self.scorer.score_ids([sequence for job in batch for sequence in job.sequences])
+            rewards, attributes = self.scorer.score_all([sequence for job in batch for sequence in job.sequences])
         except Exception as err:  # fail this batch's requests, keep the thread for the next ones
             for job in batch:
                 job.error = f"scoring failed: {type(err).__name__}: {first_line(err)}"
@@ -178,7 +181,8 @@ class Batcher:
             return
         start = 0
         for job in batch:
-            job.rewards = rewards[start:start + len(job.sequences)]
+            job.rewards = rewards[start:start + len(job.sequences)].tolist()
+            job.attributes = attributes[start:start + len(job.sequences)]
             start += len(job.sequences)
             job.done.set()
 
@@ -233,7 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
             scorer = self.server.scorer
             return {"status": "ok", "max_seq_len": scorer.max_seq_len, "max_items": self.server.max_items,
                     "batch_size": scorer.batch_size}
-        return {"rewards": self._score(self._read_json())}
+        return self._score(self._read_json())
 
     def _check_headers(self) -> str:
         """The route, once token, path, method and body size are right (none of the body is read)."""
@@ -278,7 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise RequestError(400, f"the body is not valid JSON: {first_line(err, 200)}") from None
 
-    def _score(self, request: object) -> list[float]:
+    def _score(self, request: object) -> dict:
         kind, items = parse_body(request, self.server.max_items)
         scorer = self.server.scorer
         with self.server.encode_lock:  # a fast tokenizer fails ("Already borrowed") when called concurrently
@@ -292,10 +296,14 @@ class _Handler(BaseHTTPRequestHandler):
         empty = [index for index, sequence in enumerate(sequences) if not len(sequence)]
         if empty:
             raise RequestError(400, f"{kind}[{empty[0]}] has no tokens to score")
-        rewards = self.server.batcher.score(sequences)
-        if not all(math.isfinite(reward) for reward in rewards):
+        job = self.server.batcher.score(sequences)
+        if not all(math.isfinite(reward) for reward in job.rewards) or not np.isfinite(job.attributes).all():
             raise RequestError(500, "the model returned a reward that is not a finite number")
-        return rewards
+        names = scorer.attribute_names
+        if not names:
+            return {"rewards": job.rewards}
+        return {"rewards": job.rewards,
+                "attributes": [dict(zip(names, row, strict=True)) for row in job.attributes.tolist()]}
 
     def _body_unread(self) -> bool:
         declared = self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers

@@ -142,7 +142,7 @@ def test_concurrent_requests_are_batched(scorer):
     expected = [offline_pairs(scorer, pairs) for pairs in requests]
     calls = []
     counting = dataclasses.replace(scorer)
-    counting.score_ids = lambda sequences: calls.append(len(sequences)) or scorer.score_ids(sequences)
+    counting.score_all = lambda sequences: calls.append(len(sequences)) or scorer.score_all(sequences)
     answers, start = {}, threading.Barrier(16)
 
     def client(index: int, port: int) -> None:
@@ -287,12 +287,12 @@ def test_model_failure_fails_its_batch_only(scorer):
     failures = [RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")]
     failing = dataclasses.replace(scorer)
 
-    def score_ids(sequences):
+    def score_all(sequences):
         if failures:
             raise failures.pop()
-        return scorer.score_ids(sequences)
+        return scorer.score_all(sequences)
 
-    failing.score_ids = score_ids
+    failing.score_all = score_all
     with running(failing) as port:
         status, body, _ = call(port, "POST", "/score", {"texts": TEXTS}, token=None)
         assert (status, body) == (500, {"error": "scoring failed: RuntimeError: CUDA out of memory."})
