@@ -2,28 +2,35 @@
 """Rewrite a reward-model folder written by an older version or by DeepSpeed-Chat in the current layout:
 
     python step2_reward_model/export.py OUTPUT [--data_path DATA] [--step3_key_prefix rwtranrsformer]
+    python step2_reward_model/export.py OUTPUT --attribute_weights helpfulness=1 verbosity=-0.5
 
 It writes step-3 weights, tokenizer, manifest and the Hugging Face export `hf/` and, with
---data_path, the reward statistics over that data's held-out split.
+--data_path, the reward statistics over that data's held-out split. For a multi-attribute model,
+--attribute_weights sets new weights of the reward, collapsed into the step-3 value head without
+retraining; reward statistics of the old weights are then removed unless --data_path recomputes them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from step2_reward_model.flags import add_flags
 from step2_reward_model.hf_export import HF_DIR
+from step2_reward_model.model import Attributes
 from step2_reward_model.output import (
+    STATS_NAME,
     export_skipped_error,
     load_manifest,
     load_reward_model,
     load_scoring_tokenizer,
     save_reward_model,
 )
-from step2_reward_model.report import reward_statistics
-from step2_reward_model.scoring import Scorer, score_data
-from utils.errors import exit_status
+from step2_reward_model.report import best_worst, reward_statistics
+from step2_reward_model.scoring import Scorer, score_data, score_rated_data
+from utils.data.attributes import AttributeScale, parse_weights
+from utils.errors import UserError, exit_status
 from utils.files import REPO_ROOT
 from utils.model_files import END_OF_CONVERSATION_TOKEN
 
@@ -33,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("model_path", help="A step-2 output folder, or one DeepSpeed-Chat's step 2 wrote.")
     p.add_argument("--output_dir", default=None, help="Where to write (default: model_path itself).")
     add_flags(p, ["tokenizer_path", "data_path", "data_split", "data_output_path", "bad_rows", "seed", "max_seq_len",
-                  "step3_key_prefix", "trust_remote_code"],
+                  "step3_key_prefix", "trust_remote_code", "attribute_weights"],
               data_path={"default": None, "help": "Compute reward statistics on this data."},
               max_seq_len={"default": None, "help": "Default: the manifest's, else 512."})
     return p.parse_args(argv)
@@ -45,21 +52,52 @@ def convert(args: argparse.Namespace) -> None:
     manifest = load_manifest(args.model_path)
     manifest.setdefault("end_of_conversation_token", END_OF_CONVERSATION_TOKEN)
     manifest["max_seq_len"] = args.max_seq_len or manifest.get("max_seq_len", 512)
+    if args.attribute_weights:
+        reweigh(model, args.attribute_weights)
     stats = None
     if args.data_path:
-        scorer = Scorer(model, tokenizer, manifest["max_seq_len"], manifest["end_of_conversation_token"])
-        scored, table, _ = score_data(scorer, args.data_path, args.data_split, "eval", args.seed, args.data_output_path,
-                                      REPO_ROOT, log=lambda message: print(message, file=sys.stderr),
-                                      bad_rows=args.bad_rows)
-        stats = reward_statistics(scored["chosen"], scored["rejected"], "--data_path " + " ".join(args.data_path),
-                                  all_rewards=table[:, 0], margins=scored["chosen"] - scored["rejected"])
+        stats = data_statistics(model, tokenizer, manifest, args)
     output_dir = args.output_dir or args.model_path
+    if args.attribute_weights and stats is None and os.path.isfile(os.path.join(output_dir, STATS_NAME)):
+        os.remove(os.path.join(output_dir, STATS_NAME))
+        print(f"note: removed {STATS_NAME}, the rewards of the old weights (--data_path recomputes it)")
     skipped = save_reward_model(model, tokenizer, output_dir, zero_stage=0, rank=0, meta=manifest, stats=stats,
                                 key_prefix=args.step3_key_prefix)
     if skipped:
         raise export_skipped_error(output_dir, skipped)
     print(f"wrote {output_dir} (step-3 weights with prefix {args.step3_key_prefix}, manifest, {HF_DIR}/"
           f"{', reward_stats.json' if stats else ''})")
+
+
+def reweigh(model, specs: list[str]) -> None:
+    """Give a multi-attribute model new weights for its reward."""
+    if model.attributes is None:
+        raise UserError("--attribute_weights: this model has one reward, not attributes (train it with "
+                        "--objective regression)")
+    names = model.attributes.names
+    weights = parse_weights(specs, list(names))
+    model.set_attributes(Attributes(names, tuple(weights)), model.v_head.weight.data)
+    print("reward = " + " + ".join(f"{weight:g} * {name}" for name, weight in zip(names, weights, strict=True)
+                                   if weight))
+
+
+def data_statistics(model, tokenizer, manifest: dict, args: argparse.Namespace) -> dict:
+    """The reward statistics over the held-out split of --data_path: preference data, or attribute-rated
+    data for a multi-attribute model (best and worst rated answer of each prompt as its pair)."""
+    scorer = Scorer(model, tokenizer, manifest["max_seq_len"], manifest["end_of_conversation_token"],
+                    scale=AttributeScale.from_manifest(manifest))
+    log, data = (lambda message: print(message, file=sys.stderr)), "--data_path " + " ".join(args.data_path)
+    if model.attributes is not None:
+        scored = score_rated_data(scorer, args.data_path, args.data_split, "eval", args.seed, args.data_output_path,
+                                  REPO_ROOT, log=log, bad_rows=args.bad_rows)
+        rewards = scored["rewards"]
+        best, worst = best_worst(scored["prompts"], scored["targets"])
+        return reward_statistics(rewards[best], rewards[worst], data, all_rewards=rewards,
+                                 margins=rewards[best] - rewards[worst])
+    scored, table, _ = score_data(scorer, args.data_path, args.data_split, "eval", args.seed, args.data_output_path,
+                                  REPO_ROOT, log=log, bad_rows=args.bad_rows)
+    return reward_statistics(scored["chosen"], scored["rejected"], data, all_rewards=table[:, 0],
+                             margins=scored["chosen"] - scored["rejected"])
 
 
 def main(argv: list[str] | None = None) -> int:

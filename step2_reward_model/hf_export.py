@@ -1,8 +1,9 @@
 """The standard Hugging Face export of a reward model, `OUTPUT/hf`.
 
-`OUTPUT/hf` loads with `AutoModelForSequenceClassification.from_pretrained(OUTPUT/hf)`: one label,
-safetensors, and a tokenizer that pads on the right. Its logit is our end score on the same token
-ids: transformers scores the rightmost token that is not the pad id, so the export gets a pad
+`OUTPUT/hf` loads with `AutoModelForSequenceClassification.from_pretrained(OUTPUT/hf)`: one label
+(a multi-attribute model: one per attribute, `id2label` naming them), safetensors, and a tokenizer
+that pads on the right. Its logit is our end score (or attribute scores) on the same token ids:
+transformers scores the rightmost token that is not the pad id, so the export gets a pad
 token that no text ever produces (a tokenizer whose pad is eos, like GPT-2's, would otherwise make
 it score the token before a final eos). A BERT export scores [CLS] through BERT's pooler, as
 training does, with the classifier's bias zero. Encoders with no matching classifier (DeBERTa-v2,
@@ -45,8 +46,9 @@ def export_tokenizer(tokenizer, end_of_conversation_token: str):
 
 def sequence_classification_state(state: dict[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], object]:
     """Our `rwtransformer.*` / `v_head.weight` state renamed for `AutoModelForSequenceClassification`
-    of `config` (num_labels 1); the embedding grows in steps of 8 rows if the vocabulary needs it,
-    and a head bias (BERT's classifier has one) is zero, as our value head has none."""
+    of `config` (`v_head.weight` has its num_labels rows); the embedding grows in steps of 8 rows if
+    the vocabulary needs it, and a head bias (BERT's classifier has one) is zero, as our value head has
+    none."""
     from transformers import AutoModelForSequenceClassification
 
     encoder = ENCODERS.get(config.model_type)
@@ -64,8 +66,8 @@ def sequence_classification_state(state: dict[str, torch.Tensor], config) -> tup
             missing.append(key)
             continue
         tensor = state[source]
-        if source == "v_head.weight" and key.endswith(".bias") and expected.shape == (1,):
-            tensor = tensor.new_zeros(1)
+        if source == "v_head.weight" and key.endswith(".bias") and expected.shape == (config.num_labels,):
+            tensor = tensor.new_zeros(config.num_labels)
         if key == embedding_key and tensor.shape[0] < expected.shape[0]:
             tensor = torch.cat([tensor, tensor.new_zeros(expected.shape[0] - tensor.shape[0], tensor.shape[1])])
         if tensor.shape != expected.shape:
@@ -81,14 +83,18 @@ def sequence_classification_state(state: dict[str, torch.Tensor], config) -> tup
 
 
 def save_sequence_classification(state: dict[str, torch.Tensor], config, tokenizer, folder: str,
-                                 end_of_conversation_token: str) -> None:
-    """Write the export into `folder` (which the caller then moves into place)."""
+                                 end_of_conversation_token: str, attributes: tuple[str, ...] | None = None) -> None:
+    """Write the export into `folder` (which the caller then moves into place): one label, or one per
+    attribute, named."""
     from safetensors.torch import save_file
 
     tokenizer = export_tokenizer(tokenizer, end_of_conversation_token)
     config = copy.deepcopy(config)
     config.vocab_size = max(config.vocab_size, embedding_rows(len(tokenizer)))
-    config.num_labels = 1
+    config.num_labels = len(attributes) if attributes else 1
+    if attributes:
+        config.id2label = dict(enumerate(attributes))
+        config.label2id = {name: index for index, name in enumerate(attributes)}
     config.pad_token_id = tokenizer.pad_token_id
     tensors, model_class = sequence_classification_state(state, config)
     config.architectures = [model_class.__name__]

@@ -6,6 +6,13 @@ rewards; saving it, and loading it back to score with.
     reward_model.json   the manifest: scored token, padding, end-of-conversation token, max length, ...
     reward_stats.json   reward mean, std and quantiles over the held-out set (for reward normalisation)
     hf/                 the AutoModelForSequenceClassification export (safetensors)
+    attribute_head.safetensors   a multi-attribute model's whole head, one row per attribute
+
+A multi-attribute model (`--objective regression`) gives step 3 what it can load: `v_head.weight` in
+`pytorch_model.bin` is the head collapsed to the weighted sum of the attributes (`w^T W`, one row),
+so its reward is that sum. The whole head stays in `attribute_head.safetensors` (and in `hf/`, one
+label per attribute), with the names and weights in the manifest: `load_reward_model` scores each
+attribute again, and `export.py --attribute_weights` collapses it anew.
 
 The state is gathered on rank 0 one parameter at a time (ZeRO-3 shards included), written into a
 staging folder, then moved into place file by file with atomic renames, so a crash while writing
@@ -31,7 +38,15 @@ from torch import nn
 
 from step2_reward_model.hf_export import HF_DIR, ExportUnavailable, save_sequence_classification
 from step2_reward_model.lora import plain_state_dict
-from step2_reward_model.model import BACKBONE, ENCODERS, TYPO_BACKBONE, RewardModel, load_config, new_backbone
+from step2_reward_model.model import (
+    BACKBONE,
+    ENCODERS,
+    TYPO_BACKBONE,
+    Attributes,
+    RewardModel,
+    load_config,
+    new_backbone,
+)
 from utils.errors import UserError, first_line
 from utils.files import replace_folder, write_json
 from utils.runtime import barrier
@@ -39,6 +54,7 @@ from utils.runtime import barrier
 WEIGHTS_NAME = "pytorch_model.bin"
 MANIFEST_NAME = "reward_model.json"
 STATS_NAME = "reward_stats.json"
+ATTRIBUTE_HEAD_NAME = "attribute_head.safetensors"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 MANIFEST_FORMAT = 1
 
@@ -80,6 +96,9 @@ def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: 
         config = model.rwtransformer.config
         manifest = {**meta, **handoff_manifest(tokenizer, meta, config), "step3_key_prefix": key_prefix,
                     "hf_export": HF_DIR if hf_export else None}
+        if model.attributes is not None:
+            manifest["attributes"] = {**meta.get("attributes", {}), "names": list(model.attributes.names),
+                                      "weights": list(model.attributes.weights), "head": ATTRIBUTE_HEAD_NAME}
         manifest.pop("hf_export_skipped", None)  # a converted folder's manifest may carry an old reason
         os.makedirs(output_dir, exist_ok=True)
         staging = os.path.join(output_dir, f".saving-{os.getpid()}")
@@ -89,7 +108,8 @@ def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: 
             hf_staging = os.path.join(staging, HF_DIR)
             try:
                 save_sequence_classification(state, config, tokenizer, hf_staging,
-                                             manifest["end_of_conversation_token"])
+                                             manifest["end_of_conversation_token"],
+                                             model.attributes.names if model.attributes else None)
                 write_json(os.path.join(hf_staging, MANIFEST_NAME), {**manifest, "padding_side": "right"})
             except UserError as err:
                 shutil.rmtree(hf_staging, ignore_errors=True)
@@ -98,6 +118,11 @@ def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: 
                     print(f"note: {err}; the manifest records why there is no {HF_DIR}/")
                 else:
                     skipped = str(err)
+        if model.attributes is not None:
+            from safetensors.torch import save_file
+
+            save_file({"weight": state["v_head.weight"].contiguous()}, os.path.join(staging, ATTRIBUTE_HEAD_NAME))
+            state = {**state, "v_head.weight": model.attributes.collapse(state["v_head.weight"])}
         torch.save(step3_state(state, key_prefix), os.path.join(staging, WEIGHTS_NAME))
         config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -192,7 +217,28 @@ def load_reward_model(path: str, trust_remote_code: bool = False) -> RewardModel
                         f"unexpected keys: {', '.join(unexpected[:5]) or 'none'}; "
                         f"other shapes: {', '.join(resized[:5]) or 'none'})")
     model.load_state_dict(state)
+    attach_attribute_head(model, path)
     return model.eval()
+
+
+def attach_attribute_head(model: RewardModel, path: str) -> None:
+    """Give a multi-attribute model's step-3 weights back their whole head (`attribute_head.safetensors`,
+    named and weighted by the manifest), once it is checked to collapse to the saved `v_head`; other
+    folders are left as they are."""
+    attributes = load_manifest(path).get("attributes")
+    head_file = os.path.join(path, ATTRIBUTE_HEAD_NAME)
+    if not attributes or not os.path.isfile(head_file):
+        return
+    from safetensors.torch import load_file
+
+    weight = load_file(head_file)["weight"]
+    head = Attributes(tuple(attributes["names"]), tuple(attributes["weights"]))
+    # Both were saved from one tensor, in its dtype (fp16 after fp16 training), so they agree exactly.
+    if weight.shape != (len(head.names), model.v_head.in_features) or not torch.allclose(
+            head.collapse(weight).float(), model.v_head.weight.data.float(), rtol=1e-5, atol=1e-6):
+        raise UserError(f"{head_file}: does not match the value head in {WEIGHTS_NAME} with the manifest's weights "
+                        "(written by another run?): rewrite the folder with export.py")
+    model.set_attributes(head, weight)
 
 
 def _load_sequence_classification(path: str, trust_remote_code: bool) -> RewardModel:
@@ -209,13 +255,18 @@ def _load_sequence_classification(path: str, trust_remote_code: bool) -> RewardM
     if problems:
         details = "; ".join(f"{name}: {', '.join(map(str, sorted(keys)[:5]))}" for name, keys in problems.items())
         raise UserError(f"{path}: weights do not match config.json ({details})")
-    if classifier.config.num_labels != 1:
-        raise UserError(f"{path}: a reward model has one label, this classifier has {classifier.config.num_labels}")
+    attributes = load_manifest(path).get("attributes")
+    labels = len(attributes["names"]) if attributes else 1
+    if classifier.config.num_labels != labels:
+        raise UserError(f"{path}: a reward model has one label (or one per attribute its {MANIFEST_NAME} names), "
+                        f"this classifier has {classifier.config.num_labels}")
     prefix = classifier.base_model_prefix
     head = {name: param for name, param in classifier.named_parameters() if not name.startswith(f"{prefix}.")}
     weights = [param for name, param in head.items() if not name.endswith(".bias")]
     biases = [param for name, param in head.items() if name.endswith(".bias")]
     model = RewardModel(getattr(classifier, prefix))
+    if attributes:
+        model.set_attributes(Attributes(tuple(attributes["names"]), tuple(attributes["weights"])))
     # BERT's classifier has a bias, which our export sets to zero; the value head has none.
     if len(weights) != 1 or weights[0].shape != model.v_head.weight.shape or len(biases) > 1 \
             or any(bias.any() for bias in biases):
