@@ -28,6 +28,7 @@ SCRIPTS = {
     "opt_single_gpu": ("training_scripts/opt/single_gpu/run_350m.sh", 2),
     "opt_single_node": ("training_scripts/opt/single_node/run_350m.sh", 1),
     "opt_multi_node": ("training_scripts/opt/multi_node/run_350m.sh", 3),
+    "opt_helpsteer2": ("training_scripts/opt/single_gpu/run_350m_helpsteer2.sh", 1),
     "llama2_7b": ("training_scripts/llama2/run_llama2_7b.sh", 2),
     "llama2_7b_lora": ("training_scripts/llama2/run_llama2_7b_lora.sh", 1),
 }
@@ -162,7 +163,7 @@ def test_script_runs_through_the_launcher(name, runs):
     assert args["dry_run"] is True and args["deepspeed"] is True
     assert args["output_dir"] == str(run["out"])
     assert args["zero_stage"] == run["stage"] == ds["zero_optimization"]["stage"]
-    assert args["data_split"] == "2,4,4"
+    assert args["data_split"] == ("0,1,0" if name == "opt_helpsteer2" else "2,4,4")  # all of HelpSteer2's train
     assert args["weight_decay"] == 0.1
     assert args["seed"] == 1234 and args["lr_scheduler_type"] == "cosine"
     assert ds["train_micro_batch_size_per_gpu"] == args["per_device_train_batch_size"]
@@ -271,3 +272,13 @@ def test_main_accepts_every_deepspeed_chat_flag(runs):
     assert ds["tensorboard"]["enabled"] is True and ds["tensorboard"]["output_path"].startswith("tb-dir")
     assert ds["train_batch_size"] == 3 * 1 * 2
 
+
+
+def test_opt_helpsteer2(runs):
+    """The multi-attribute recipe: regression on all of HelpSteer2's train split, its five attributes
+    combined with NVIDIA's recommended weights for step 3."""
+    _, _, resolved = script_run(runs, "opt_helpsteer2")
+    args = resolved["args"]
+    assert args["data_path"] == ["nvidia/HelpSteer2"] and args["data_split"] == "0,1,0"
+    assert args["objective"] == "regression" and args["attribute_weights"] == ["helpsteer2"]
+    assert args["max_seq_len"] == 2048 and args["gradient_checkpointing"] is True
