@@ -114,12 +114,16 @@ def evaluate_data(scorer: Scorer, args: argparse.Namespace) -> dict:
     if args.report:
         write_report(args.report, report)
     if args.plots:
-        from step2_reward_model.plots import write_plots
-
-        for path in write_plots(scored["chosen"], scored["rejected"], scored["chosen_lengths"],
-                                scored["rejected_lengths"], report, args.plots):
-            print(f"figure written to {path}")
+        write_figures(scored["chosen"], scored["rejected"], scored["chosen_lengths"], scored["rejected_lengths"],
+                      report, args.plots)
     return report
+
+
+def write_figures(chosen, rejected, chosen_lengths, rejected_lengths, report: dict, folder: str) -> None:
+    from step2_reward_model.plots import write_plots
+
+    for path in write_plots(chosen, rejected, chosen_lengths, rejected_lengths, report, folder):
+        print(f"figure written to {path}")
 
 
 def evaluate_rated(scorer: Scorer, args: argparse.Namespace) -> dict:
@@ -134,11 +138,13 @@ def evaluate_rated(scorer: Scorer, args: argparse.Namespace) -> dict:
     print(format_attribute_report(report["attributes"]))
     best, worst = best_worst(scored["prompts"], scored["targets"])
     if len(best):
-        report.update(pair_report(scored["rewards"][best], scored["rewards"][worst], scored["lengths"][best],
-                                  scored["lengths"][worst], scored["prompt_lengths"][best]
-                                  + np.maximum(scored["lengths"][best], scored["lengths"][worst]),
+        rewards, lengths = scored["rewards"], scored["lengths"]
+        report.update(pair_report(rewards[best], rewards[worst], lengths[best], lengths[worst],
+                                  scored["prompt_lengths"][best] + np.maximum(lengths[best], lengths[worst]),
                                   scored["sources"][best]))
         print(f"== Best vs worst rated answer of each prompt: {len(best)} pairs ==\n" + format_report(report))
+        if args.plots:
+            write_figures(rewards[best], rewards[worst], lengths[best], lengths[worst], report, args.plots)
     else:
         print("no prompt has two answers with different combined labels: no pairwise diagnostics")
     report["model_path"] = os.path.abspath(args.model_path)

@@ -119,11 +119,15 @@ def test_responses_group_by_prompt_with_unrated_attributes_masked():
 def test_tokenised_labels_follow_their_responses(tmp_path):
     """An over-long answer leaves its prompt's list with its label; the labels survive the cache."""
     tokenizer = train_tokenizer(["a b c d e f g h"] * 20, "opt")
-    example = {"prompt": "a b", "responses": [" c", " d e f g h " * 40, " e"], "ranks": [0, 1, 2],
+    example = {"prompt": "a b", "responses": [" c", " d e f g h " * 40, " e"], "ranks": [0, 0, 0],
                "labels": [[1.0, np.nan], [2.0, 2.0], [np.nan, 3.0]], "source": "s"}
     tokenized = tokenize_examples([example], tokenizer, 32, END_OF_CONVERSATION_TOKEN)
     assert tokenized.responses_dropped == 1
     np.testing.assert_array_equal(tokenized.labels[0], [[1.0, np.nan], [np.nan, 3.0]])
+    pair = {**example, "responses": example["responses"][:2], "ranks": [0, 0], "labels": example["labels"][:2]}
+    kept = tokenize_examples([pair], tokenizer, 32, END_OF_CONVERSATION_TOKEN)  # rated answers stand alone
+    assert kept.responses_dropped == 1 and len(kept.responses[0]) == 1
+    np.testing.assert_array_equal(kept.labels[0], [[1.0, np.nan]])
     tokenized.attribute_names = ["helpfulness", "verbosity"]
     save_tokenized(tokenized, str(tmp_path / "set.npz"))
     loaded = load_tokenized(str(tmp_path / "set.npz"))
@@ -400,9 +404,10 @@ def test_rw_eval_reports_each_attribute_and_the_server_returns_them(regression_r
     tmp_path, out, manifest, _ = regression_run
     result = run_cli([sys.executable, "rw_eval.py", "--model_path", str(out), "--data_path", rated_dir,
                       "--data_split", "0,1,0", "--data_output_path", str(tmp_path / "cache"), "--report",
-                      str(tmp_path / "report.json")])
+                      str(tmp_path / "report.json"), "--plots", str(tmp_path / "plots")])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "== Attributes ==" in result.stdout and "== Length bias ==" in result.stdout
+    assert (tmp_path / "plots" / "reward_vs_length.png").is_file()
     report = json.loads((tmp_path / "report.json").read_text())
     verbosity = report["attributes"]["attributes"]["verbosity"]
     assert verbosity["spearman"] == pytest.approx(manifest["final_eval"]["spearman/verbosity"], abs=0.01)
@@ -421,19 +426,22 @@ def test_rw_eval_reports_each_attribute_and_the_server_returns_them(regression_r
                                   for row in attributes.tolist()]
 
 
-def test_regression_flags_are_checked(tmp_path, model_dirs, rated_dir):
+def test_regression_flags_are_checked(tmp_path, tokenizers, rated_dir, capsys):
+    """Flags of the other objective are refused before anything loads; an attribute no row rates
+    is one line once the data is read."""
+    from step2_reward_model.flags import parse_training_args
+
     for extra, message in ((["--attributes", "verbosity"], "--attributes needs --objective regression"),
                            (["--objective", "regression", "--process_reward"], "two different objectives"),
                            (["--objective", "regression", "--pair_loss_coefficient", "-1"], "at least 0.0"),
                            (["--objective", "regression", "--loss", "end_token"], "--loss applies to --objective "
                                                                                    "preference, not regression")):
-        result = run_cli([sys.executable, "step2_reward_model/main.py", "--model_name_or_path", model_dirs["opt"],
-                          "--data_path", rated_dir, *extra])
-        assert result.returncode == 2 and message in result.stderr
-    result = run_cli([sys.executable, "step2_reward_model/main.py", "--model_name_or_path", model_dirs["opt"],
-                      "--data_path", rated_dir, "--data_output_path", str(tmp_path), *COMMON, "--attributes",
-                      "honesty"])
-    assert result.returncode == 2 and "--attributes honesty: no row rates it" in result.stderr
+        with pytest.raises(SystemExit) as stopped:
+            parse_training_args(["--model_name_or_path", "m", *extra])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(UserError, match="--attributes honesty: no row rates it"):
+        create_attribute_datasets([rated_dir], "0,1,0", str(tmp_path), 1234, tokenizers["opt"], 128,
+                                  END_OF_CONVERSATION_TOKEN, str(REPO_ROOT), ["honesty"], log=lambda _: None)
 
 
 def test_attribute_sets_are_built_and_cached(tmp_path, tokenizers, rated_dir):

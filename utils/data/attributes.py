@@ -13,7 +13,7 @@ is never read as 0. A row whose fields do not match follows `--bad_rows` like an
 Responses to the same prompt (HelpSteer2 rates two per prompt, UltraFeedback four) are grouped into
 one example, best-first order not implied: the collator then computes the prompt once, and the
 optional pair loss compares the responses whose combined labels differ. The attribute names come
-from the data, in the order first seen, unless `--attributes` picks them.
+from the data, in the order their fields first appear, unless `--attributes` picks them.
 
 The combined reward is a weighted sum of the attributes (`parse_weights`), which is what step 3
 reads from the single collapsed value head.
@@ -36,7 +36,6 @@ from utils.data.synthetic import is_held_out
 from utils.errors import UserError
 
 HELPSTEER = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
-ULTRAFEEDBACK = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 # Named weightings for --attribute_weights. helpsteer2: the combination NVIDIA recommends for its
 # HelpSteer2-trained Nemotron-4-340B-Reward when one scalar reward is wanted (its model card).
 RECIPES = {"helpsteer2": {"helpfulness": 0.3, "correctness": 0.74, "coherence": 0.46, "complexity": 0.47,
@@ -157,7 +156,7 @@ def group_by_prompt(examples: list[dict], names: list[str]) -> tuple[list[dict],
                                              "source": example["source"]})
             entry["responses"].append(response)
             entry["labels"].append(labels)
-    return [{**entry, "ranks": list(range(len(entry["responses"])))} for entry in grouped.values()], dropped
+    return [{**entry, "ranks": [0] * len(entry["responses"])} for entry in grouped.values()], dropped  # unordered
 
 
 def parse_weights(specs: list[str] | None, names: list[str]) -> list[float]:
@@ -232,7 +231,6 @@ class AttributeDataset(PairDataset):
 
     def __init__(self, tokenized, scale: AttributeScale):
         super().__init__(tokenized)
-        self.scale = scale
         self.scaled = [scale.apply(labels) for labels in tokenized.labels]
 
     def loss_units(self) -> np.ndarray:

@@ -152,11 +152,12 @@ def _pretokenized(sequences: list[list[int]]) -> tuple[list[int], list[list[int]
     return list(sequences[0][:shared]), [list(seq[shared:]) for seq in sequences]
 
 
-def _fitting_responses(responses: list[list[int]], ranks: list[int], room: int) -> list[int]:
-    """Which responses a ranked list keeps: those that fit while two of different rank remain (a
-    pair keeps both or neither): one over-long answer does not cost the whole list."""
+def _fitting_responses(responses: list[list[int]], ranks: list[int], room: int, rated: bool = False) -> list[int]:
+    """Which responses an example keeps: every one that fits if they are `rated` (each answer its own
+    labels), else those that fit while two of different rank remain (a pair keeps both or neither):
+    one over-long answer does not cost the whole list."""
     keep = [i for i, response in enumerate(responses) if len(response) <= room]
-    if len(keep) == len(responses) or (len(responses) > 2 and len({ranks[i] for i in keep}) > 1):
+    if rated or len(keep) == len(responses) or (len(responses) > 2 and len({ranks[i] for i in keep}) > 1):
         return keep
     return []
 
@@ -186,7 +187,7 @@ def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int, end_
             lead, prompt = prefix, next(prompt_ids)
             responses = [next(flat_ids) + suffix for _ in example["responses"]]
         ranks = list(example.get("ranks", range(len(responses))))
-        keep = _fitting_responses(responses, ranks, max_seq_len - len(lead))
+        keep = _fitting_responses(responses, ranks, max_seq_len - len(lead), rated="labels" in example)
         responses, ranks = [responses[i] for i in keep], [ranks[i] for i in keep]
         fitted = fit_prompt(prompt, responses, len(lead), max_seq_len) if responses else None
         if fitted is None:
