@@ -27,7 +27,7 @@ from step2_reward_model.output import (
     load_scoring_tokenizer,
     save_reward_model,
 )
-from step2_reward_model.report import best_worst, reward_statistics
+from step2_reward_model.report import rated_statistics, reward_statistics
 from step2_reward_model.scoring import Scorer, score_data, score_rated_data
 from utils.data.attributes import AttributeScale, parse_weights
 from utils.errors import UserError, exit_status
@@ -90,10 +90,7 @@ def data_statistics(model, tokenizer, manifest: dict, args: argparse.Namespace) 
     if model.attributes is not None:
         scored = score_rated_data(scorer, args.data_path, args.data_split, "eval", args.seed, args.data_output_path,
                                   REPO_ROOT, log=log, bad_rows=args.bad_rows)
-        rewards = scored["rewards"]
-        best, worst = best_worst(scored["prompts"], scored["targets"])
-        return reward_statistics(rewards[best], rewards[worst], data, all_rewards=rewards,
-                                 margins=rewards[best] - rewards[worst])
+        return rated_statistics(scored["rewards"], scored["prompts"], scored["targets"], data)
     scored, table, _ = score_data(scorer, args.data_path, args.data_split, "eval", args.seed, args.data_output_path,
                                   REPO_ROOT, log=log, bad_rows=args.bad_rows)
     return reward_statistics(scored["chosen"], scored["rejected"], data, all_rewards=table[:, 0],

@@ -50,7 +50,7 @@ from step2_reward_model.model import (
     prefix_sharing_problem,
 )
 from step2_reward_model.output import export_skipped_error, save_reward_model
-from step2_reward_model.report import best_worst, reward_statistics
+from step2_reward_model.report import rated_statistics, reward_statistics
 from step2_reward_model.training import Run, StopRequest, train_step
 from utils.data.attributes import AttributeDataset, AttributeScale, parse_weights
 from utils.data.build import DataOptions, create_attribute_datasets, create_reward_datasets, create_step_datasets
@@ -332,9 +332,7 @@ def save_output(args: argparse.Namespace, engine, tokenizer, metrics: dict, end_
         scale = args.label_scale
         meta.update(objective="regression", loss="attribute_mse", pair_loss_coefficient=args.pair_loss_coefficient,
                     attributes={"scale": {"kind": args.attribute_scale, "low": scale.low, "high": scale.high}})
-        best, worst = best_worst(rows[:, 1], rows[:, 2])
-        stats = reward_statistics(rows[best, 0], rows[worst, 0], data, all_rewards=rows[:, 0],
-                                  margins=rows[best, 0] - rows[worst, 0])
+        stats = rated_statistics(rows[:, 0], rows[:, 1], rows[:, 2], data)
     elif args.process_reward:  # step logits: good steps as "chosen", bad ones as "rejected"
         meta.update(loss="step_bce", process_reward=True, step_separator=args.step_separator,
                     prm_neutral=args.prm_neutral, train_on_last_step_only=args.train_on_last_step_only)

@@ -232,13 +232,20 @@ def pair_report(chosen: ArrayLike, rejected: ArrayLike, chosen_lengths: ArrayLik
     }
 
 
+def _known_by_prompt(prompts: ArrayLike, targets: ArrayLike):
+    """The targets as a vector, and per prompt the positions of its responses whose target (combined
+    label) is known (not NaN)."""
+    prompts, targets = np.asarray(prompts), _vector(targets)
+    known = ~np.isnan(targets)
+    return targets, (np.flatnonzero((prompts == prompt) & known) for prompt in np.unique(prompts))
+
+
 def ordered_comparisons(prompts: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """(better, worse) positions of every two responses to one prompt whose targets (combined
     labels; NaN unknown) differ."""
-    prompts, targets = np.asarray(prompts), _vector(targets)
+    targets, groups = _known_by_prompt(prompts, targets)
     better, worse = [], []
-    for prompt in np.unique(prompts):
-        members = np.flatnonzero((prompts == prompt) & ~np.isnan(targets))
+    for members in groups:
         first, second = np.meshgrid(members, members, indexing="ij")
         above = targets[first] > targets[second]
         better.append(first[above])
@@ -249,14 +256,22 @@ def ordered_comparisons(prompts: ArrayLike, targets: ArrayLike) -> tuple[np.ndar
 
 def best_worst(prompts: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Per prompt with two different known targets, the positions of its best and worst response."""
-    prompts, targets = np.asarray(prompts), _vector(targets)
+    targets, groups = _known_by_prompt(prompts, targets)
     best, worst = [], []
-    for prompt in np.unique(prompts):
-        members = np.flatnonzero((prompts == prompt) & ~np.isnan(targets))
+    for members in groups:
         if len(members) and np.ptp(targets[members]) > 0:
             best.append(members[np.argmax(targets[members])])
             worst.append(members[np.argmin(targets[members])])
     return np.asarray(best, dtype=np.int64), np.asarray(worst, dtype=np.int64)
+
+
+def rated_statistics(rewards: ArrayLike, prompts: ArrayLike, targets: ArrayLike, data: str) -> dict:
+    """`reward_statistics` of rated responses: all their rewards, and each prompt's best and worst
+    rated answer (by `targets`, the combined labels) as its pair."""
+    rewards = _vector(rewards)
+    best, worst = best_worst(prompts, targets)
+    return reward_statistics(rewards[best], rewards[worst], data, all_rewards=rewards,
+                             margins=rewards[best] - rewards[worst])
 
 
 def attribute_report(predicted: np.ndarray, labels: np.ndarray, names: Sequence[str], rewards: ArrayLike,

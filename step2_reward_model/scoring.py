@@ -102,7 +102,7 @@ class Scorer:
         return scores, attributes
 
     def score_answers(self, prompt: str, answers: list[str]) -> list[float]:
-        return self.score_ids(self.encode_pairs([prompt] * len(answers), answers))
+        return self.rate_answers(prompt, answers)[0].tolist()
 
     def rate_answers(self, prompt: str, answers: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """The reward and the attribute scores of each answer to `prompt`."""

@@ -129,7 +129,7 @@ class TokenizedExamples:
     source_names: list[str] = field(default_factory=list)
     truncated: int = 0
     too_long: int = 0
-    responses_dropped: int = 0  # over-long answers left out of ranked lists that still have two ranks
+    responses_dropped: int = 0  # over-long answers left out of ranked lists that keep two ranks, or of rated lists
     bad_ids: int = 0  # pretokenized examples dropped (--bad_rows skip) for ids outside the tokenizer's range
     labels: list[np.ndarray] = field(default_factory=list)  # attribute data: [responses, attributes], NaN unrated
     attribute_names: list[str] = field(default_factory=list)
