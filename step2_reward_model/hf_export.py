@@ -1,4 +1,4 @@
-"""The standard Hugging Face export of a reward model, `OUTPUT/hf`.
+"""The standard Hugging Face export of a reward model, `OUTPUT/hf`, and the tokenizer every consumer gets.
 
 `OUTPUT/hf` loads with `AutoModelForSequenceClassification.from_pretrained(OUTPUT/hf)`: one label
 (a multi-attribute model: one per attribute, `id2label` naming them), safetensors, and a tokenizer
@@ -8,6 +8,11 @@ token that no text ever produces (a tokenizer whose pad is eos, like GPT-2's, wo
 it score the token before a final eos). A BERT export scores [CLS] through BERT's pooler, as
 training does, with the classifier's bias zero. Encoders with no matching classifier (DeBERTa-v2,
 T5) are known in advance: their export is skipped with the reason, which is no failure.
+
+What the RL frameworks read besides the weights is in the files too (`handoff_tokenizer`,
+`save_sequence_classification`): a chat template that renders a conversation to the text training read
+(the model's own, or DeepSpeed-Chat's layout), truncation from the left at training's max_seq_len, and
+in config.json the reward `mean` and `std` (OpenRLHF's `normalize_reward`) and `value_head_prefix`.
 """
 
 from __future__ import annotations
@@ -28,10 +33,18 @@ class ExportUnavailable(UserError):
     """The model type has no sequence-classification class for our weights: known before trying."""
 
 
-def export_tokenizer(tokenizer, end_of_conversation_token: str):
-    """A copy padding on the right with a pad token that never occurs in scored text."""
+def handoff_tokenizer(tokenizer, end_of_conversation_token: str, max_seq_len: int):
+    """The tokenizer saved in OUTPUT and OUTPUT/hf: a copy padding on the right with a pad token that
+    never occurs in scored text, cutting from the left to `max_seq_len` tokens (training keeps the
+    answer's end), with the chat template training read conversations through (`chat.scoring_template`:
+    the model's own, trimmed after the last end-of-turn token, else DeepSpeed-Chat's layout)."""
+    from utils.data.chat import scoring_template
+
     export = copy.deepcopy(tokenizer)
     export.padding_side = "right"
+    export.truncation_side = "left"
+    export.model_max_length = max_seq_len
+    export.chat_template = scoring_template(tokenizer, None, end_of_conversation_token)
     reserved = {export.eos_token_id, export.bos_token_id,
                 *export(end_of_conversation_token, add_special_tokens=False)["input_ids"]}
     if export.pad_token_id is None or export.pad_token_id in reserved:
@@ -83,13 +96,16 @@ def sequence_classification_state(state: dict[str, torch.Tensor], config) -> tup
 
 
 def save_sequence_classification(state: dict[str, torch.Tensor], config, tokenizer, folder: str,
-                                 end_of_conversation_token: str, attributes: tuple[str, ...] | None = None) -> None:
+                                 attributes: tuple[str, ...] | None = None, stats: dict | None = None) -> None:
     """Write the export into `folder` (which the caller then moves into place): one label, or one per
-    attribute, named."""
+    attribute, named; `tokenizer` is the `handoff_tokenizer`. With reward statistics, config.json gets
+    the held-out reward `mean` and `std`, which OpenRLHF normalises by."""
     from safetensors.torch import save_file
 
-    tokenizer = export_tokenizer(tokenizer, end_of_conversation_token)
     config = copy.deepcopy(config)
+    rewards = (stats or {}).get("all") or {}
+    if rewards.get("mean") is not None and rewards.get("std"):
+        config.mean, config.std = rewards["mean"], rewards["std"]
     config.vocab_size = max(config.vocab_size, embedding_rows(len(tokenizer)))
     config.num_labels = len(attributes) if attributes else 1
     if attributes:
@@ -98,6 +114,9 @@ def save_sequence_classification(state: dict[str, torch.Tensor], config, tokeniz
     config.pad_token_id = tokenizer.pad_token_id
     tensors, model_class = sequence_classification_state(state, config)
     config.architectures = [model_class.__name__]
+    # The head's name (`score` in the causal LMs' classifiers), which OpenRLHF reads to find it.
+    config.value_head_prefix = next(key for key in tensors if not key.startswith(model_class.base_model_prefix + "."))\
+        .split(".")[0]
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(folder)

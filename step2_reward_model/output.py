@@ -27,6 +27,7 @@ the export's safetensors); DeepSpeed-Chat's own step-2 folders load too.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -36,7 +37,7 @@ import shutil
 import torch
 from torch import nn
 
-from step2_reward_model.hf_export import HF_DIR, ExportUnavailable, save_sequence_classification
+from step2_reward_model.hf_export import HF_DIR, ExportUnavailable, handoff_tokenizer, save_sequence_classification
 from step2_reward_model.lora import plain_state_dict
 from step2_reward_model.model import (
     BACKBONE,
@@ -47,6 +48,7 @@ from step2_reward_model.model import (
     load_config,
     new_backbone,
 )
+from utils.data.chat import own_template
 from utils.errors import UserError, first_line
 from utils.files import replace_folder, write_json
 from utils.runtime import barrier
@@ -93,7 +95,10 @@ def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: 
     state = plain_state_dict(gather_state_dict(model, zero_stage, rank))
     skipped = None
     if rank == 0:
-        config = model.rwtransformer.config
+        # One tokenizer for OUTPUT and hf/, so the pad id, chat template and truncation agree everywhere.
+        tokenizer = handoff_tokenizer(tokenizer, meta["end_of_conversation_token"], meta["max_seq_len"])
+        config = copy.deepcopy(model.rwtransformer.config)
+        config.pad_token_id = tokenizer.pad_token_id
         manifest = {**meta, **handoff_manifest(tokenizer, meta, config), "step3_key_prefix": key_prefix,
                     "hf_export": HF_DIR if hf_export else None}
         if model.attributes is not None:
@@ -108,8 +113,7 @@ def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: 
             hf_staging = os.path.join(staging, HF_DIR)
             try:
                 save_sequence_classification(state, config, tokenizer, hf_staging,
-                                             manifest["end_of_conversation_token"],
-                                             model.attributes.names if model.attributes else None)
+                                             model.attributes.names if model.attributes else None, stats)
                 write_json(os.path.join(hf_staging, MANIFEST_NAME), {**manifest, "padding_side": "right"})
             except UserError as err:
                 shutil.rmtree(hf_staging, ignore_errors=True)
@@ -157,6 +161,9 @@ def handoff_manifest(tokenizer, meta: dict, config) -> dict:
             "end_of_conversation_token_ids": tokenizer(eot, add_special_tokens=False)["input_ids"],
             "truncation": "prompt cut from the left; answers kept whole",
             "pad_token_id": tokenizer.pad_token_id, "tokenizer_length": len(tokenizer),
+            "chat_template": "the model's own" if own_template(tokenizer) else "DeepSpeed-Chat's text layout",
+            "conversations": "rendered with the chat template and tokenised without special tokens; the reward is "
+                             "read at the last token, nothing appended",
             "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str)
             else None}
 

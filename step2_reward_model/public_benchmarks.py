@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from step2_reward_model.report import text_table
-from utils.data.chat import render
-from utils.data.fields import Malformed, as_object, as_text, list_of, required
+from utils.data.chat import own_template
+from utils.data.fields import Malformed, Messages, as_object, as_text, list_of, required
 from utils.data.readers import LOCAL_EXTENSIONS, place, read_file
 from utils.errors import UserError, first_line
 
@@ -95,13 +95,12 @@ def read_items(name: str, path: str | None = None) -> list[Item]:
     return items
 
 
-def layout(item: Item, tokenizer) -> tuple[str, list[str]]:
-    """The prompt text and the answer texts (chosen first) as the official runners lay them out."""
+def layout(item: Item, tokenizer) -> tuple[str | Messages, list[str | Messages]]:
+    """The prompt and the answers (chosen first) as the official runners lay them out: messages for
+    the model's own chat template, else text."""
     answers = item.chosen + item.rejected
-    if getattr(tokenizer, "chat_template", None):
-        rendered = render(tokenizer, {"prompt": item.prompt, "source": item.subset,
-                                      "responses": [[{"role": "assistant", "content": answer}] for answer in answers]})
-        return rendered["prompt"], rendered["responses"]
+    if own_template(tokenizer):
+        return item.prompt, [[{"role": "assistant", "content": answer}] for answer in answers]
     return f" Human: {item.prompt} Assistant:", [f" {answer}" for answer in answers]
 
 

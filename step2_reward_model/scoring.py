@@ -1,10 +1,10 @@
 """Texts -> rewards with a loaded reward model: shared by rw_eval.py's evaluator and its server.
 
-A prompt/answer pair is tokenised exactly as in training (prompt, then answer + end-of-conversation
-token, the prompt cut from the left when too long), so a reward here equals the reward training
-and the PPO step compute for the same text. Sequences are scored in length-sorted batches, padded
-on the right to the batch's longest. A multi-attribute model's scores come with each attribute,
-in the data's units (its label scale undone).
+A prompt/answer pair is tokenised exactly as in training (`tokenize.encode_examples`: text in
+DeepSpeed-Chat's layout, chat messages through the chat template; the prompt cut from the left when
+too long), so a reward here equals the reward training and the PPO step compute for the same text.
+Sequences are scored in length-sorted batches, padded on the right to the batch's longest. A
+multi-attribute model's scores come with each attribute, in the data's units (its label scale undone).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from step2_reward_model.losses import combined_labels
 from step2_reward_model.model import RewardModel
 from utils.data.attributes import AttributeScale
 from utils.data.collate import pad_right
-from utils.data.tokenize import TokenizedExamples, fit_prompt, special_affixes
+from utils.data.fields import Messages
+from utils.data.tokenize import TokenizedExamples, encode_examples, fit_prompt, special_affixes
 from utils.errors import UserError
 
 
@@ -44,24 +45,25 @@ class Scorer:
         attributes = self.model.attributes if self.model is not None else None
         return attributes.names if attributes else ()
 
-    def encode_pairs(self, prompts: list[str], answers: list[str], cut_long: bool = False) -> list[np.ndarray]:
-        """Token ids of each prompt + answer + end token. An answer that cannot fit is a UserError
-        naming its position, or with `cut_long` (as benchmark runners do) loses its start too: the
-        sequence keeps its last `max_seq_len` tokens after the tokenizer's leading ones."""
-        prefix, suffix = special_affixes(self.tokenizer)
-        prompt_ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
-        answer_ids = self.tokenizer([a + self.end_of_conversation_token for a in answers],
-                                    add_special_tokens=False)["input_ids"] if answers else []
+    def encode_pairs(self, prompts: list[str | Messages], answers: list[str | Messages],
+                     cut_long: bool = False) -> list[np.ndarray]:
+        """Token ids of each prompt + answer exactly as training reads them (`encode_examples`): text in
+        DeepSpeed-Chat's layout, or chat messages through the chat template. An answer that cannot fit
+        is a UserError naming its position, or with `cut_long` (as benchmark runners do) loses its start
+        too: the sequence keeps its last `max_seq_len` tokens after the leading ones."""
+        examples = [{"prompt": prompt, "responses": [answer], "source": f"item {index}"}
+                    for index, (prompt, answer) in enumerate(zip(prompts, answers, strict=True))]
+        encoded = encode_examples(examples, self.tokenizer, self.max_seq_len, self.end_of_conversation_token,
+                                  whole_responses=cut_long)
         sequences = []
-        for index, (prompt, answer) in enumerate(zip(prompt_ids, answer_ids, strict=True)):
-            response = answer + suffix
-            fitted = fit_prompt(prompt, [response], len(prefix), self.max_seq_len)
+        for index, (lead, prompt, (response,)) in enumerate(encoded):
+            fitted = fit_prompt(prompt, [response], len(lead), self.max_seq_len)
             if fitted is None and cut_long:
-                fitted, response = [], response[len(response) - (self.max_seq_len - len(prefix)):]
+                fitted, response = [], response[len(response) - (self.max_seq_len - len(lead)):]
             elif fitted is None:
                 raise UserError(f"item {index}: the answer is {len(response)} tokens, longer than "
                                 f"max_seq_len {self.max_seq_len}")
-            sequences.append(np.asarray(prefix + fitted + response, dtype=np.int64))
+            sequences.append(np.asarray(lead + fitted + response, dtype=np.int64))
         return sequences
 
     def encode_texts(self, texts: list[str]) -> list[np.ndarray]:

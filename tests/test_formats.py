@@ -13,9 +13,10 @@ import pytest
 from conftest import needs_shared_data
 
 from utils.data.adapters import columns
-from utils.data.chat import load_chat_template, render
+from utils.data.chat import LAYOUT_MARK, layout_template, load_chat_template, own_template, render
 from utils.data.examples import Example, judge_rows, row_problem, summarise, tally
 from utils.data.sources import RawSplits, load_source
+from utils.data.tokenize import encode_examples, special_affixes
 from utils.errors import UserError
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -331,7 +332,7 @@ def test_render_cuts_each_response_after_the_rendered_prompt(tokenizers):
                       ranks=[0, 1], margin=2.0, source="chat.jsonl")
     rendered = render(tokenizers["gpt2"], example, TEMPLATE)
     assert rendered == {"prompt": "<|user|>Hi?\n<|assistant|>",
-                        "responses": ["Hello!\n", "Bye.\n<|user|>?\n<|assistant|>Bye!\n"],
+                        "responses": ["Hello!", "Bye.\n<|user|>?\n<|assistant|>Bye!"],  # trimmed at the end
                         "ranks": [0, 1], "margin": 2.0, "source": "chat.jsonl"}
     assert example["prompt"] == [user("Hi?")]  # a copy: the input is untouched
 
@@ -348,20 +349,53 @@ def test_render_uses_the_tokenizers_own_template(tokenizers, monkeypatch):
     tok = tokenizers["llama"]
     monkeypatch.setattr(tok, "chat_template", TEMPLATE)
     example = Example(prompt=[user("Hi?")], responses=[[assistant("a")], [assistant("b")]], ranks=[0, 1], source="s")
-    assert render(tok, example)["responses"] == ["a\n", "b\n"]
+    assert render(tok, example)["responses"] == ["a", "b"]
 
 
 def test_render_errors_are_one_line_user_errors(tokenizers):
     tok = tokenizers["gpt2"]
     example = Example(prompt=[user("Hi?")], responses=[[assistant("a")], [assistant("b")]], ranks=[0, 1],
                       source="chat.jsonl")
-    message = user_error(render, tok, example)
-    assert "chat.jsonl" in message and "needs a chat template" in message and "--chat_template" in message
     no_prefix = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|gen|>{% endif %}"
     message = user_error(render, tok, example, no_prefix)
     assert "chat.jsonl" in message and "prefix" in message
     message = user_error(render, tok, example, "{{ raise_exception('roles must alternate') }}")
     assert "roles must alternate" in message
+
+
+def test_a_tokenizer_without_a_template_renders_deepspeed_chats_text_layout(tokenizers):
+    """Messages for a model without a chat template read exactly like the same conversation written as
+    DeepSpeed-Chat text: the template text, tokenised without special tokens, gives the text example's ids."""
+    end = "<|endoftext|>"
+    for family in ("opt", "gpt2", "llama"):
+        tok = tokenizers[family]
+        conversation = Example(prompt=[user("What is 2 plus 2?")],
+                               responses=[[assistant("It is 4.")], [assistant("Five.")]], ranks=[0, 1], source="s")
+        rendered = render(tok, conversation, None, end)
+        text = Example(prompt="\n\nHuman: What is 2 plus 2?\n\nAssistant:", responses=[" It is 4.", " Five."],
+                       ranks=[0, 1], source="s")
+        assert rendered["prompt"].endswith(text["prompt"]) and rendered["responses"][0].startswith(" It is 4." + end)
+        template = layout_template(tok, end)
+        assert own_template(tok) is None and template.startswith(LAYOUT_MARK)
+        ours = encode_examples([conversation, text], tok, 64, end)
+        assert ours[0][0] == [] and ours[1][0] == special_affixes(tok)[0]  # the template writes the lead itself
+        assert [ours[0][0] + ours[0][1] + r for r in ours[0][2]] == [ours[1][0] + ours[1][1] + r for r in ours[1][2]]
+        whole = tok.apply_chat_template(conversation["prompt"] + conversation["responses"][0], tokenize=False,
+                                        chat_template=template)
+        assert tok(whole, add_special_tokens=False)["input_ids"] == ours[0][0] + ours[0][1] + ours[0][2][0]
+
+
+def test_prompt_and_response_are_tokenised_as_one_text(tokenizers):
+    """A token that spans the end of the prompt text belongs to the response, so each sequence is the
+    tokenisation of its whole text, as a framework tokenises prompt + completion."""
+    tok = tokenizers["gpt2"]
+    example = Example(prompt="Human: Hi! Assistant: ", responses=["Hello there.", "Go away."], ranks=[0, 1],
+                      source="s")
+    lead, prompt, responses = encode_examples([example], tok, 64, "<|endoftext|>")[0]
+    alone = tok(example["prompt"], add_special_tokens=False)["input_ids"]
+    assert prompt == alone[:-1]  # " " merges with the answer's first word
+    for text, response in zip(example["responses"], responses, strict=True):
+        assert lead + prompt + response == tok(example["prompt"] + text + "<|endoftext|>")["input_ids"]
 
 
 def test_load_chat_template(tmp_path):
@@ -391,7 +425,7 @@ def test_real_oasst_groups_become_ranked_chat_examples(tmp_path, tokenizers):
         assert [m["role"] for m in example["prompt"]][-1] == "user"
         assert [response[0]["content"] for response in example["responses"]] == row["ranked_responses"]
         rendered = render(tokenizers["gpt2"], example, TEMPLATE)
-        assert rendered["responses"] == [f"{reply}\n" for reply in row["ranked_responses"]]
+        assert rendered["responses"] == [reply.rstrip() for reply in row["ranked_responses"]]
 
 
 # --------------------------------------------------------------------------------------------

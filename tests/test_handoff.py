@@ -3,6 +3,7 @@ step does it, folders DeepSpeed-Chat wrote, the converter, and loading errors.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -20,10 +21,12 @@ from step2_reward_model.scoring import Scorer
 from utils.data.tokenize import special_affixes
 from utils.errors import UserError
 
-PROMPTS = ["Human: What is 17 + 25? Assistant: ", "Human: Tell me about the sea. Assistant: ",
-           "Human: Hi! Assistant: "]
-ANSWERS = ["The answer is 42.", "The sea covers most of the planet and is salty, deep and cold in most places.",
-           "Hello."]
+# DeepSpeed-Chat's layout: the prompt ends at "Assistant:" and the answer starts with its space, so the
+# prompt's tokens are the same whether it is tokenised alone (as PPO's prompt) or with the answer.
+PROMPTS = ["\n\nHuman: What is 17 + 25?\n\nAssistant:", "\n\nHuman: Tell me about the sea.\n\nAssistant:",
+           "\n\nHuman: Hi!\n\nAssistant:"]
+ANSWERS = [" The answer is 42.", " The sea covers most of the planet and is salty, deep and cold in most places.",
+           " Hello."]
 
 
 def scorer_for(path: str) -> Scorer:
@@ -47,8 +50,10 @@ def test_hf_export_logits_equal_end_scores(family, saved_models):
 
     scorer = scorer_for(out)
     sequences = scorer.encode_pairs(PROMPTS, ANSWERS)  # token ids exactly as training makes them
-    if family == "gpt2":  # pad == eos in the training tokenizer, and every sequence ends with eos
-        assert scorer.tokenizer.pad_token_id == scorer.tokenizer.eos_token_id
+    # OUTPUT's tokenizer is the export's: the same pad id, which no scored text contains
+    assert scorer.tokenizer.pad_token_id == tokenizer.pad_token_id == load_manifest(out)["pad_token_id"]
+    assert AutoConfig.from_pretrained(out).pad_token_id == tokenizer.pad_token_id
+    if family == "gpt2":  # every sequence ends with eos, GPT-2's <|endoftext|>
         assert all(seq[-1] == scorer.tokenizer.eos_token_id for seq in sequences)
     batch = tokenizer.pad({"input_ids": [seq.tolist() for seq in sequences]}, return_tensors="pt")
     assert (batch["attention_mask"][:, -1] == 0).any(), "the batch should be right-padded"
@@ -84,7 +89,8 @@ def test_manifest_says_what_step3_needs(saved_models):
     assert manifest["end_of_conversation_token_ids"] == [tokenizer.eos_token_id]
     assert manifest["max_seq_len"] == 128 and manifest["step3_key_prefix"] == "rwtransformer"
     assert "attention mask" in manifest["scored_token"] and manifest["padding_side"].startswith("right")
-    assert manifest["chat_template_sha256"] is None and manifest["hf_export"] == "hf"
+    assert manifest["chat_template"] == "DeepSpeed-Chat's text layout" and manifest["hf_export"] == "hf"
+    assert manifest["chat_template_sha256"] == hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()
     assert manifest["tokenizer_length"] == len(tokenizer)
 
 
@@ -255,8 +261,8 @@ def test_save_replaces_an_existing_export(model_dirs, tmp_path):
     save_random_reward_model(out, model_dirs["gpt2"], seed=1)
     second = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "hf")).score.weight
     assert not torch.equal(first, second)
-    assert sorted(os.listdir(out)) == sorted(["config.json", "hf", "pytorch_model.bin", "reward_model.json",
-                                              "tokenizer.json", "tokenizer_config.json"])
+    assert sorted(os.listdir(out)) == sorted(["chat_template.jinja", "config.json", "hf", "pytorch_model.bin",
+                                              "reward_model.json", "tokenizer.json", "tokenizer_config.json"])
 
 
 def test_rw_eval_report_breaks_accuracy_down_by_source(saved_models, tmp_path):
@@ -325,8 +331,8 @@ def test_a_model_without_an_export_keeps_everything_else(saved_models, tokenizer
     skipped = save_reward_model(model, tokenizer, out, zero_stage=0, rank=0, meta=meta)
 
     assert skipped.startswith("cannot export as ElectraForSequenceClassification: keys without a source: ")
-    assert sorted(os.listdir(out)) == ["config.json", "pytorch_model.bin", "reward_model.json", "tokenizer.json",
-                                       "tokenizer_config.json"]
+    assert sorted(os.listdir(out)) == ["chat_template.jinja", "config.json", "pytorch_model.bin", "reward_model.json",
+                                       "tokenizer.json", "tokenizer_config.json"]
     manifest = load_manifest(out)
     assert manifest["hf_export"] is None and manifest["hf_export_skipped"] == skipped
     ids = torch.tensor([tokenizer("Human: Hi! Assistant: Hello.<|endoftext|>")["input_ids"]])

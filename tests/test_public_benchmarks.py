@@ -24,6 +24,8 @@ from step2_reward_model.public_benchmarks import (
     score_rmbench,
 )
 from step2_reward_model.scoring import Scorer
+from utils.data.chat import own_template
+from utils.data.tokenize import encode_examples
 from utils.errors import UserError
 
 
@@ -162,7 +164,7 @@ def test_rw_eval_benchmark_scores_each_answer_as_laid_out_and_reports_every_item
     manifest = load_manifest(saved_models["opt"])
     scorer = Scorer(load_reward_model(saved_models["opt"]), load_scoring_tokenizer(saved_models["opt"]),
                     manifest["max_seq_len"], manifest["end_of_conversation_token"])
-    assert scorer.tokenizer.chat_template is None  # so the plain DeepSpeed-Chat layout
+    assert own_template(scorer.tokenizer) is None  # so the plain DeepSpeed-Chat layout
     expected = scorer.score_answers(" Human: What is 2 + 2? Assistant:", [" answer 0 is good", " bad 0"])
     assert saved["items"][0]["chosen"] + saved["items"][0]["rejected"] == pytest.approx(
         expected, abs=rounding_tolerance(expected))
@@ -212,7 +214,12 @@ def test_chat_models_read_each_answer_through_their_template(tokenizers):
     tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     prompt, answers = layout(Item("1", "math-prm", "Hi?", ["Hello."], ["Go away."]), tokenizer)
-    assert prompt == "<|user|>Hi?\n<|assistant|>" and answers == ["Hello.\n", "Go away.\n"]
+    assert prompt == "Hi?" and answers == [[{"role": "assistant", "content": a}] for a in ("Hello.", "Go away.")]
+    (_, rendered, responses), = encode_examples([{"prompt": prompt, "responses": answers, "source": "s"}],
+                                                tokenizer, 64, "<|endoftext|>")
+    # the template's text (trimmed after the last turn), tokenised as one text, nothing appended
+    assert [tokenizer.decode(rendered + response) for response in responses] == [
+        "<|user|>Hi?\n<|assistant|>Hello.", "<|user|>Hi?\n<|assistant|>Go away."]
     tokenizer.chat_template = None
     assert layout(Item("1", "math-prm", "Hi?", ["Hello."], ["Go away."]), tokenizer) == (
         " Human: Hi? Assistant:", [" Hello.", " Go away."])

@@ -162,30 +162,78 @@ def _fitting_responses(responses: list[list[int]], ranks: list[int], room: int, 
     return []
 
 
+def _shared_length(prompt: list[int], sequences: list[list[int]]) -> int:
+    """How many of the prompt's ids begin every sequence: all of them, unless a token spans the end of
+    the prompt text (a byte-level BPE merges "Assistant: " and "A" into ":", " A")."""
+    shared = len(prompt)
+    for sequence in sequences:
+        if sequence[:shared] != prompt[:shared]:
+            pairs = zip(prompt[:shared], sequence, strict=False)
+            shared = next((i for i, (a, b) in enumerate(pairs) if a != b), min(shared, len(sequence)))
+    return shared
+
+
+def encode_examples(examples: list[Example], tokenizer, max_seq_len: int, end_of_conversation_token: str,
+                    chat_template: str | None = None,
+                    whole_responses: bool = False) -> list[tuple[list[int], list[int], list[list[int]]]]:
+    """The token ids a reward model reads for each example, as (lead, prompt, responses): a response's
+    sequence is lead + prompt + response. This is the scoring contract, for training and scoring alike.
+
+    - A conversation is rendered with the chat template (`chat.render`: the tokenizer's own, else
+      DeepSpeed-Chat's layout as a template) and tokenised without special tokens, as TRL and verl
+      tokenise a template's text: the template alone decides every token, and nothing is appended.
+    - A text example is DeepSpeed-Chat's layout: the tokenizer's leading special tokens, prompt,
+      response + end-of-conversation token, the trailing special tokens.
+    - Pretokenized ids are kept (no specials, no end token) and split at their shared prefix.
+
+    Prompt and response are tokenised as one text, as a framework tokenises prompt + completion (and
+    DeepSpeed-Chat its whole sentence): the prompt is the part of those ids the prompt's own ids
+    share. A prompt longer than max_seq_len * CHARS_PER_TOKEN characters is tokenised on its own, by its
+    tail (it is cut anyway); a response that long cannot fit and gets max_seq_len + 1 stand-in ids, unless
+    `whole_responses` asks for all of it (to cut it, as benchmark runners do)."""
+    from utils.data.chat import is_conversation, render
+
+    prefix, suffix = special_affixes(tokenizer)
+    encoded: list = [None] * len(examples)
+    texts = []  # (example index, prompt text, response texts, lead, trail)
+    for index, example in enumerate(examples):
+        if "token_ids" in example:
+            encoded[index] = ([], *_pretokenized(example["token_ids"]))
+        elif is_conversation(example):
+            rendered = render(tokenizer, example, chat_template, end_of_conversation_token)
+            texts.append((index, rendered["prompt"], rendered["responses"], [], []))
+        else:
+            texts.append((index, example["prompt"], [r + end_of_conversation_token for r in example["responses"]],
+                          prefix, suffix))
+    limit = max_seq_len * CHARS_PER_TOKEN
+    prompt_ids = encode_tails(tokenizer, [prompt for _, prompt, _, _, _ in texts], max_seq_len)
+    jobs = [(k, j, (prompt if len(prompt) <= limit else "") + response)
+            for k, (_, prompt, responses, _, _) in enumerate(texts) for j, response in enumerate(responses)
+            if whole_responses or len(response) <= limit]
+    whole: list[list] = [[None] * len(responses) for _, _, responses, _, _ in texts]
+    for (k, j, _), ids in zip(jobs, _encode(tokenizer, [text for _, _, text in jobs]), strict=True):
+        whole[k][j] = ids
+    cannot_fit = [0] * (max_seq_len + 1)
+    for (index, prompt, _, lead, trail), ids, sequences in zip(texts, prompt_ids, whole, strict=True):
+        together = len(prompt) <= limit  # else only the prompt's tail was tokenised, and responses alone
+        shared = _shared_length(ids, [seq for seq in sequences if seq is not None]) if together else 0
+        encoded[index] = (lead, ids[:shared] if together else ids,
+                          [(seq[shared:] if seq is not None else cannot_fit) + trail for seq in sequences])
+    return encoded
+
+
 def tokenize_examples(examples: list[Example], tokenizer, max_seq_len: int, end_of_conversation_token: str,
                       chat_template: str | None = None, bad_rows: str = "error") -> TokenizedExamples:
-    """Conversations are rendered with the chat template first; pretokenized rows keep their ids
-    (no specials or end token added) and split at their shared prefix."""
-    from utils.data.chat import render
-
+    """Token ids of examples (`encode_examples`), the prompt cut from the left where a response needs
+    the room; too long examples and answers are dropped and counted."""
     out = TokenizedExamples()
     if not examples:
         return out
     kept = _in_range(examples, len(tokenizer), bad_rows)
     out.bad_ids = len(examples) - len(kept)
-    examples = [render(tokenizer, ex, chat_template) if "token_ids" not in ex else ex for ex in kept]
-    texts = [ex for ex in examples if "token_ids" not in ex]
-    prefix, suffix = special_affixes(tokenizer)
-    prompt_ids = iter(encode_tails(tokenizer, [ex["prompt"] for ex in texts], max_seq_len))
-    flat = [resp + end_of_conversation_token for ex in texts for resp in ex["responses"]]
-    flat_ids = iter(encode_bounded(tokenizer, flat, max_seq_len))
+    encoded = encode_examples(kept, tokenizer, max_seq_len, end_of_conversation_token, chat_template)
     names: dict[str, int] = {}
-    for example in examples:
-        if "token_ids" in example:
-            lead, (prompt, responses) = [], _pretokenized(example["token_ids"])
-        else:
-            lead, prompt = prefix, next(prompt_ids)
-            responses = [next(flat_ids) + suffix for _ in example["responses"]]
+    for example, (lead, prompt, responses) in zip(kept, encoded, strict=True):
         ranks = list(example.get("ranks", range(len(responses))))
         keep = _fitting_responses(responses, ranks, max_seq_len - len(lead), rated="labels" in example)
         responses, ranks = [responses[i] for i in keep], [ranks[i] for i in keep]
