@@ -7,7 +7,7 @@
     python rw_eval.py --model_path OUTPUT --prompt P --steps S1 S2 ...      # a process reward model's step scores
     python rw_eval.py --model_path OUTPUT --data_path DATA [--report r.json] [--plots DIR]
     python rw_eval.py --model_path OUTPUT --benchmark rewardbench [--benchmark_path FILE] [--report r.json]
-    python rw_eval.py --model_path OUTPUT --serve [--host 127.0.0.1] [--port 8000] [--token SECRET]
+    python rw_eval.py --model_path OUTPUT --serve [--host 127.0.0.1] [--port 8000] [--token SECRET] [--normalize_reward]
 
 OUTPUT is a step-2 output folder, its Hugging Face export (OUTPUT/hf), or a folder DeepSpeed-Chat's
 step 2 wrote. Texts are tokenised exactly as in training (prompt, then answer + end-of-conversation
@@ -28,7 +28,7 @@ import torch
 
 from step2_reward_model.flags import EVAL_FLAGS, add_flags
 from step2_reward_model.metrics import ranking_accuracies, ranking_metrics
-from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
+from step2_reward_model.output import load_manifest, reward_mean_std
 from step2_reward_model.public_benchmarks import BENCHMARKS, format_result, read_items, score_items
 from step2_reward_model.report import (
     attribute_report,
@@ -38,12 +38,10 @@ from step2_reward_model.report import (
     length_bias,
     pair_report,
 )
-from step2_reward_model.scoring import Scorer, score_data, score_rated_data
-from utils.data.attributes import AttributeScale
+from step2_reward_model.scoring import Scorer, load_scorer, score_data, score_rated_data
 from utils.data.tokenize import has_ranked_lists
 from utils.errors import UserError, exit_status
 from utils.files import REPO_ROOT
-from utils.model_files import END_OF_CONVERSATION_TOKEN
 
 BUILT_IN_EXAMPLES = [
     {"prompt": "Human: In a few sentences, what is a compiler? Assistant: ",
@@ -75,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give one of --chosen/--rejected, --answer, --steps")
     if sum(bool(mode) for mode in (args.prompt is not None, args.data_path, args.serve, args.benchmark)) > 1:
         p.error("give one of --prompt, --data_path, --benchmark or --serve")
+    if args.normalize_reward and not args.serve:
+        p.error("--normalize_reward goes with --serve")
     if args.benchmark_path and not args.benchmark:
         p.error("--benchmark_path needs --benchmark")
     if args.batch_size < 1:
@@ -198,24 +198,15 @@ def ranking_report(table) -> dict:
             "prompts_with_one_best": int(counts["groups_with_top1"]), "top1_accuracy": accuracies["top1_accuracy"]}
 
 
-def build_scorer(args: argparse.Namespace) -> Scorer:
-    model = load_reward_model(args.model_path, trust_remote_code=args.trust_remote_code)
-    tokenizer = load_scoring_tokenizer(args.model_path, args.tokenizer_path, args.trust_remote_code)
-    manifest = load_manifest(args.model_path)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return Scorer(model.to(device), tokenizer, args.max_seq_len or manifest.get("max_seq_len", 512),
-                  manifest.get("end_of_conversation_token", END_OF_CONVERSATION_TOKEN),
-                  batch_size=args.batch_size, device=device,
-                  scale=AttributeScale.from_manifest(manifest))
-
-
 def run(args: argparse.Namespace) -> None:
-    scorer = build_scorer(args)
+    scorer = load_scorer(args.model_path, args.tokenizer_path, args.max_seq_len, args.batch_size,
+                         args.trust_remote_code)
     if args.serve:
         from step2_reward_model.server import serve
 
         serve(scorer, host=args.host, port=args.port, token=args.token, max_request_bytes=args.max_request_bytes,
-              max_items=args.max_items, batch_wait_ms=args.batch_wait_ms)
+              max_items=args.max_items, batch_wait_ms=args.batch_wait_ms,
+              normalize=reward_mean_std(args.model_path) if args.normalize_reward else None)
     elif args.data_path and scorer.attribute_names:
         evaluate_rated(scorer, args)
     elif args.data_path:

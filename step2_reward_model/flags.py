@@ -180,7 +180,10 @@ FLAGS: dict[str, dict] = {
     "benchmark_path": dict(default=None, help="The benchmark's file (.json/.jsonl/.parquet) or hub id (default: the "
                                               "official hub data set, which needs the network)."),
     # Serving rewards over HTTP (rw_eval.py --serve)
-    "serve": dict(action="store_true", help="Serve rewards over HTTP (POST /score)."),
+    "serve": dict(action="store_true", help="Serve rewards over HTTP (POST /score, OpenRLHF's POST /get_reward)."),
+    "normalize_reward": dict(action="store_true",
+                             help="With --serve: answer (reward - mean) / std, the held-out rewards' mean and std "
+                                  "(reward_stats.json), as OpenRLHF's --normalize_reward does."),
     "host": dict(default="127.0.0.1", help="Address to bind (default: this machine only)."),
     "port": dict(type=int, default=8000),
     "token": dict(default=os.environ.get("RW_EVAL_TOKEN"),
@@ -211,7 +214,8 @@ EVAL_FLAGS = (
     "model_path", "tokenizer_path", "prompt", "chosen", "rejected", "answer", "steps", "data_path", "data_split",
     "split", "data_output_path", "bad_rows", "seed", "benchmark", "benchmark_path", "report", "plots", "batch_size",
     "max_seq_len",
-    "num_padding_at_beginning", "serve", "host", "port", "token", "max_request_bytes", "max_items", "batch_wait_ms",
+    "num_padding_at_beginning", "serve", "normalize_reward", "host", "port", "token", "max_request_bytes",
+    "max_items", "batch_wait_ms",
     "trust_remote_code",
 )
 # Flags that must be at least this much.

@@ -296,6 +296,26 @@ def load_manifest(path: str) -> dict:
         raise UserError(f"{manifest}: not valid JSON ({err})") from None
 
 
+def reward_mean_std(path: str) -> tuple[float, float]:
+    """The held-out rewards' mean and std that PPO normalises rewards by: from `reward_stats.json`, or
+    from an `hf/` export's config.json."""
+    stats_file, config_file = os.path.join(path, STATS_NAME), os.path.join(path, "config.json")
+    try:
+        if os.path.isfile(stats_file):
+            with open(stats_file, encoding="utf-8") as handle:
+                rewards = json.load(handle)["all"]
+        else:
+            with open(config_file, encoding="utf-8") as handle:
+                rewards = json.load(handle)
+        mean, std = float(rewards["mean"]), float(rewards["std"])
+    except (OSError, KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: no reward mean and std ({STATS_NAME} or config.json 'mean'/'std'); they come "
+                        "from the held-out split at the end of training, or export.py --data_path") from None
+    if not std > 0:
+        raise UserError(f"{path}: the reward std is {std}, so rewards cannot be normalised")
+    return mean, std
+
+
 def load_scoring_tokenizer(path: str, tokenizer_path: str | None = None, trust_remote_code: bool = False):
     """The tokenizer saved beside the model; for a DeepSpeed-Chat folder, which holds only vocab
     files, the one of the model it was trained from (config `_name_or_path`), unless given."""

@@ -20,6 +20,7 @@ import torch
 from step2_reward_model.losses import combined_labels
 from step2_reward_model.model import RewardModel
 from utils.data.attributes import AttributeScale
+from utils.data.chat import scoring_template, template_ends
 from utils.data.collate import pad_right
 from utils.data.fields import Messages
 from utils.data.tokenize import TokenizedExamples, encode_examples, fit_prompt, special_affixes
@@ -77,6 +78,28 @@ class Scorer:
             sequences.append(np.asarray(ids, dtype=np.int64))
         return sequences
 
+    def encode_rendered(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of whole conversations as a PPO step decodes its sequences (OpenRLHF's remote reward
+        queries): the prompt laid out by the chat template, the policy's answer, then whatever end or
+        pad tokens the policy emitted. Those special tokens (and an end of turn already there) are
+        replaced by the template's end of an assistant turn, DeepSpeed-Chat's layout gets its leading
+        special tokens back where they are missing, and the text is tokenised without special tokens,
+        as training read it; a text longer than `max_seq_len` loses its left part after those."""
+        template = scoring_template(self.tokenizer, None, self.end_of_conversation_token)
+        lead, turn_end = template_ends(self.tokenizer, template)
+        endings = sorted({*self.tokenizer.all_special_tokens, turn_end} - {""}, key=len, reverse=True)
+        lead_length = len(self.tokenizer(lead, add_special_tokens=False)["input_ids"]) if lead else 0
+        sequences = []
+        for text in texts:
+            while ending := next((end for end in endings if text.endswith(end)), None):
+                text = text[:-len(ending)]
+            text = ("" if text.startswith(lead) else lead) + text + turn_end
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.max_seq_len:
+                ids = ids[:lead_length] + ids[len(ids) - (self.max_seq_len - lead_length):]
+            sequences.append(np.asarray(ids, dtype=np.int64))
+        return sequences
+
     def score_ids(self, sequences: list[np.ndarray], progress: bool = False) -> list[float]:
         """The end score of each sequence, in the order given: ceil(len / batch_size) forwards."""
         return self.score_all(sequences, progress)[0].tolist()
@@ -123,6 +146,22 @@ class Scorer:
         input_ids = torch.from_numpy(tokenized.sequences[0].astype(np.int64))[None].to(self.device)
         values = self.model.forward_value(input_ids, torch.ones_like(input_ids), return_value_only=True)
         return values[0, torch.from_numpy(tokenized.positions[0].astype(np.int64))].float().tolist()
+
+
+def load_scorer(model_path: str, tokenizer_path: str | None = None, max_seq_len: int | None = None,
+                batch_size: int = 16, trust_remote_code: bool = False, device: str | None = None) -> Scorer:
+    """A saved reward model (OUTPUT, OUTPUT/hf or a DeepSpeed-Chat folder) ready to score, on `device`
+    (default: the GPU when there is one), with the max length and end token its manifest records."""
+    from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
+    from utils.model_files import END_OF_CONVERSATION_TOKEN
+
+    model = load_reward_model(model_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_scoring_tokenizer(model_path, tokenizer_path, trust_remote_code)
+    manifest = load_manifest(model_path)
+    where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Scorer(model.to(where), tokenizer, max_seq_len or manifest.get("max_seq_len", 512),
+                  manifest.get("end_of_conversation_token", END_OF_CONVERSATION_TOKEN), batch_size=batch_size,
+                  device=where, scale=AttributeScale.from_manifest(manifest))
 
 
 def score_tokenized(scorer: Scorer, tokenized: TokenizedExamples,

@@ -2,13 +2,19 @@
 
 Protocol (JSON in and out; every response carries Content-Type: application/json and Content-Length):
 
-    POST /score   {"pairs": [{"prompt": str, "answer": str}, ...]}   or   {"texts": [str, ...]}
-                  -> 200 {"rewards": [float, ...]}, one per item, in request order; a multi-attribute
-                     model adds "attributes": [{name: float, ...}, ...], one object per item
-    GET  /health  -> 200 {"status": "ok", "max_seq_len": N, "max_items": N, "batch_size": N}
+    POST /score       {"pairs": [{"prompt": str, "answer": str}, ...]}   or   {"texts": [str, ...]}
+                      -> 200 {"rewards": [float, ...]}, one per item, in request order; a multi-attribute
+                         model adds "attributes": [{name: float, ...}, ...], one object per item
+    POST /get_reward  {"query": [str, ...], "prompts": [str, ...], "labels": [...]}   (OpenRLHF's remote
+                      reward model; "prompts" and "labels" optional and not used)
+                      -> 200 {"rewards": [float, ...], "scores": [float, ...]}, one per query
+    GET  /health      -> 200 {"status": "ok", "max_seq_len": N, "max_items": N, "batch_size": N}
 
 Pairs are tokenised exactly as in training (prompt, then answer + end-of-conversation token, the prompt
-cut from the left when too long); texts are scored as given, cut from the left to max_seq_len. When the
+cut from the left when too long); texts are scored as given, cut from the left to max_seq_len. A query
+is a whole conversation as a PPO step decodes its sequence (`Scorer.encode_rendered`: the end-of-sequence
+and pad tokens the policy left at its end become the template's end of an assistant turn). With
+`normalize`, every reward is (reward - mean) / std of the held-out rewards training measured. When the
 server has a token, every request (/health too) needs `Authorization: Bearer TOKEN`. Errors are
 `{"error": "one-line message"}` with status 400 (malformed JSON, wrong shape or type, an answer longer
 than max_seq_len), 401 (missing or wrong token), 404 (unknown path), 405 (wrong method), 408 (the body
@@ -49,7 +55,8 @@ from utils.errors import UserError, first_line
 
 BATCH_FACTOR = 4  # a model call takes up to this many scorer batches of queued requests
 HANDLER_TIMEOUT_S = 30.0  # a client silent this long on its connection is dropped
-ROUTES = {"/score": "POST", "/health": "GET"}
+ROUTES = {"/score": "POST", "/get_reward": "POST", "/health": "GET"}
+OPENRLHF_FIELDS = ("query", "prompts", "labels")
 
 
 class RequestError(Exception):
@@ -85,10 +92,28 @@ def parse_body(request: object, max_items: int) -> tuple[str, list]:
     return kind, check_texts(items) if kind == "texts" else check_pairs(items)
 
 
-def check_texts(items: list) -> list[str]:
+def parse_queries(request: object, max_items: int) -> list[str]:
+    """The queries of an OpenRLHF remote-reward request; a RequestError naming the first thing wrong."""
+    if not isinstance(request, dict) or "query" not in request:
+        raise RequestError(400, 'the body must be a JSON object with "query" (a list of texts)')
+    unknown = sorted(set(request) - set(OPENRLHF_FIELDS))
+    if unknown:
+        raise RequestError(400, f'unknown field "{unknown[0]}" (expected {", ".join(OPENRLHF_FIELDS)})')
+    queries = request["query"]
+    if not isinstance(queries, list) or not queries:
+        raise RequestError(400, f"query must be a non-empty array, not {json_type(queries)}")
+    if len(queries) > max_items:
+        raise RequestError(413, f"{len(queries)} queries, more than the {max_items} allowed per request (max_items)")
+    prompts = request.get("prompts")
+    if prompts is not None and (not isinstance(prompts, list) or len(prompts) != len(queries)):
+        raise RequestError(400, f"prompts must be an array of one text per query ({len(queries)})")
+    return check_texts(queries, "query")
+
+
+def check_texts(items: list, name: str = "texts") -> list[str]:
     for index, text in enumerate(items):
         if not isinstance(text, str):
-            raise RequestError(400, f"texts[{index}] must be a string, not {json_type(text)}")
+            raise RequestError(400, f"{name}[{index}] must be a string, not {json_type(text)}")
     return items
 
 
@@ -233,10 +258,14 @@ class _Handler(BaseHTTPRequestHandler):
         for a kept-alive one (its own error replies go through `send_error`)."""
 
     def _reply(self) -> dict:
-        if self._check_headers() == "/health":
+        path = self._check_headers()
+        if path == "/health":
             scorer = self.server.scorer
             return {"status": "ok", "max_seq_len": scorer.max_seq_len, "max_items": self.server.max_items,
                     "batch_size": scorer.batch_size}
+        if path == "/get_reward":
+            rewards = self._rewards("query", parse_queries(self._read_json(), self.server.max_items)).rewards
+            return {"rewards": rewards, "scores": rewards}
         return self._score(self._read_json())
 
     def _check_headers(self) -> str:
@@ -249,10 +278,11 @@ class _Handler(BaseHTTPRequestHandler):
                                    {"WWW-Authenticate": "Bearer"})
         path = urlsplit(self.path).path
         if path not in ROUTES:
-            raise RequestError(404, f"no such path {path!r} (the server has POST /score and GET /health)")
+            raise RequestError(404, f"no such path {path!r} (the server has POST /score, POST /get_reward and "
+                                    "GET /health)")
         if self.command != ROUTES[path]:
             raise RequestError(405, f"{path} takes {ROUTES[path]}, not {self.command}", {"Allow": ROUTES[path]})
-        if path == "/score":
+        if ROUTES[path] == "POST":
             self._content_length()
         return path
 
@@ -284,13 +314,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _score(self, request: object) -> dict:
         kind, items = parse_body(request, self.server.max_items)
+        job = self._rewards(kind, items)
+        names = self.server.scorer.attribute_names
+        if not names:
+            return {"rewards": job.rewards}
+        return {"rewards": job.rewards,
+                "attributes": [dict(zip(names, row, strict=True)) for row in job.attributes.tolist()]}
+
+    def _rewards(self, kind: str, items: list) -> _Job:
+        """Tokenise the items of one kind ("pairs", "texts" or "query") and score them with whatever else
+        is queued; the rewards normalised when the server normalises."""
         scorer = self.server.scorer
         with self.server.encode_lock:  # a fast tokenizer fails ("Already borrowed") when called concurrently
             try:
                 if kind == "pairs":
                     sequences = scorer.encode_pairs([prompt for prompt, _ in items], [answer for _, answer in items])
-                else:
+                elif kind == "texts":
                     sequences = scorer.encode_texts(items)
+                else:
+                    sequences = scorer.encode_rendered(items)
             except UserError as err:
                 raise RequestError(400, f"{kind}: {err}") from None
         empty = [index for index, sequence in enumerate(sequences) if not len(sequence)]
@@ -299,11 +341,10 @@ class _Handler(BaseHTTPRequestHandler):
         job = self.server.batcher.score(sequences)
         if not all(math.isfinite(reward) for reward in job.rewards) or not np.isfinite(job.attributes).all():
             raise RequestError(500, "the model returned a reward that is not a finite number")
-        names = scorer.attribute_names
-        if not names:
-            return {"rewards": job.rewards}
-        return {"rewards": job.rewards,
-                "attributes": [dict(zip(names, row, strict=True)) for row in job.attributes.tolist()]}
+        if self.server.normalize is not None:
+            mean, std = self.server.normalize
+            job.rewards = [(reward - mean) / std for reward in job.rewards]
+        return job
 
     def _body_unread(self) -> bool:
         declared = self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers
@@ -338,9 +379,10 @@ class RewardServer(ThreadingHTTPServer):
     request_queue_size = 128  # listen backlog: many PPO workers may connect at once (socketserver's is 5)
 
     def __init__(self, scorer: Scorer, host: str, port: int, token: str | None, max_request_bytes: int,
-                 max_items: int, batch_wait_ms: float) -> None:
+                 max_items: int, batch_wait_ms: float, normalize: tuple[float, float] | None = None) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.scorer, self.max_request_bytes, self.max_items = scorer, max_request_bytes, max_items
+        self.normalize = normalize
         self.token = None if token is None else token.encode()
         self.encode_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -374,9 +416,10 @@ class RewardServer(ThreadingHTTPServer):
 
 
 def make_server(scorer: Scorer, host: str, port: int, token: str | None = None, max_request_bytes: int = 4 << 20,
-                max_items: int = 256, batch_wait_ms: float = 5.0) -> RewardServer:
+                max_items: int = 256, batch_wait_ms: float = 5.0,
+                normalize: tuple[float, float] | None = None) -> RewardServer:
     """A bound, listening server with its batcher running; call `serve_forever()` (port 0: any free port,
-    see `.server_address`)."""
+    see `.server_address`). `normalize`: the (mean, std) every reward is normalised by."""
     if token is not None and not token:
         raise UserError("--token is empty (leave it and RW_EVAL_TOKEN unset to serve without one)")
     if max_request_bytes < 1 or max_items < 1:
@@ -384,7 +427,7 @@ def make_server(scorer: Scorer, host: str, port: int, token: str | None = None, 
     if not 0 <= batch_wait_ms < math.inf:
         raise UserError(f"--batch_wait_ms {batch_wait_ms}: must be a number of milliseconds, 0 or more")
     try:
-        return RewardServer(scorer, host, port, token, max_request_bytes, max_items, batch_wait_ms)
+        return RewardServer(scorer, host, port, token, max_request_bytes, max_items, batch_wait_ms, normalize)
     except OSError as err:
         raise UserError(f"cannot listen on {host}:{port}: {err.strerror or first_line(err)}") from None
 
@@ -394,10 +437,11 @@ class _Interrupted(Exception):
 
 
 def serve(scorer: Scorer, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          max_request_bytes: int = 4 << 20, max_items: int = 256, batch_wait_ms: float = 5.0) -> None:
+          max_request_bytes: int = 4 << 20, max_items: int = 256, batch_wait_ms: float = 5.0,
+          normalize: tuple[float, float] | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then shut down cleanly and return. Call it from the main thread
     (it installs the signal handlers); a second signal acts as it would without them."""
-    server = make_server(scorer, host, port, token, max_request_bytes, max_items, batch_wait_ms)
+    server = make_server(scorer, host, port, token, max_request_bytes, max_items, batch_wait_ms, normalize)
     previous: dict[int, object] = {}
 
     def interrupt(signum: int, frame: object) -> None:
@@ -412,7 +456,7 @@ def serve(scorer: Scorer, host: str = "127.0.0.1", port: int = 8000, token: str 
         thread.start()
         bound_host, bound_port = server.server_address[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        print(f"serving rewards on http://{shown}:{bound_port} (POST /score)", flush=True)
+        print(f"serving rewards on http://{shown}:{bound_port} (POST /score, POST /get_reward)", flush=True)
         thread.join()  # the signal handler's exception lands here
     except _Interrupted:
         pass

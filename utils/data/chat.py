@@ -83,6 +83,22 @@ def layout_template(tokenizer, end_text: str) -> str:
             "{%- if add_generation_prompt -%}{{- '\\n\\nAssistant:' -}}{%- endif -%}")
 
 
+def template_ends(tokenizer, template: str) -> tuple[str, str]:
+    """What `template` writes before a conversation and after its last assistant turn: for DeepSpeed-Chat's
+    layout its leading special tokens, and the end-of-conversation token with the trailing ones; for a
+    model's own template nothing before (a PPO step renders that part of the prompt itself) and its
+    end-of-turn text (ChatML: `<|im_end|>`)."""
+    marker = "rlhf-reward-answer"
+    full = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False, chat_template=template)
+    lead = ""
+    if template.startswith(LAYOUT_MARK):
+        from utils.data.tokenize import special_affixes
+
+        lead = tokenizer.decode(special_affixes(tokenizer)[0])
+    return lead, full[full.rindex(marker) + len(marker):]
+
+
 def render(tokenizer, example: Example, chat_template: str | None = None, end_text: str = "") -> Example:
     """A copy of `example` with its prompt and responses as text; text-only examples come back as they are.
 
