@@ -41,9 +41,9 @@ def handoff_tokenizer(tokenizer, end_of_conversation_token: str, max_seq_len: in
     from utils.data.chat import scoring_template
 
     export = copy.deepcopy(tokenizer)
-    export.padding_side = "right"
-    export.truncation_side = "left"
-    export.model_max_length = max_seq_len
+    export.padding_side, export.truncation_side, export.model_max_length = "right", "left", max_seq_len
+    # save_pretrained writes the init arguments, not the attributes set since
+    export.init_kwargs.update(padding_side="right", truncation_side="left", model_max_length=max_seq_len)
     export.chat_template = scoring_template(tokenizer, None, end_of_conversation_token)
     reserved = {export.eos_token_id, export.bos_token_id,
                 *export(end_of_conversation_token, add_special_tokens=False)["input_ids"]}

@@ -15,7 +15,8 @@ cut from the left when too long); texts are scored as given, cut from the left t
 is a whole conversation as a PPO step decodes its sequence (`Scorer.encode_rendered`: the end-of-sequence
 and pad tokens the policy left at its end become the template's end of an assistant turn). With
 `normalize`, every reward is (reward - mean) / std of the held-out rewards training measured. When the
-server has a token, every request (/health too) needs `Authorization: Bearer TOKEN`. Errors are
+server has a token, every request (/health too) needs `Authorization: Bearer TOKEN` (or HTTP Basic with the
+token as password: `http://rm:TOKEN@host:port/get_reward` for OpenRLHF, whose client sends no header). Errors are
 `{"error": "one-line message"}` with status 400 (malformed JSON, wrong shape or type, an answer longer
 than max_seq_len), 401 (missing or wrong token), 404 (unknown path), 405 (wrong method), 408 (the body
 stalled for HANDLER_TIMEOUT_S), 411 (no Content-Length), 413 (a body over max_request_bytes, refused
@@ -33,6 +34,7 @@ and hands each request its own rewards. A failed model call fails the requests o
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import math
@@ -57,6 +59,21 @@ BATCH_FACTOR = 4  # a model call takes up to this many scorer batches of queued 
 HANDLER_TIMEOUT_S = 30.0  # a client silent this long on its connection is dropped
 ROUTES = {"/score": "POST", "/get_reward": "POST", "/health": "GET"}
 OPENRLHF_FIELDS = ("query", "prompts", "labels")
+
+
+def presented_token(authorization: str) -> bytes:
+    """The token an Authorization header presents: `Bearer TOKEN`, or HTTP Basic with the token as the
+    password (what a client sends for a URL `http://user:TOKEN@host/...`, as OpenRLHF's remote-reward
+    client does, which sends no other header)."""
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer":
+        return credentials.strip().encode("latin-1", "replace")
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(credentials.strip(), validate=True).partition(b":")[2]
+        except ValueError:
+            return b""
+    return b""
 
 
 class RequestError(Exception):
@@ -271,11 +288,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _check_headers(self) -> str:
         """The route, once token, path, method and body size are right (none of the body is read)."""
         token = self.server.token
-        if token is not None:
-            scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode("latin-1"), token):
-                raise RequestError(401, "this server needs an 'Authorization: Bearer TOKEN' header with its token",
-                                   {"WWW-Authenticate": "Bearer"})
+        if token is not None and not hmac.compare_digest(presented_token(self.headers.get("Authorization", "")), token):
+            raise RequestError(401, "this server needs an 'Authorization: Bearer TOKEN' header with its token",
+                               {"WWW-Authenticate": "Bearer"})
         path = urlsplit(self.path).path
         if path not in ROUTES:
             raise RequestError(404, f"no such path {path!r} (the server has POST /score, POST /get_reward and "
