@@ -1,0 +1,3 @@
+"""Stand-in for flash_attn, which OpenRLHF's model module imports at load time (ring_attn_utils) but calls
+only for packed samples or ring attention, neither of which benchmarks/consumers.py uses. On sys.path
+only while that module loads OpenRLHF."""
