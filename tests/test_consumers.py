@@ -130,7 +130,8 @@ def test_deepspeed_chat_text_and_the_same_conversation_read_the_same(outputs):
     """For a model without a chat template, a conversation reads exactly as DeepSpeed-Chat text."""
     prompts, answers = conversations()
     text_prompts, text_answers = [text_prompt(q) for q in QUESTIONS] * 2, [" " + a for a in CHOSEN + REJECTED]
-    close(rw_eval_rewards(outputs["opt"], text_prompts, text_answers), rw_eval_rewards(outputs["opt"], prompts, answers))
+    out = outputs["opt"]
+    close(rw_eval_rewards(out, text_prompts, text_answers), rw_eval_rewards(out, prompts, answers))
 
 
 # --------------------------------------------------------------------------------------------
