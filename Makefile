@@ -17,8 +17,10 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml | $(BIN)/pyt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+# The RL frameworks the consumer tests run: requirements-consumers.txt says why those go in without their deps.
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt requirements-consumers.txt
 	$(BIN)/python -m pip install -q -r requirements-dev.txt -c constraints.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements-consumers.txt -c constraints.txt
 	touch $@
 
 install: $(VENV)/.installed

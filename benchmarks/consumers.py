@@ -115,7 +115,7 @@ def trl_ppo(out: str, prompts: list, answers: list, dtype: torch.dtype) -> Rewar
 
 
 @contextmanager
-def _openrlhf(dtype: torch.dtype):
+def openrlhf_on_cpu(dtype: torch.dtype):
     """OpenRLHF's model module, importable on the CPU and loading in `dtype` (see the module docstring)."""
     sys.path.insert(0, STUBS)
     try:
@@ -136,7 +136,7 @@ def openrlhf_loader(out: str, prompts: list, answers: list, dtype: torch.dtype) 
     """get_llm_for_sequence_regression with normalize_reward on training's ids, against (reward - mean) /
     std. transformers 5 leaves OpenRLHF's non-persistent mean/std buffers uninitialised when it loads, so
     they are set again from the config it read (the README's workaround)."""
-    with _openrlhf(dtype) as openrlhf:
+    with openrlhf_on_cpu(dtype) as openrlhf:
         model = openrlhf.get_llm_for_sequence_regression(os.path.join(out, HF_DIR), "reward", normalize_reward=True,
                                                          attn_implementation="sdpa").eval()
     model.mean.fill_(model.config.mean)
@@ -189,7 +189,7 @@ def openrlhf_queries(out: str, prompts: list, answers: list) -> tuple[list[str],
 def openrlhf_remote(out: str, prompts: list, answers: list, dtype: torch.dtype, normalize: bool = True) -> Rewards:
     """OpenRLHF's own remote-reward client (SingleTurnAgentExecutor) posting each query to rw_eval.py's
     /get_reward, the token in the URL; the server scores in float32 whatever `dtype` says."""
-    with _openrlhf(dtype):
+    with openrlhf_on_cpu(dtype):
         from openrlhf.utils.agent import SingleTurnAgentExecutor
 
     queries, texts = openrlhf_queries(out, prompts, answers)
@@ -226,8 +226,8 @@ def verl_reward_loop(out: str, prompts: list, answers: list, dtype: torch.dtype)
         raw_prompt[0] = prompt
         item = DataProto.from_dict(tensors={"responses": torch.tensor([response + [tokenizer.pad_token_id] * 2]),
                                             "attention_mask": torch.tensor([[1] * len(response) + [0] * 2])},
-                                   non_tensors={"raw_prompt": raw_prompt})[0]
-        ids = tokenizer(worker._preprocess_reward_inputs(item), return_tensors="pt")
+                                   non_tensors={"raw_prompt": raw_prompt})
+        ids = tokenizer(asyncio.run(worker._preprocess_reward_inputs(item)), return_tensors="pt")
         with torch.no_grad():
             rewards.append(model(**ids).logits[0, 0].float().item())
     return np.asarray(rewards), rw_eval_rewards(out, prompts, answers)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
-from conftest import corpus, rounding_tolerance
+from conftest import REPO_ROOT, corpus, rounding_tolerance
 from transformers import AutoTokenizer
 
-from benchmarks.consumers import CONSUMERS, run_consumer, rw_eval_rewards, serving
+from benchmarks.consumers import CONSUMERS, openrlhf_on_cpu, run_consumer, rw_eval_rewards, serving
 from step2_reward_model.integrations import RewardFunction
 from step2_reward_model.model import create_reward_model
 from step2_reward_model.output import STATS_NAME, reward_mean_std, save_reward_model
@@ -189,3 +190,22 @@ def test_the_server_refuses_openrlhf_requests_it_cannot_read(outputs):
         assert post({"query": ["x"], "extra": 1})[1]["error"].startswith('unknown field "extra"')
         assert post({"query": [1]})[1]["error"] == "query[0] must be a string, not a number"
         assert post({"query": ["x"] * 257})[0] == 413
+
+
+def doc_blocks(language: str) -> list[str]:
+    text = (REPO_ROOT / "docs" / "consumers.md").read_text(encoding="utf-8")
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.numerics
+def test_the_documented_python_runs_and_gives_rw_evals_rewards(outputs):
+    trl_block, openrlhf_block = doc_blocks("python")
+    out = outputs["llama_chat"]
+    scope: dict = {}
+    exec(trl_block.replace('"OUTPUT"', repr(out)), scope)
+    prompts, answers = [conversation("What is 2 + 2?")], [[assistant("It is 4.")]]
+    close(scope["rewards"], rw_eval_rewards(out, prompts, answers))
+    pytest.importorskip("openrlhf")
+    with openrlhf_on_cpu(torch.bfloat16):
+        exec(openrlhf_block.replace('"OUTPUT/hf"', repr(os.path.join(out, "hf"))), scope)
+    assert (scope["model"].mean.item(), scope["model"].std.item()) == pytest.approx(reward_mean_std(out), rel=1e-2)
