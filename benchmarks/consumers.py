@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import json
 import os
 import sys
 import tempfile
@@ -42,13 +43,26 @@ Rewards = tuple[np.ndarray, np.ndarray]  # (the consumer's, rw_eval.py's in the 
 
 
 class Unsupported(Exception):
-    """The consumer cannot take this model (said in the table instead of a number)."""
+    """The consumer cannot take this model or dtype (said in the table instead of a number)."""
+
+
+def float32_only(dtype: torch.dtype) -> None:
+    """A consumer that scores through this package's scorer runs in float32, whatever the framework's dtype."""
+    if dtype != torch.float32:
+        raise Unsupported("scores in float32 (this package's scorer), whatever the trainer's dtype")
 
 
 def rw_eval_rewards(out: str, prompts: list, answers: list) -> np.ndarray:
-    """rw_eval.py's rewards: its scorer, on the conversations as given."""
-    scorer = load_scorer(out, device="cpu")
-    return np.asarray(scorer.score_ids(scorer.encode_pairs(prompts, answers)))
+    """rw_eval.py's rewards: its scorer, on the conversations as given (computed once per model and
+    conversations)."""
+    key = (out, json.dumps([prompts, answers]))
+    if key not in _REFERENCE:
+        scorer = load_scorer(out, device="cpu")
+        _REFERENCE[key] = np.asarray(scorer.score_ids(scorer.encode_pairs(prompts, answers)))
+    return _REFERENCE[key]
+
+
+_REFERENCE: dict[tuple[str, str], np.ndarray] = {}
 
 
 def _texts(tokenizer, prompts: list, answers: list) -> list[str]:
@@ -83,12 +97,13 @@ def trl_grpo(out: str, prompts: list, answers: list, dtype: torch.dtype) -> dict
         args = GRPOConfig(output_dir=os.path.join(policy, "run"), per_device_train_batch_size=2, num_generations=2,
                           max_completion_length=4, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
                           model_init_kwargs={"dtype": dtype})
-        trainer = GRPOTrainer(model=policy, reward_funcs=[hf, RewardFunction(out)], args=args,
+        functions = [hf, RewardFunction(out)] if dtype == torch.float32 else [hf]  # the function: float32 only
+        trainer = GRPOTrainer(model=policy, reward_funcs=functions, args=args,
                               train_dataset=Dataset.from_dict({"prompt": prompts[:2]}))
         rewards = trainer._calculate_rewards([{"prompt": p} for p in prompts], prompts, answers, [[0]] * len(prompts))
     expected = rw_eval_rewards(out, prompts, answers)
-    return {"trl grpo, reward_funcs=OUTPUT/hf": (rewards[:, 0].float().numpy(), expected),
-            "trl grpo, RewardFunction(OUTPUT)": (rewards[:, 1].float().numpy(), expected)}
+    names = ["trl grpo, reward_funcs=OUTPUT/hf", "trl grpo, RewardFunction(OUTPUT)"]
+    return {name: (rewards[:, column].float().numpy(), expected) for column, name in enumerate(names[:len(functions)])}
 
 
 def trl_ppo(out: str, prompts: list, answers: list, dtype: torch.dtype) -> Rewards:
@@ -188,7 +203,8 @@ def openrlhf_queries(out: str, prompts: list, answers: list) -> tuple[list[str],
 
 def openrlhf_remote(out: str, prompts: list, answers: list, dtype: torch.dtype, normalize: bool = True) -> Rewards:
     """OpenRLHF's own remote-reward client (SingleTurnAgentExecutor) posting each query to rw_eval.py's
-    /get_reward, the token in the URL; the server scores in float32 whatever `dtype` says."""
+    /get_reward, the token in the URL; the server scores in float32."""
+    float32_only(dtype)
     with openrlhf_on_cpu(dtype):
         from openrlhf.utils.agent import SingleTurnAgentExecutor
 
@@ -240,21 +256,33 @@ def verl_legacy_worker(out: str, prompts: list, answers: list, dtype: torch.dtyp
 
     hf = os.path.join(out, HF_DIR)
     try:
-        model = AutoModelForTokenClassification.from_pretrained(hf, num_labels=1, dtype=dtype).eval()
-    except ValueError as err:
-        raise Unsupported(f"transformers has no token classifier for it ({str(err).splitlines()[0][:60]})") from None
+        model, info = AutoModelForTokenClassification.from_pretrained(hf, num_labels=1, dtype=dtype,
+                                                                      output_loading_info=True)
+    except ValueError:
+        raise Unsupported(f"transformers has no token classifier for model type {model_type(hf)}") from None
+    missing = [key for key in info["missing_keys"] if not key.endswith(".bias")]  # a zero bias is ours
+    if missing:
+        raise Unsupported(f"its token classifier for {model_type(hf)} has no {missing[0]} in the export: "
+                          "it would score with a random head")
     tokenizer = AutoTokenizer.from_pretrained(hf)
     batch = tokenizer(_texts(tokenizer, prompts, answers), padding=True, add_special_tokens=False,
                       return_tensors="pt")
     last = batch["attention_mask"].sum(1) - 1
     with torch.no_grad():
-        logits = model(**batch).logits[torch.arange(len(last)), last, 0]
+        logits = model.eval()(**batch).logits[torch.arange(len(last)), last, 0]
     return logits.float().numpy(), rw_eval_rewards(out, prompts, answers)
+
+
+def model_type(folder: str) -> str:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder).model_type
 
 
 def verl_custom_function(out: str, prompts: list, answers: list, dtype: torch.dtype) -> Rewards:
     """verl's get_custom_reward_fn on training_scripts/verl/reward.yaml, called as its naive reward
     manager calls it (the response alone; the prompt in extra_info), scoring in float32."""
+    float32_only(dtype)
     from omegaconf import OmegaConf
     from verl.trainer.ppo.reward import get_custom_reward_fn
 
@@ -311,7 +339,9 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     args = p.parse_args()
     prompts, answers, count = load_conversations(args.data_path, args.pairs)
-    print(f"{count} pairs; rewards against rw_eval.py's (float32); 'ranked' counts the pairs whose order matches")
+    spread = rw_eval_rewards(args.model_path, prompts, answers).std()
+    print(f"{count} pairs, {model_type(os.path.join(args.model_path, HF_DIR))}; rewards against rw_eval.py's "
+          f"(float32, std {spread:.3g} over these answers); 'ranked' counts the pairs whose order matches")
     print(f"{'consumer':58s} {'dtype':5s} {'max |diff|':>10s} {'ranked as rw_eval':>18s}")
     for name in CONSUMERS:
         for dtype in args.dtypes:

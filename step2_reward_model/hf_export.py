@@ -23,6 +23,7 @@ import os
 import torch
 
 from step2_reward_model.model import BACKBONE, ENCODERS, embedding_rows
+from utils.data.tokenize import special_affixes
 from utils.errors import UserError
 
 HF_DIR = "hf"
@@ -45,16 +46,47 @@ def handoff_tokenizer(tokenizer, end_of_conversation_token: str, max_seq_len: in
     # save_pretrained writes the init arguments, not the attributes set since
     export.init_kwargs.update(padding_side="right", truncation_side="left", model_max_length=max_seq_len)
     export.chat_template = scoring_template(tokenizer, None, end_of_conversation_token)
-    reserved = {export.eos_token_id, export.bos_token_id,
-                *export(end_of_conversation_token, add_special_tokens=False)["input_ids"]}
-    if export.pad_token_id is None or export.pad_token_id in reserved:
-        vocab = export.get_vocab()
-        free = [token for token in PAD_CANDIDATES if token in vocab and vocab[token] not in reserved]
-        if free:
-            export.pad_token = free[0]
-        else:
+    if bos_only_in_template(export):
+        export.bos_token = None  # verl strips a rendering's leading bos text, for the tokenizer to add it back
+        export.init_kwargs["bos_token"] = None
+    if export.pad_token_id is None or export.pad_token_id in scored_ids(export, end_of_conversation_token):
+        export.pad_token = free_pad(export, end_of_conversation_token)
+        if export.pad_token_id is None:
             export.add_special_tokens({"pad_token": PAD_CANDIDATES[-1]})
     return export
+
+
+def bos_only_in_template(tokenizer) -> bool:
+    """Whether the bos token is only the first token the chat template writes (SmolLM2's bos is
+    `<|im_start|>`): the tokenizer never adds it and the template does not name it. verl's reward loop
+    cuts a leading bos text from the rendering and has its server add the tokenizer's own, which would
+    lose that token; without a bos in the export, the rendering is read whole."""
+    bos = tokenizer.bos_token
+    if bos is None or special_affixes(tokenizer)[0] or "bos_token" in tokenizer.chat_template:
+        return False
+    conversation = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "."}]
+    return tokenizer.apply_chat_template(conversation, tokenize=False).startswith(bos)
+
+
+def scored_ids(tokenizer, end_of_conversation_token: str) -> set[int]:
+    """Special ids a scored text can hold: bos, eos, unk, the end-of-conversation token's and every
+    special token the chat template writes."""
+    template = tokenizer.chat_template or ""
+    in_template = [added.content for added in tokenizer.added_tokens_decoder.values() if added.content in template]
+    return {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id,
+            *tokenizer(end_of_conversation_token, add_special_tokens=False)["input_ids"],
+            *tokenizer.convert_tokens_to_ids(in_template)} - {None}
+
+
+def free_pad(tokenizer, end_of_conversation_token: str) -> str | None:
+    """A token already in the vocabulary that no scored text holds: a usual pad name, else a spare
+    special token (Llama-3's reserved ones, SmolLM2's code markers), so that the vocabulary and the
+    step-3 embedding keep their size; None when there is none."""
+    scored, vocab = scored_ids(tokenizer, end_of_conversation_token), tokenizer.get_vocab()
+    named = [token for token in PAD_CANDIDATES if token in vocab and vocab[token] not in scored]
+    spare = [added.content for index, added in sorted(tokenizer.added_tokens_decoder.items())
+             if added.special and index not in scored]
+    return (named or spare or [None])[0]
 
 
 def sequence_classification_state(state: dict[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], object]:

@@ -2,9 +2,9 @@
 runs each: TRL's GRPO reward computation and PPO's get_reward, OpenRLHF's reward-model loader with
 normalize_reward and its remote reward client against rw_eval.py's server, verl's reward-loop text,
 legacy worker class and custom_reward_function loader), in float32, for DeepSpeed-Chat's layout (a tiny
-OPT, no chat template) and a tiny Llama with a ChatML template. A framework that is not installed skips
-with the reason (make test installs them); the stubs the CPU needs are in benchmarks/consumers.py's
-docstring."""
+OPT, no chat template), a tiny Llama with a ChatML template that writes the bos, and a tiny GPT-2 whose
+bos is <|im_start|> (SmolLM2's tokenizer). A framework that is not installed skips with the reason (make
+test installs them); the stubs the CPU needs are in benchmarks/consumers.py's docstring."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ QUESTIONS = ["What is 17 plus 25?", "Tell me about the sea.", "Hi!", "Why is the
 CHOSEN = ["It is 42.", "The sea covers most of the planet and is salty.", "Hello, how can I help?",
           "Air scatters blue light more than red light.", "Red."]
 REJECTED = ["It is 41.", "No.", "Go away.", "I do not know.", "The sea is a colour."]
-LAYOUTS = ("opt", "llama_chat")
+LAYOUTS = ("opt", "llama_chat", "chatml_bos")
 
 
 def conversation(question: str) -> list[dict]:
@@ -44,16 +44,21 @@ def text_prompt(question: str) -> str:
     return f"\n\nHuman: {question}\n\nAssistant:"
 
 
-def save_chat_llama(folder: str) -> None:
-    """A tiny Llama whose tokenizer has ChatML turns, eos = <|im_end|> (as instruction-tuned models) and a
-    template that writes the bos token itself."""
+def save_chat_model(folder: str, family: str) -> None:
+    """A tiny model whose tokenizer has ChatML turns and eos = <|im_end|> (as instruction-tuned models):
+    a Llama whose template writes the bos token itself (and whose tokenizer adds it too), or a GPT-2
+    whose bos is <|im_start|>, which only the template writes (SmolLM2's tokenizer)."""
     from transformers import AutoModel
 
-    save_tiny_model(folder, corpus(), family="llama", hidden=64, layers=2)
+    save_tiny_model(folder, corpus(), family=family, hidden=64, layers=2)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.eos_token = "<|im_end|>"
-    tokenizer.chat_template = CHATML
+    if family == "llama":
+        tokenizer.chat_template = CHATML
+    else:
+        tokenizer.bos_token = "<|im_start|>"
+        tokenizer.chat_template = CHATML.replace("{{ bos_token }}", "")
     tokenizer.save_pretrained(folder)
     model = AutoModel.from_pretrained(folder)
     model.resize_token_embeddings(len(tokenizer))
@@ -85,10 +90,11 @@ def assistant(text: str) -> dict:
 @pytest.fixture(scope="module")
 def outputs(model_dirs, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("consumers")
-    chat_dir = str(root / "tiny-llama_chat")
-    save_chat_llama(chat_dir)
-    return {"opt": save_with_stats(str(root / "out_opt"), model_dirs["opt"]),
-            "llama_chat": save_with_stats(str(root / "out_llama_chat"), chat_dir)}
+    outputs = {"opt": save_with_stats(str(root / "out_opt"), model_dirs["opt"])}
+    for layout, family in (("llama_chat", "llama"), ("chatml_bos", "gpt2")):
+        save_chat_model(str(root / f"tiny-{layout}"), family)
+        outputs[layout] = save_with_stats(str(root / f"out_{layout}"), str(root / f"tiny-{layout}"))
+    return outputs
 
 
 def close(got, expected) -> None:
@@ -148,8 +154,10 @@ def test_each_framework_scores_as_rw_eval(consumer, layout, outputs):
     pytest.importorskip(package, reason=f"{package} is not installed (make test installs it)")
     prompts, answers = conversations()
     rows = run_consumer(consumer, outputs[layout], prompts, answers, torch.float32)
-    if consumer.startswith("verl legacy") and layout == "opt":
-        assert "no: transformers has no token classifier" in rows[consumer]
+    if consumer.startswith("verl legacy") and layout != "llama_chat":  # Llama, Qwen, Mistral: `score`, as ours
+        assert rows[consumer] in ("no: transformers has no token classifier for model type opt",
+                                  "no: its token classifier for gpt2 has no classifier.weight in the export: it "
+                                  "would score with a random head")
         return
     for name, result in rows.items():
         assert not isinstance(result, str), f"{name}: {result}"
