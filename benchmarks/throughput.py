@@ -143,10 +143,12 @@ def load_pairs(args: argparse.Namespace):
 
 
 def matmul_peak(device: str, dtype: str) -> float:
-    """FLOP/s of the best of five square matmuls, in the training precision."""
+    """FLOP/s of the best of five square matmuls, in the training precision. On a CPU without bf16 or
+    fp16 instructions a half-precision matmul runs at well under 1 GFLOP/s (a 2048-wide one takes a
+    minute), so there it is measured 512 wide."""
     import torch
 
-    n = 8192 if device == "cuda" else 2048
+    n = 8192 if device == "cuda" else 2048 if dtype == "fp32" else 512
     kind = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     a, b = (torch.randn(n, n, device=device, dtype=kind) for _ in range(2))
     best = float("inf")

@@ -25,6 +25,7 @@ from step2_reward_model.output import (
     load_manifest,
     load_reward_model,
     load_scoring_tokenizer,
+    load_stats,
     save_reward_model,
 )
 from step2_reward_model.report import rated_statistics, reward_statistics
@@ -57,6 +58,8 @@ def convert(args: argparse.Namespace) -> None:
     stats = None
     if args.data_path:
         stats = data_statistics(model, tokenizer, manifest, args)
+    elif not args.attribute_weights:  # the held-out statistics still hold: they go into hf/config.json too
+        stats = load_stats(args.model_path)
     output_dir = args.output_dir or args.model_path
     if args.attribute_weights and stats is None and os.path.isfile(os.path.join(output_dir, STATS_NAME)):
         os.remove(os.path.join(output_dir, STATS_NAME))

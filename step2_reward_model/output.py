@@ -286,29 +286,33 @@ def _load_sequence_classification(path: str, trust_remote_code: bool) -> RewardM
 def load_manifest(path: str) -> dict:
     """What training recorded for the scorer (max length, end token, ...); {} when absent,
     as in a folder DeepSpeed-Chat wrote."""
-    manifest = os.path.join(path, MANIFEST_NAME)
-    if not os.path.isfile(manifest):
-        return {}
+    return _read_json(os.path.join(path, MANIFEST_NAME)) or {}
+
+
+def _read_json(path: str) -> dict | None:
+    """A JSON file of the folder, or None when it is absent; a damaged one is a one-line error."""
+    if not os.path.isfile(path):
+        return None
     try:
-        with open(manifest, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{manifest}: not valid JSON ({err})") from None
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_stats(path: str) -> dict | None:
+    """The folder's reward statistics (`reward_stats.json`), or None when it has none."""
+    return _read_json(os.path.join(path, STATS_NAME))
 
 
 def reward_mean_std(path: str) -> tuple[float, float]:
     """The held-out rewards' mean and std that PPO normalises rewards by: from `reward_stats.json`, or
     from an `hf/` export's config.json."""
-    stats_file, config_file = os.path.join(path, STATS_NAME), os.path.join(path, "config.json")
+    stats = load_stats(path)
     try:
-        if os.path.isfile(stats_file):
-            with open(stats_file, encoding="utf-8") as handle:
-                rewards = json.load(handle)["all"]
-        else:
-            with open(config_file, encoding="utf-8") as handle:
-                rewards = json.load(handle)
+        rewards = stats["all"] if stats is not None else _read_json(os.path.join(path, "config.json"))
         mean, std = float(rewards["mean"]), float(rewards["std"])
-    except (OSError, KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):
         raise UserError(f"{path}: no reward mean and std ({STATS_NAME} or config.json 'mean'/'std'); they come "
                         "from the held-out split at the end of training, or export.py --data_path") from None
     if not std > 0:

@@ -217,3 +217,17 @@ def test_the_documented_python_runs_and_gives_rw_evals_rewards(outputs):
     with openrlhf_on_cpu(torch.bfloat16):
         exec(openrlhf_block.replace('"OUTPUT/hf"', repr(os.path.join(out, "hf"))), scope)
     assert (scope["model"].mean.item(), scope["model"].std.item()) == pytest.approx(reward_mean_std(out), rel=1e-2)
+
+
+def test_the_converter_keeps_the_statistics_in_the_export(outputs, tmp_path):
+    """export.py rewrites a folder without --data_path: its reward_stats.json still reaches hf/config.json."""
+    import shutil
+
+    from step2_reward_model.export import main as export_main
+
+    folder = str(tmp_path / "out")
+    shutil.copytree(outputs["opt"], folder)
+    shutil.rmtree(os.path.join(folder, "hf"))
+    assert export_main([folder]) == 0
+    config = json.load(open(os.path.join(folder, "hf", "config.json")))
+    assert (config["mean"], config["std"]) == reward_mean_std(outputs["opt"])

@@ -19,6 +19,7 @@ from functools import partial
 import numpy as np
 
 from utils.data.attributes import attribute_names, group_by_prompt, judge_rated_rows
+from utils.data.chat import is_conversation, own_template
 from utils.data.collate import PairDataset
 from utils.data.examples import (
     Example,
@@ -38,7 +39,8 @@ from utils.data.tokenize import TokenizedExamples, load_tokenized, save_tokenize
 from utils.errors import UserError
 from utils.runtime import barrier
 
-CACHE_FORMAT = 5
+# 6: prompt and answer tokenised as one text; conversations read through the scoring template, nothing appended
+CACHE_FORMAT = 6
 
 
 def _file_stamps(path: str) -> list:
@@ -222,6 +224,11 @@ def create_reward_datasets(data_paths: list[str], data_split: str, data_output_p
         os.makedirs(data_output_path, exist_ok=True)
         train, evaluation = load_examples(data_paths, data_split, phase, seed, data_output_path, repo_root, log,
                                           options)
+        if (options.chat_template or own_template(tokenizer)) and any(
+                not is_conversation(example) and "token_ids" not in example for example in train):
+            log("note: the model has a chat template, but some training examples are text: those are read as "
+                "[bos] prompt answer <|endoftext|>, while frameworks that render conversations with the template "
+                "(TRL, verl) score other text; give the data as chat messages to train on what they build")
         for split, examples in (("train", train), ("eval", evaluation)):
             save_tokenized(_tokenize_split(examples, split, tokenizer, max_seq_len, end_of_conversation_token,
                                            log, options), paths[split])
