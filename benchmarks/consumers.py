@@ -24,7 +24,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -34,7 +33,7 @@ import torch
 from step2_reward_model.integrations import RewardFunction
 from step2_reward_model.output import HF_DIR, reward_mean_std
 from step2_reward_model.scoring import load_scorer
-from step2_reward_model.server import make_server
+from step2_reward_model.server import in_thread, make_server
 from utils.files import REPO_ROOT
 
 STUBS = os.path.join(REPO_ROOT, "benchmarks", "stubs")
@@ -170,15 +169,9 @@ def openrlhf_loader(out: str, prompts: list, answers: list, dtype: torch.dtype) 
 @contextmanager
 def serving(out: str, token: str | None = None, normalize: bool = False):
     """rw_eval.py --serve's server on a free local port, from a thread."""
-    server = make_server(load_scorer(out, batch_size=4, device="cpu"), "127.0.0.1", 0, token=token,
-                         normalize=reward_mean_std(out) if normalize else None)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
+    with in_thread(make_server(load_scorer(out, batch_size=4, device="cpu"), "127.0.0.1", 0, token=token,
+                               normalize=reward_mean_std(out) if normalize else None)) as port:
+        yield port
 
 
 def openrlhf_queries(out: str, prompts: list, answers: list) -> tuple[list[str], list[str]]:

@@ -44,6 +44,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -445,6 +447,21 @@ def make_server(scorer: Scorer, host: str, port: int, token: str | None = None, 
         return RewardServer(scorer, host, port, token, max_request_bytes, max_items, batch_wait_ms, normalize)
     except OSError as err:
         raise UserError(f"cannot listen on {host}:{port}: {err.strerror or first_line(err)}") from None
+
+
+@contextmanager
+def in_thread(server: RewardServer) -> Iterator[int]:
+    """Serve from a thread for the length of the block (for tests and benchmarks), then shut down;
+    gives the port."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        if thread.is_alive():
+            raise RuntimeError("the server's thread did not stop within 10 s of shutdown")
 
 
 class _Interrupted(Exception):

@@ -23,7 +23,7 @@ from conftest import REPO_ROOT, rounding_tolerance
 
 from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.scoring import Scorer
-from step2_reward_model.server import make_server
+from step2_reward_model.server import in_thread, make_server
 from utils.errors import UserError
 from utils.runtime import free_port
 
@@ -47,15 +47,8 @@ def scorer(saved_models) -> Scorer:
 @contextmanager
 def running(scorer: Scorer, **options):
     """The port of a server serving from a thread until the block ends."""
-    server = make_server(scorer, "127.0.0.1", 0, **options)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        assert not thread.is_alive()
+    with in_thread(make_server(scorer, "127.0.0.1", 0, **options)) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
