@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -36,7 +38,7 @@ from step2_reward_model.scoring import load_scorer
 from step2_reward_model.server import in_thread, make_server
 from utils.files import REPO_ROOT
 
-STUBS = os.path.join(REPO_ROOT, "benchmarks", "stubs")
+FLASH_ATTN_STUB = ("flash_attn", "flash_attn.bert_padding", "flash_attn.utils", "flash_attn.utils.distributed")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Rewards = tuple[np.ndarray, np.ndarray]  # (the consumer's, rw_eval.py's in the consumer's units)
 
@@ -131,19 +133,18 @@ def trl_ppo(out: str, prompts: list, answers: list, dtype: torch.dtype) -> Rewar
 @contextmanager
 def openrlhf_on_cpu(dtype: torch.dtype):
     """OpenRLHF's model module, importable on the CPU and loading in `dtype` (see the module docstring)."""
-    sys.path.insert(0, STUBS)
-    try:
-        import openrlhf.models.model as model
-        import openrlhf.utils.utils as utils
+    if importlib.util.find_spec("flash_attn") is None:  # the stand-in, under the names OpenRLHF imports
+        for name in FLASH_ATTN_STUB:
+            sys.modules.setdefault(name, importlib.import_module(f"benchmarks.stubs.{name}"))
+    import openrlhf.models.model as model
+    import openrlhf.utils.utils as utils
 
-        original = utils.convert_to_torch_dtype
-        utils.convert_to_torch_dtype = lambda name: dtype
-        try:
-            yield model
-        finally:
-            utils.convert_to_torch_dtype = original
+    original = utils.convert_to_torch_dtype
+    utils.convert_to_torch_dtype = lambda name: dtype
+    try:
+        yield model
     finally:
-        sys.path.remove(STUBS)
+        utils.convert_to_torch_dtype = original
 
 
 def openrlhf_loader(out: str, prompts: list, answers: list, dtype: torch.dtype) -> Rewards:

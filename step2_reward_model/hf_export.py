@@ -23,8 +23,8 @@ import os
 import torch
 
 from step2_reward_model.model import BACKBONE, ENCODERS, embedding_rows
-from utils.data.tokenize import special_affixes
 from utils.errors import UserError
+from utils.model_files import special_affixes
 
 HF_DIR = "hf"
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>")

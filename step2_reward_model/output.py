@@ -98,7 +98,8 @@ def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: 
         # One tokenizer for OUTPUT and hf/, so the pad id, chat template and truncation agree everywhere.
         tokenizer = handoff_tokenizer(tokenizer, meta["end_of_conversation_token"], meta["max_seq_len"])
         config = copy.deepcopy(model.rwtransformer.config)
-        config.pad_token_id = tokenizer.pad_token_id
+        if tokenizer.pad_token_id < config.vocab_size:  # an added pad beyond the step-3 embedding stays in hf/ only
+            config.pad_token_id = tokenizer.pad_token_id
         manifest = {**meta, **handoff_manifest(tokenizer, meta, config), "step3_key_prefix": key_prefix,
                     "hf_export": HF_DIR if hf_export else None}
         if model.attributes is not None:

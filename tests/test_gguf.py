@@ -150,7 +150,10 @@ def test_training_from_gguf_saves_an_ordinary_output(tiny_gguf, small_data, tmp_
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     manifest = load_manifest(str(out))
     assert manifest["base_model"] == path and manifest["hf_export"] == "hf"
-    assert manifest["chat_template_sha256"] == hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()
+    # the GGUF's own template, trimmed after the last end-of-turn token (utils.data.chat.scoring_template)
+    assert manifest["chat_template"] == "the model's own" and CHAT_TEMPLATE in load_scoring_tokenizer(out).chat_template
+    assert manifest["chat_template_sha256"] == hashlib.sha256(
+        load_scoring_tokenizer(out).chat_template.encode()).hexdigest()
     for folder in (out, out / "hf"):
         assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     # training evaluated with the GGUF's tokenizer and weights; OUTPUT alone gives the same numbers

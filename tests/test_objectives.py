@@ -19,6 +19,7 @@ from step2_reward_model.flags import parse_training_args
 from step2_reward_model.output import load_reward_model
 from step2_reward_model.scoring import Scorer
 from utils.data.build import DataOptions, create_reward_datasets
+from utils.data.chat import TRIM_MARK
 from utils.data.synthetic import make_pairs, make_ranked_rows, write_jsonl
 from utils.errors import UserError
 from utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
@@ -86,14 +87,15 @@ def test_plackett_luce_learns_conversational_ranked_lists(tmp_path, model_dirs):
     assert meta["final_eval"]["accuracy"] >= 0.8, log[-3000:]
     assert meta["final_eval"]["top1_accuracy"] >= 0.8, log[-3000:]
     tokenizer = load_hf_tokenizer(str(out))
-    assert tokenizer.chat_template == CHAT_TEMPLATE  # saved with the model, hashed in the manifest
+    # saved with the model (trimmed after the last turn: utils.data.chat.scoring_template), hashed in the manifest
+    assert tokenizer.chat_template.startswith(TRIM_MARK) and CHAT_TEMPLATE in tokenizer.chat_template
     assert meta["chat_template_sha256"] is not None
-    # the saved model scores the rendered conversation as training did
+    # the saved model scores the conversation through that template as training did
     scorer = Scorer(load_reward_model(str(out)), tokenizer, 128, "<|endoftext|>")
     row = make_ranked_rows(1, 1, held_out=True, conversational=True)[0]
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["conversation"][0]["text"]}],
-                                           tokenize=False, add_generation_prompt=True)
-    rewards = scorer.score_answers(prompt, [r + "\n" for r in row["ranked_responses"]])
+    prompt = [{"role": "user", "content": row["conversation"][0]["text"]}]
+    answers = [[{"role": "assistant", "content": r}] for r in row["ranked_responses"]]
+    rewards = scorer.score_ids(scorer.encode_pairs([prompt] * len(answers), answers))
     assert int(np.argmax(rewards)) == 0
 
 

@@ -367,7 +367,7 @@ def test_rw_eval_serve(saved_models, scorer, tmp_path):
                     if process.poll() is not None or time.monotonic() > deadline:
                         stderr.seek(0)
                         pytest.fail(f"no 'serving rewards on' line (exit code {process.poll()}):\n{stderr.read()}")
-            assert line == f"serving rewards on http://127.0.0.1:{port} (POST /score)\n"
+            assert line == f"serving rewards on http://127.0.0.1:{port} (POST /score, POST /get_reward)\n"
             assert call(port, "POST", "/score", as_json(PAIRS), token=None)[0] == 401
             status, body, _ = call(port, "POST", "/score", as_json(PAIRS))
             assert status == 200 and body["rewards"] == scored_offline(offline_pairs(scorer, PAIRS))

@@ -64,3 +64,13 @@ def load_hf_tokenizer(model_name_or_path: str, add_eot_token: bool = False,
     if add_eot_token:
         tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CONVERSATION_TOKEN]})
     return tokenizer
+
+
+def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer adds before and after a text (OPT: `</s>` before; GPT-2: none)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return full[:start], full[start + len(bare):]
+    return [], []

@@ -23,6 +23,7 @@ from jinja2 import TemplateError
 from utils.data.examples import Example
 from utils.data.fields import Messages
 from utils.errors import UserError, first_line
+from utils.model_files import special_affixes
 
 
 def _as_messages(value: str | Messages, role: str) -> Messages:
@@ -69,8 +70,6 @@ def layout_template(tokenizer, end_text: str) -> str:
     `\\n\\nHuman: text` or `\\n\\nAssistant: text` (a system message as its bare text), then `end_text`
     and the trailing special tokens; the generation prompt is `\\n\\nAssistant:`. Tokenised without
     special tokens, that is the token ids of the same conversation written as a text example."""
-    from utils.data.tokenize import special_affixes
-
     lead, trail = (tokenizer.decode(ids) if ids else "" for ids in special_affixes(tokenizer))
     quote = json.dumps  # a JSON string is a valid Jinja string literal
     return (f"{LAYOUT_MARK}{{{{- {quote(lead)} -}}}}"
@@ -93,9 +92,7 @@ def template_ends(tokenizer, template: str) -> tuple[str, str]:
                                          tokenize=False, chat_template=template)
     lead = ""
     if template.startswith(LAYOUT_MARK):
-        from utils.data.tokenize import special_affixes
-
-        lead = tokenizer.decode(special_affixes(tokenizer)[0])
+            lead = tokenizer.decode(special_affixes(tokenizer)[0])
     return lead, full[full.rindex(marker) + len(marker):]
 
 

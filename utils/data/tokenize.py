@@ -25,6 +25,7 @@ from utils.data.examples import Example, malformed_error
 from utils.data.fields import Malformed
 from utils.data.ragged import offsets, pack, unpack
 from utils.files import atomic_write
+from utils.model_files import special_affixes
 
 # More characters per token than real vocabularies average: a text longer than max_seq_len * CHARS_PER_TOKEN
 # characters holds more than max_seq_len tokens.
@@ -32,16 +33,6 @@ CHARS_PER_TOKEN = 64
 # A space after a non-space starts a new pre-token (word) in byte-level BPE and SentencePiece vocabularies
 # alike, so the tokens from there on do not depend on the text before it.
 WORD_START = re.compile(r"(?<=\S) ")
-
-
-def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
-    """The ids the tokenizer adds before and after a text (OPT: `</s>` before; GPT-2: none)."""
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    for start in range(len(full) - len(bare) + 1):
-        if full[start:start + len(bare)] == bare:
-            return full[:start], full[start + len(bare):]
-    return [], []
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
