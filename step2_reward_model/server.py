@@ -119,8 +119,10 @@ def parse_queries(request: object, max_items: int) -> list[str]:
     if unknown:
         raise RequestError(400, f'unknown field "{unknown[0]}" (expected {", ".join(OPENRLHF_FIELDS)})')
     queries = request["query"]
-    if not isinstance(queries, list) or not queries:
-        raise RequestError(400, f"query must be a non-empty array, not {json_type(queries)}")
+    if not isinstance(queries, list):
+        raise RequestError(400, f"query must be an array, not {json_type(queries)}")
+    if not queries:
+        raise RequestError(400, "query is empty")
     if len(queries) > max_items:
         raise RequestError(413, f"{len(queries)} queries, more than the {max_items} allowed per request (max_items)")
     prompts = request.get("prompts")

@@ -193,7 +193,8 @@ def test_the_server_refuses_openrlhf_requests_it_cannot_read(outputs):
         assert post({"query": ["x"]}, auth="Basic " + __import__("base64").b64encode(b"rm:wrong").decode())[0] == 401
         status, reply = post({"query": ["\n\nHuman: Hi\n\nAssistant: Hello."], "prompts": ["p"], "labels": [None]})
         assert status == 200 and reply["rewards"] == reply["scores"] and len(reply["rewards"]) == 1
-        assert post({"query": "x"}) == (400, {"error": "query must be a non-empty array, not a string"})
+        assert post({"query": "x"}) == (400, {"error": "query must be an array, not a string"})
+        assert post({"query": []}) == (400, {"error": "query is empty"})
         assert post({"query": ["x"], "prompts": ["a", "b"]})[0] == 400
         assert post({"query": ["x"], "extra": 1})[1]["error"].startswith('unknown field "extra"')
         assert post({"query": [1]})[1]["error"] == "query[0] must be a string, not a number"

@@ -92,7 +92,7 @@ def template_ends(tokenizer, template: str) -> tuple[str, str]:
                                          tokenize=False, chat_template=template)
     lead = ""
     if template.startswith(LAYOUT_MARK):
-            lead = tokenizer.decode(special_affixes(tokenizer)[0])
+        lead = tokenizer.decode(special_affixes(tokenizer)[0])
     return lead, full[full.rindex(marker) + len(marker):]
 
 
