@@ -23,25 +23,15 @@ import math
 import os
 import sys
 
-import numpy as np
-import torch
-
 from step2_reward_model.flags import EVAL_FLAGS, add_flags
-from step2_reward_model.metrics import ranking_accuracies, ranking_metrics
+from step2_reward_model.heldout import score_split
+from step2_reward_model.objectives import saved_objective
+from step2_reward_model.objectives.base import DataRequest
 from step2_reward_model.output import load_manifest, reward_mean_std
 from step2_reward_model.public_benchmarks import BENCHMARKS, format_result, read_items, score_items
-from step2_reward_model.report import (
-    attribute_report,
-    best_worst,
-    format_attribute_report,
-    format_report,
-    length_bias,
-    pair_report,
-)
-from step2_reward_model.scoring import Scorer, load_scorer, score_data, score_rated_data
-from utils.data.tokenize import has_ranked_lists
+from step2_reward_model.report import length_bias
+from step2_reward_model.scoring import Scorer, load_scorer
 from utils.errors import UserError, exit_status
-from utils.files import REPO_ROOT
 
 BUILT_IN_EXAMPLES = [
     {"prompt": "Human: In a few sentences, what is a compiler? Assistant: ",
@@ -98,60 +88,28 @@ def print_pairs(scorer: Scorer, pairs: list[dict]) -> None:
 
 
 def evaluate_data(scorer: Scorer, args: argparse.Namespace) -> dict:
-    scored, table, tokenized = score_data(scorer, args.data_path, args.data_split, args.split, args.seed,
-                                          args.data_output_path, REPO_ROOT, log=lambda m: print(m, file=sys.stderr),
-                                          bad_rows=args.bad_rows)
-    report = pair_report(**scored)
-    if has_ranked_lists(tokenized):
-        report["ranking"] = ranking_report(table)
-    report["model_path"] = os.path.abspath(args.model_path)
-    report["data"] = {"data_path": args.data_path, "data_split": args.data_split, "split": args.split,
-                      "seed": args.seed, "max_seq_len": scorer.max_seq_len, "truncated": tokenized.truncated,
-                      "too_long": tokenized.too_long}
-    print(format_report(report))
-    if "ranking" in report:
-        print("== Ranked lists ==\n" + "\n".join(f"{key}  {value}" for key, value in report["ranking"].items()))
+    """The saved model's objective on a split of --data_path: its report, the held-out metrics and
+    reward statistics exactly as training computes them (`step2_reward_model/heldout.py`)."""
+    request = DataRequest.from_args(args, scorer.max_seq_len)
+    held_out = score_split(scorer, saved_objective(load_manifest(args.model_path)), request, args.split,
+                           log=lambda message: print(message, file=sys.stderr))
+    objective, table = held_out.objective, held_out.table
+    result = objective.report(table, held_out.dataset, held_out.source_names)
+    report = {**result.report, "held_out": objective.summarize(table, held_out.source_names),
+              "reward_stats": objective.statistics(table, request.label(args.split)),
+              "model_path": os.path.abspath(args.model_path),
+              "data": {"data_path": args.data_path, "data_split": args.data_split, "split": args.split,
+                       "seed": args.seed, "max_seq_len": scorer.max_seq_len,
+                       "truncated": getattr(held_out.dataset.data, "truncated", 0),
+                       "too_long": getattr(held_out.dataset.data, "too_long", 0)}}
+    print(result.text)
     if args.report:
         write_report(args.report, report)
-    if args.plots:
-        write_figures(scored["chosen"], scored["rejected"], scored["chosen_lengths"], scored["rejected_lengths"],
-                      report, args.plots)
-    return report
+    if args.plots and result.pairs is not None:
+        from step2_reward_model.plots import write_plots
 
-
-def write_figures(chosen, rejected, chosen_lengths, rejected_lengths, report: dict, folder: str) -> None:
-    from step2_reward_model.plots import write_plots
-
-    for path in write_plots(chosen, rejected, chosen_lengths, rejected_lengths, report, folder):
-        print(f"figure written to {path}")
-
-
-def evaluate_rated(scorer: Scorer, args: argparse.Namespace) -> dict:
-    """A multi-attribute model on attribute-rated data: per attribute MSE, Pearson and Spearman (and
-    how much of each is length), then the reward's diagnostics on each prompt's best and worst
-    rated answer, where the data has two answers with different combined labels."""
-    scored = score_rated_data(scorer, args.data_path, args.data_split, args.split, args.seed, args.data_output_path,
-                              REPO_ROOT, log=lambda m: print(m, file=sys.stderr), bad_rows=args.bad_rows)
-    report = {"attributes": attribute_report(scored["predicted"], scored["labels"], scorer.attribute_names,
-                                             scored["rewards"], scored["prompts"], scored["targets"],
-                                             scored["lengths"])}
-    print(format_attribute_report(report["attributes"]))
-    best, worst = best_worst(scored["prompts"], scored["targets"])
-    if len(best):
-        rewards, lengths = scored["rewards"], scored["lengths"]
-        report.update(pair_report(rewards[best], rewards[worst], lengths[best], lengths[worst],
-                                  scored["prompt_lengths"][best] + np.maximum(lengths[best], lengths[worst]),
-                                  scored["sources"][best]))
-        print(f"== Best vs worst rated answer of each prompt: {len(best)} pairs ==\n" + format_report(report))
-        if args.plots:
-            write_figures(rewards[best], rewards[worst], lengths[best], lengths[worst], report, args.plots)
-    else:
-        print("no prompt has two answers with different combined labels: no pairwise diagnostics")
-    report["model_path"] = os.path.abspath(args.model_path)
-    report["data"] = {"data_path": args.data_path, "data_split": args.data_split, "split": args.split,
-                      "seed": args.seed, "max_seq_len": scorer.max_seq_len}
-    if args.report:
-        write_report(args.report, report)
+        for path in write_plots(*result.pairs, report, args.plots):
+            print(f"figure written to {path}")
     return report
 
 
@@ -188,16 +146,6 @@ def evaluate_benchmark(scorer: Scorer, args: argparse.Namespace) -> dict:
     return result
 
 
-def ranking_report(table) -> dict:
-    """Ranked lists: accuracy over every ordered pair of a prompt's answers and top-1 accuracy (the
-    summary above compares each prompt's best and worst answer)."""
-    rewards, example, rank = (torch.from_numpy(table[:, i]) for i in range(3))
-    counts = ranking_metrics(rewards, example.long(), rank.long())
-    accuracies = ranking_accuracies(counts)
-    return {"ordered_pairs": int(counts["pairs"]), "pairwise_accuracy": accuracies["pairwise_accuracy"],
-            "prompts_with_one_best": int(counts["groups_with_top1"]), "top1_accuracy": accuracies["top1_accuracy"]}
-
-
 def run(args: argparse.Namespace) -> None:
     scorer = load_scorer(args.model_path, args.tokenizer_path, args.max_seq_len, args.batch_size,
                          args.trust_remote_code)
@@ -207,8 +155,6 @@ def run(args: argparse.Namespace) -> None:
         serve(scorer, host=args.host, port=args.port, token=args.token, max_request_bytes=args.max_request_bytes,
               max_items=args.max_items, batch_wait_ms=args.batch_wait_ms,
               normalize=reward_mean_std(args.model_path) if args.normalize_reward else None)
-    elif args.data_path and scorer.attribute_names:
-        evaluate_rated(scorer, args)
     elif args.data_path:
         evaluate_data(scorer, args)
     elif args.benchmark:

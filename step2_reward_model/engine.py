@@ -42,7 +42,7 @@ def resolve_dtype(args: argparse.Namespace) -> None:
                      "times slower than fp32 here; --dtype fp32 is the fast path")
 
 
-def resolve_attention(args: argparse.Namespace, config=None) -> None:
+def resolve_attention(args: argparse.Namespace, config=None) -> str | None:
     """`--attn_implementation auto` -> the fastest attention for this run's batches, None being the
     model's default (SDPA for the supported families). Flash-attention 2 takes no custom mask, so it
     is chosen only when prefix sharing is off (installed, on a GPU, in fp16/bf16); with
@@ -50,16 +50,18 @@ def resolve_attention(args: argparse.Namespace, config=None) -> None:
     document cannot see. Given the model's `config`, FlexAttention where it cannot run falls back
     to the default, with a note."""
     on_gpu = get_accelerator().device_name() == "cuda"
-    if args.attn_implementation == "auto":
+    choice = args.attn_implementation
+    if choice == "auto":
         flash = (importlib.util.find_spec("flash_attn") is not None and on_gpu and args.dtype in ("fp16", "bf16")
                  and not args.prefix_sharing)
         flex = on_gpu and getattr(args, "max_tokens_per_batch", None) is not None
-        args.attn_implementation = "flash_attention_2" if flash else "flex_attention" if flex else None
-    if args.attn_implementation == "flex_attention" and config is not None:
+        choice = "flash_attention_2" if flash else "flex_attention" if flex else None
+    if choice == "flex_attention" and config is not None:
         problem = flex_attention_problem(config, on_gpu)
         if problem:
             print_rank_0(f"note: FlexAttention is off ({problem}); using the model's default attention")
-            args.attn_implementation = None
+            choice = None
+    return choice
 
 
 def build_ds_config(args: argparse.Namespace, world_size: int) -> dict:
@@ -116,7 +118,7 @@ def build_engine(args: argparse.Namespace, model: torch.nn.Module, ds_config: di
     updates = sum(math.ceil(batches / args.gradient_accumulation_steps) for batches in batches_per_epoch)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
                               num_training_steps=updates)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, args=args, config=ds_config,
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                       lr_scheduler=scheduler, dist_init_required=True)
     if args.gradient_checkpointing:
         engine.module.gradient_checkpointing_enable()

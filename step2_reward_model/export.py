@@ -17,8 +17,11 @@ import os
 import sys
 
 from step2_reward_model.flags import add_flags
+from step2_reward_model.heldout import score_split
 from step2_reward_model.hf_export import HF_DIR
 from step2_reward_model.model import Attributes
+from step2_reward_model.objectives import saved_objective
+from step2_reward_model.objectives.base import DataRequest
 from step2_reward_model.output import (
     STATS_NAME,
     export_skipped_error,
@@ -28,11 +31,9 @@ from step2_reward_model.output import (
     load_stats,
     save_reward_model,
 )
-from step2_reward_model.report import rated_statistics, reward_statistics
-from step2_reward_model.scoring import Scorer, score_data, score_rated_data
+from step2_reward_model.scoring import Scorer
 from utils.data.attributes import AttributeScale, parse_weights
 from utils.errors import UserError, exit_status
-from utils.files import REPO_ROOT
 from utils.model_files import END_OF_CONVERSATION_TOKEN
 
 
@@ -85,19 +86,22 @@ def reweigh(model, specs: list[str]) -> None:
 
 
 def data_statistics(model, tokenizer, manifest: dict, args: argparse.Namespace) -> dict:
-    """The reward statistics over the held-out split of --data_path: preference data, or attribute-rated
-    data for a multi-attribute model (best and worst rated answer of each prompt as its pair)."""
+    """The reward statistics over the held-out split of --data_path, computed as training computes them
+    (`step2_reward_model/heldout.py`), with the model's current weights."""
     scorer = Scorer(model, tokenizer, manifest["max_seq_len"], manifest["end_of_conversation_token"],
                     scale=AttributeScale.from_manifest(manifest))
-    log, data = (lambda message: print(message, file=sys.stderr)), "--data_path " + " ".join(args.data_path)
-    if model.attributes is not None:
-        scored = score_rated_data(scorer, args.data_path, args.data_split, "eval", args.seed, args.data_output_path,
-                                  REPO_ROOT, log=log, bad_rows=args.bad_rows)
-        return rated_statistics(scored["rewards"], scored["prompts"], scored["targets"], data)
-    scored, table, _ = score_data(scorer, args.data_path, args.data_split, "eval", args.seed, args.data_output_path,
-                                  REPO_ROOT, log=log, bad_rows=args.bad_rows)
-    return reward_statistics(scored["chosen"], scored["rejected"], data, all_rewards=table[:, 0],
-                             margins=scored["chosen"] - scored["rejected"])
+    request = DataRequest.from_args(args, scorer.max_seq_len)
+    objective = saved_objective({**manifest, "attributes": current_attributes(model, manifest)})
+    held_out = score_split(scorer, objective, request, "eval", log=lambda message: print(message, file=sys.stderr))
+    return held_out.objective.statistics(held_out.table, request.label())
+
+
+def current_attributes(model, manifest: dict) -> dict | None:
+    """The manifest's attribute fields with the model's names and weights (--attribute_weights changes them)."""
+    if model.attributes is None:
+        return None
+    return {**manifest.get("attributes", {}), "names": list(model.attributes.names),
+            "weights": list(model.attributes.weights)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,11 +72,11 @@ FLAGS: dict[str, dict] = {
     "compute_fp32_loss": dict(action="store_true", help="Compute the loss in fp32."),
     "no_bf16_to_fp32_loss": dict(action="store_false", dest="bf16_to_fp32_loss",
                                  help="With bf16, compute the loss in bf16 (default: fp32)."),
-    "process_reward": dict(action="store_true",
-                           help="Train a process reward model on step-labelled solutions (prompt, steps, labels): "
-                                "binary cross-entropy on the value at the end of each step."),
-    "objective": dict(choices=["preference", "regression"], default="preference",
-                      help="preference: learn a reward from compared answers (--loss); regression: learn one score "
+    "process_reward": dict(action="store_true", help="The same as --objective process."),
+    "objective": dict(choices=["preference", "process", "regression"], default="preference",
+                      help="preference: learn a reward from compared answers (--loss); process: learn whether each "
+                           "step of a solution is correct from step-labelled solutions (prompt, steps, labels), "
+                           "binary cross-entropy on the value at the end of each step; regression: learn one score "
                            "per attribute from rated answers (HelpSteer, UltraFeedback or {prompt, response, "
                            "attributes}), mean squared error over the rated ones; the reward is their weighted sum "
                            "(--attribute_weights)."),
@@ -243,15 +243,19 @@ def parse_training_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.disable_dropout:
         args.dropout = 0.0
+    if args.process_reward and args.objective not in ("preference", "process"):
+        parser.error(f"--process_reward (--objective process) and --objective {args.objective} are two different "
+                     "objectives: give one")
+    if args.process_reward:
+        args.objective = "process"
+    args.process_reward = args.objective == "process"
     if args.length_grouping_steps is None:
-        args.length_grouping_steps = 0 if args.process_reward else 32
+        args.length_grouping_steps = 0 if args.objective == "process" else 32
     if args.max_tokens_per_batch is not None and args.max_tokens_per_batch <= 0:
         parser.error(f"--max_tokens_per_batch must be a positive number of tokens, not {args.max_tokens_per_batch}")
     for flag, least in LEAST.items():
         if getattr(args, flag) < least:
             parser.error(f"--{flag} must be at least {least}")
-    if args.objective == "regression" and args.process_reward:
-        parser.error("--objective regression and --process_reward are two different objectives: give one")
     for flag, default in REGRESSION_ONLY.items():
         if args.objective != "regression" and getattr(args, flag) != default:
             parser.error(f"--{flag} needs --objective regression")

@@ -2,7 +2,6 @@
 them before dividing, and the accuracies made from them.
 
 - `ranking_metrics`: ordered pairs of a prompt's responses scored in the right order, and top-1 counts.
-- `step_metrics`: a process reward model's labelled steps, solutions and first errors predicted right.
 - `ranking_accuracies`: pairwise and top-1 accuracy from `ranking_metrics`' counts.
 """
 
@@ -39,30 +38,3 @@ def ranking_accuracies(counts: dict[str, torch.Tensor | float]) -> dict[str, flo
     pairs, groups = float(counts["pairs"]), float(counts["groups_with_top1"])
     return {"pairwise_accuracy": float(counts["pairs_correct"]) / pairs if pairs else None,
             "top1_accuracy": float(counts["top1_correct"]) / groups if groups else None}
-
-
-def step_metrics(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, step_rows: torch.Tensor,
-                 batch_size: int) -> dict[str, torch.Tensor]:
-    """Evaluation counts over the labelled steps (`mask`), as float64 sums.
-
-    A step is predicted good when sigmoid(logit) > 0.5. steps / steps_correct: labelled steps and those predicted
-    right. solutions: rows with a labelled step; solutions_correct: those where "every labelled step is good" is
-    predicted right; first_error_correct: those where the first bad labelled step (or that there is none) is
-    predicted right. Steps must be flattened row by row, in order, as `StepCollator` does.
-
-    Rows are summed through a [batch, S] membership mask rather than scatter ops: deterministic on GPU, and small.
-    """
-    count = logits.numel()
-    predicted_bad = mask & (logits.detach() <= 0)
-    bad = mask & (labels <= 0.5)
-    member = torch.arange(batch_size, device=step_rows.device)[:, None] == step_rows[None, :]
-    index = torch.arange(count, device=step_rows.device)
-
-    def first(flags: torch.Tensor) -> torch.Tensor:  # each row's first flagged step, or `count` for none
-        return torch.where(member & flags, index, count).amin(-1)
-
-    solutions = (member & mask).any(-1)
-    all_good_right = (member & predicted_bad).any(-1) == (member & bad).any(-1)
-    return {"steps": mask.sum().double(), "steps_correct": (mask & (predicted_bad == bad)).sum().double(),
-            "solutions": solutions.sum().double(), "solutions_correct": (solutions & all_good_right).sum().double(),
-            "first_error_correct": (solutions & (first(predicted_bad) == first(bad))).sum().double()}

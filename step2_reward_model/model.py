@@ -44,15 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from step2_reward_model.losses import (
-    attribute_loss,
-    combined_labels,
-    end_index,
-    per_token_loss,
-    plackett_luce_loss,
-    ranked_pair_loss,
-    step_loss,
-)
+from step2_reward_model.losses import end_index
+from utils.data.batch import Layout, ModelInputs
 from utils.errors import UserError, first_line
 from utils.model_files import END_OF_CONVERSATION_TOKEN, pretrained_source
 
@@ -210,18 +203,25 @@ def new_backbone(config, trust_remote_code: bool) -> nn.Module:
     return cls(config)
 
 
+@dataclass
+class RowValues:
+    """The value head's outputs `[rows, seq, outputs]` of a batch's rows, with their ids and mask: one
+    row per response for response batches, whatever their layout; the rows as given for solutions."""
+
+    head: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+
+
 class RewardModel(nn.Module):
-    def __init__(self, backbone: nn.Module, loss: str = "per_token", compute_fp32_loss: bool = False,
-                 center_coefficient: float = 0.0, attributes: Attributes | None = None,
-                 pair_loss_coefficient: float = 0.0):
+    """A backbone and its value head. `forward` gives values; the objective's loss reads them
+    (`step2_reward_model/objectives/`), so the model is the same whatever it is trained for."""
+
+    def __init__(self, backbone: nn.Module, attributes: Attributes | None = None):
         super().__init__()
         self.config = backbone.config
         self.v_head = nn.Linear(value_head_width(self.config), 1, bias=False)
         self.rwtransformer = backbone
-        self.loss = loss
-        self.compute_fp32_loss = compute_fp32_loss
-        self.center_coefficient = center_coefficient
-        self.pair_loss_coefficient = pair_loss_coefficient
         self.attributes: Attributes | None = None
         if attributes is not None:
             self.set_attributes(attributes)
@@ -287,14 +287,14 @@ class RewardModel(nn.Module):
         return head if per_attribute else self.combine(head)
 
     def chunked_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_order: torch.Tensor,
-                       chunks: list[tuple[int, int]], per_attribute: bool = False) -> torch.Tensor:
-        """`values` of right-padded rows, one forward per chunk: `chunk_order` lists the rows chunk
-        after chunk, `chunks` gives each chunk's row count and the width it is cut to. Zero past
+                       chunks: list[tuple[int, int]]) -> torch.Tensor:
+        """The head's outputs of right-padded rows, one forward per chunk: `chunk_order` lists the rows
+        chunk after chunk, `chunks` gives each chunk's row count and the width it is cut to. Zero past
         a chunk's width, where only padding is."""
         width, pieces, start = input_ids.shape[1], [], 0
         for count, cut in chunks:
             rows = chunk_order[start:start + count]
-            values = self.values(input_ids[rows, :cut], attention_mask[rows, :cut], per_attribute=per_attribute)
+            values = self.values(input_ids[rows, :cut], attention_mask[rows, :cut], per_attribute=True)
             pieces.append(nn.functional.pad(values, (0, 0) * (values.dim() - 2) + (0, width - cut)))
             start += count
         return torch.cat(pieces)[chunk_order.argsort()]
@@ -305,122 +305,28 @@ class RewardModel(nn.Module):
             return attention_mask.argmax(-1)
         return end_index(attention_mask)
 
-    def packed_values(self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor,
-                      document_ids: torch.Tensor | None, row_index: torch.Tensor,
-                      per_attribute: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Values, ids and attention mask of every response row, from one forward of the packed rows."""
-        values = self.values(input_ids, position_ids=position_ids, segment_ids=segment_ids, document_ids=document_ids,
-                             per_attribute=per_attribute)
-        index = row_index.clamp(min=0)
-        return values.flatten(0, 1)[index], input_ids.flatten()[index], (row_index >= 0).long()
+    def forward(self, inputs: ModelInputs, layout: Layout | None = None) -> RowValues:
+        """The value head's outputs of a batch's rows, in the layout the collator made (`Layout`): packed
+        documents mapped back to one row per response (`row_index`), rows run in length chunks, or the
+        rows as given (padded, or packed solutions)."""
+        layout = layout or Layout()
+        input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
+        if layout.row_index is not None:
+            head = self.values(input_ids, position_ids=layout.position_ids, segment_ids=layout.segment_ids,
+                               document_ids=layout.document_ids, per_attribute=True)
+            index = layout.row_index.clamp(min=0)
+            return RowValues(head.flatten(0, 1)[index], input_ids.flatten()[index], (layout.row_index >= 0).long())
+        if layout.chunks:
+            return RowValues(self.chunked_values(input_ids, attention_mask, layout.chunk_order, layout.chunks),
+                             input_ids, attention_mask)
+        head = self.values(input_ids, attention_mask, layout.position_ids, layout.segment_ids, layout.document_ids,
+                           per_attribute=True)
+        return RowValues(head, input_ids, attention_mask)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                group: torch.Tensor | None = None, rank: torch.Tensor | None = None,
-                margin: torch.Tensor | None = None, loss_denominator: float | None = None,
-                **layout) -> dict[str, torch.Tensor]:
-        """A training batch -> its loss and scores. Rows of responses come in one of the collator's
-        layouts (`response_values`); a process reward model's batch, with `step_*` tensors in
-        `layout`, gets the step loss (`step_forward`), and rated responses, with `attribute_labels`,
-        the attribute loss (`attribute_forward`).
-
-        Without `group`/`rank` the rows are DeepSpeed-Chat's pairs: all chosen, then as many
-        rejected. With them, any number of ranked responses per prompt (`group` its index, `rank`
-        0 best), each prompt's best row first, in prompt order. `margin` is per prompt (its length
-        gives the prompt count without a device-to-host copy). `loss_denominator` (token-budget
-        batches, `utils/data/sampler.py`): the loss is the sum over this batch's prompts divided by
-        it, instead of their mean."""
-        if "step_positions" in layout:
-            return self.step_forward(input_ids, attention_mask, loss_denominator=loss_denominator, **layout)
-        if "attribute_labels" in layout:
-            return self.attribute_forward(input_ids, attention_mask, group=group, loss_denominator=loss_denominator,
-                                          **layout)
-        values, input_ids, attention_mask = self.response_values(input_ids, attention_mask, **layout)
-        if self.compute_fp32_loss:
-            values = values.float()
-        scores = values.gather(-1, self.scored_index(attention_mask)[:, None]).squeeze(-1)
-        if group is None:
-            pairs = input_ids.shape[0] // 2
-            group = torch.arange(pairs, device=scores.device).repeat(2)
-            rank = torch.arange(2, device=scores.device).repeat_interleave(pairs)
-        prompts = len(margin) if margin is not None else int(group.max()) + 1
-        last = torch.full((prompts,), -1, device=scores.device).scatter_reduce(
-            0, group, torch.arange(len(group), device=scores.device), "amax")
-        loss = self.preference_loss(values, scores, input_ids, attention_mask, group, rank, margin, prompts)
-        if loss_denominator is not None:
-            loss = loss * prompts / loss_denominator
-        return {"loss": loss, "chosen_mean_scores": scores[:prompts], "rejected_mean_scores": scores[last],
-                "scores": scores}
-
-    def response_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                        document_ids: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
-                        chunk_order: torch.Tensor | None = None,
-                        chunks: list[tuple[int, int]] | None = None,
-                        per_attribute: bool = False) -> tuple[torch.Tensor, ...]:
-        """Values, ids and attention mask of one row per response, from the batch's layout: packed
-        documents (`row_index`, with `position_ids`, `segment_ids` and `document_ids`), rows run in
-        length chunks (`chunk_order`, `chunks`), or plain padded rows."""
-        if row_index is not None:
-            return self.packed_values(input_ids, position_ids, segment_ids, document_ids, row_index, per_attribute)
-        if chunks:
-            return (self.chunked_values(input_ids, attention_mask, chunk_order, chunks, per_attribute), input_ids,
-                    attention_mask)
-        return self.values(input_ids, attention_mask, per_attribute=per_attribute), input_ids, attention_mask
-
-    def preference_loss(self, values: torch.Tensor, scores: torch.Tensor, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor, group: torch.Tensor, rank: torch.Tensor,
-                        margin: torch.Tensor | None, prompts: int) -> torch.Tensor:
-        """The loss `--loss` names: per_token (pairs only, checked when the data is built),
-        plackett_luce, or end_token (Bradley-Terry over every ordered pair)."""
-        if self.loss == "per_token":
-            # Past its end, a row compares with its end score, not with values at padding, which
-            # depend on the layout (one row per answer, or packed).
-            values = torch.where(attention_mask.bool(), values, scores[:, None])
-            return per_token_loss(values[:prompts], values[prompts:], input_ids[:prompts], input_ids[prompts:],
-                                  attention_mask[:prompts], attention_mask[prompts:])
-        if self.loss == "plackett_luce":
-            return plackett_luce_loss(scores, group, rank)
-        return ranked_pair_loss(scores, group, rank, margin, self.center_coefficient)
-
-    def step_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, step_index: torch.Tensor,
-                     step_labels: torch.Tensor, step_mask: torch.Tensor, loss_denominator: float | None = None,
-                     position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                     document_ids: torch.Tensor | None = None, **_steps) -> dict[str, torch.Tensor]:
-        """A process reward model's batch, padded or packed: the logit of each step at its last token
-        (`step_index` into the flattened rows), and the step loss, the mean over labelled steps (or
-        their sum over `loss_denominator`)."""
-        values = self.values(input_ids, attention_mask, position_ids, segment_ids, document_ids)
-        if self.compute_fp32_loss:
-            values = values.float()
-        logits = values.flatten()[step_index]
-        loss = step_loss(logits, step_labels, step_mask)
-        if loss_denominator is not None:
-            loss = loss * step_mask.sum() / loss_denominator
-        return {"loss": loss, "step_logits": logits}
-
-    def attribute_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                          attribute_labels: torch.Tensor, group: torch.Tensor,
-                          loss_denominator: float | None = None, **layout) -> dict[str, torch.Tensor]:
-        """Rated responses, in any layout of `response_values`: each attribute predicted at the scored
-        token, the mean squared error over the rated ones, and with `pair_loss_coefficient` the
-        Bradley-Terry loss of the reward on every two responses to a prompt whose combined labels
-        differ. `loss_denominator`: the loss is scaled to the sum over this batch's rated cells
-        divided by it, instead of their mean."""
-        values, input_ids, attention_mask = self.response_values(input_ids, attention_mask, per_attribute=True,
-                                                                  **layout)
-        if self.compute_fp32_loss:
-            values = values.float()
-        index = self.scored_index(attention_mask)
-        predicted = values[torch.arange(len(index), device=index.device), index]
-        scores = self.combine(predicted)
-        loss = attribute_loss(predicted, attribute_labels)
-        if self.pair_loss_coefficient:
-            # The better response of a pair ranks lower; an unknown target (NaN) is in no pair.
-            rank = -combined_labels(attribute_labels, self.attribute_weights)
-            loss = loss + self.pair_loss_coefficient * ranked_pair_loss(scores, group, rank)
-        if loss_denominator is not None:
-            loss = loss * (~attribute_labels.isnan()).sum() / loss_denominator
-        return {"loss": loss, "attributes": predicted, "scores": scores}
+    def end_outputs(self, rows: RowValues) -> torch.Tensor:
+        """The head's outputs at each row's scored token, `[rows, outputs]`."""
+        index = self.scored_index(rows.attention_mask)
+        return rows.head[torch.arange(len(index), device=index.device), index]
 
     def forward_value(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       return_value_only: bool = False, prompt_length: int = 0,
@@ -481,10 +387,8 @@ def dequantized(gguf: dict) -> dict:
 
 
 def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | None = None,
-                        dropout: float | None = None, loss: str = "per_token", compute_fp32_loss: bool = False,
-                        trust_remote_code: bool = False, center_coefficient: float = 0.0,
-                        attn_implementation: str | None = None, attributes: Attributes | None = None,
-                        pair_loss_coefficient: float = 0.0) -> RewardModel:
+                        dropout: float | None = None, trust_remote_code: bool = False,
+                        attn_implementation: str | None = None, attributes: Attributes | None = None) -> RewardModel:
     """A reward model on pretrained weights, with DeepSpeed-Chat's embedding size (a multiple of 8
     of the tokenizer's length) so that its step 3 can load the checkpoint as it is.
     `attn_implementation` None keeps the model's default (SDPA where transformers has it)."""
@@ -504,5 +408,4 @@ def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | No
     backbone.config.pad_token_id = backbone.config.eos_token_id
     backbone.resize_token_embeddings(embedding_rows(len(tokenizer)))
     del zero3_context
-    return RewardModel(backbone, loss=loss, compute_fp32_loss=compute_fp32_loss, center_coefficient=center_coefficient,
-                       attributes=attributes, pair_loss_coefficient=pair_loss_coefficient)
+    return RewardModel(backbone, attributes=attributes)

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from step2_reward_model.losses import combined_labels
 from step2_reward_model.model import RewardModel
 from utils.data.attributes import AttributeScale
 from utils.data.chat import scoring_template, template_ends
 from utils.data.collate import pad_right
 from utils.data.fields import Messages
-from utils.data.tokenize import TokenizedExamples, encode_examples, fit_prompt, special_affixes
+from utils.data.tokenize import encode_examples, fit_prompt, special_affixes
 from utils.errors import UserError
 
 
@@ -162,82 +161,3 @@ def load_scorer(model_path: str, tokenizer_path: str | None = None, max_seq_len:
     return Scorer(model.to(where), tokenizer, max_seq_len or manifest.get("max_seq_len", 512),
                   manifest.get("end_of_conversation_token", END_OF_CONVERSATION_TOKEN), batch_size=batch_size,
                   device=where, scale=AttributeScale.from_manifest(manifest))
-
-
-def score_tokenized(scorer: Scorer, tokenized: TokenizedExamples,
-                    progress: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Rewards of every response: per example its best and worst answer (a pair's chosen and
-    rejected) with the lengths and sources the report breaks accuracy down by, and a table of
-    (reward, example, rank) rows for ranking metrics over ranked lists."""
-    sequences, table = [], []
-    for index, (prompt, responses, ranks) in enumerate(zip(tokenized.prompts, tokenized.responses, tokenized.ranks,
-                                                           strict=True)):
-        for response, rank in zip(responses, ranks, strict=True):
-            sequences.append(np.concatenate([prompt, response]).astype(np.int64))
-            table.append((index, rank))
-    scores = np.asarray(scorer.score_ids(sequences, progress=progress))
-    counts = np.array([len(responses) for responses in tokenized.responses])
-    best = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    worst = np.cumsum(counts) - 1
-    scored = {"chosen": scores[best], "rejected": scores[worst],
-              "chosen_lengths": np.array([len(r[0]) for r in tokenized.responses]),
-              "rejected_lengths": np.array([len(r[-1]) for r in tokenized.responses]),
-              "pair_lengths": np.array([len(p) + max(len(r[0]), len(r[-1]))
-                                        for p, r in zip(tokenized.prompts, tokenized.responses, strict=True)]),
-              "sources": [tokenized.source_names[s] for s in tokenized.sources]}
-    return scored, np.column_stack([scores, np.asarray(table, dtype=np.float64).reshape(-1, 2)])
-
-
-def score_data(scorer: Scorer, data_paths: list[str], data_split: str, split: str, seed: int, cache_dir: str,
-               repo_root: str, log=print,
-               bad_rows: str = "error") -> tuple[dict[str, np.ndarray], np.ndarray, TokenizedExamples]:
-    """Score a split of training's data (same sources, cleaning, phase-2 split and truncation)."""
-    from utils.data.build import DataOptions, load_examples
-    from utils.data.tokenize import tokenize_examples
-
-    train, held_out = load_examples(data_paths, data_split, 2, seed, cache_dir, repo_root, log,
-                                    DataOptions(bad_rows=bad_rows))
-    tokenized = tokenize_examples(held_out if split == "eval" else train, scorer.tokenizer, scorer.max_seq_len,
-                                  scorer.end_of_conversation_token, bad_rows=bad_rows)
-    log(f"data: {len(tokenized)} pairs to score, {tokenized.truncated} with the prompt cut from the left, "
-        f"{tokenized.too_long} skipped (an answer longer than {scorer.max_seq_len} tokens), "
-        f"{tokenized.bad_ids} skipped (token ids outside the tokenizer's range)")
-    if not len(tokenized):
-        raise UserError(f"--data_path {' '.join(data_paths)}: no pair to score in the {split} split")
-    return *score_tokenized(scorer, tokenized), tokenized
-
-
-def score_rated_data(scorer: Scorer, data_paths: list[str], data_split: str, split: str, seed: int, cache_dir: str,
-                     repo_root: str, log=print, bad_rows: str = "error") -> dict[str, np.ndarray]:
-    """Score a split of attribute-rated data (same sources, cleaning, split and truncation as
-    training) with a multi-attribute model: per response its reward, predicted and rated attributes
-    (NaN: not rated) in the data's units, combined label (the reward it should get, in the model's
-    units; NaN when unknown), prompt index, length in tokens and source."""
-    from utils.data.attributes import group_by_prompt
-    from utils.data.build import load_rated
-    from utils.data.tokenize import tokenize_examples
-
-    names = list(scorer.attribute_names)
-    rated = load_rated(data_paths, data_split, 2, seed, cache_dir, repo_root, log, bad_rows)[split]
-    grouped, dropped = group_by_prompt(rated, names)
-    tokenized = tokenize_examples(grouped, scorer.tokenizer, scorer.max_seq_len, scorer.end_of_conversation_token,
-                                  bad_rows=bad_rows)
-    log(f"data: {sum(map(len, tokenized.responses))} responses to {len(tokenized)} prompts to score, "
-        f"{dropped.total()} rating none of {', '.join(names)}, {tokenized.too_long} prompts skipped (an answer "
-        f"longer than {scorer.max_seq_len} tokens), {tokenized.responses_dropped} over-long answers left out")
-    if not len(tokenized):
-        raise UserError(f"--data_path {' '.join(data_paths)}: no rated response to score in the {split} split")
-    sequences = [np.concatenate([prompt, response]).astype(np.int64)
-                 for prompt, responses in zip(tokenized.prompts, tokenized.responses, strict=True)
-                 for response in responses]
-    rewards, predicted = scorer.score_all(sequences, progress=True)
-    labels = np.concatenate(tokenized.labels).astype(np.float64)
-    scaled = labels if scorer.scale is None else scorer.scale.apply(labels).astype(np.float64)
-    weights = torch.tensor(scorer.model.attributes.weights)
-    counts = [len(responses) for responses in tokenized.responses]
-    return {"rewards": rewards, "predicted": predicted, "labels": labels,
-            "targets": combined_labels(torch.from_numpy(scaled), weights).numpy(),
-            "prompts": np.repeat(np.arange(len(counts)), counts),
-            "lengths": np.array([len(response) for responses in tokenized.responses for response in responses]),
-            "prompt_lengths": np.repeat([len(prompt) for prompt in tokenized.prompts], counts),
-            "sources": np.repeat([tokenized.source_names[s] for s in tokenized.sources], counts)}

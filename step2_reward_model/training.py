@@ -23,9 +23,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from step2_reward_model import checkpoints
-from step2_reward_model.evaluate import log_metrics
+from step2_reward_model.evaluate import Evaluation, log_metrics
+from step2_reward_model.objectives.base import Objective
+from utils.data.batch import Batch
 from utils.errors import UserError
-from utils.runtime import print_rank_0, to_device
+from utils.runtime import print_rank_0
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
@@ -83,15 +85,23 @@ class StepResult:
     stopping: bool  # some rank was asked to stop
 
 
-def train_step(engine, batch: dict, device: torch.device, stop_requested: bool, world_size: int,
+@dataclass(frozen=True)
+class Placement:
+    """Where this process runs: its rank among `world_size`, and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def train_step(engine, objective: Objective, batch: Batch, placement: Placement, stop_requested: bool,
                mark: Callable[[], None] = lambda: None) -> StepResult:
     """Forward, then backward and optimizer step unless the loss is NaN or inf on some rank.
     `mark` is called after each phase (copy, forward, backward, step), for benchmarks to time them."""
-    batch = {key: value for key, value in batch.items() if key != "source"}  # metadata for evaluation only
-    batch = to_device(batch, device)
+    batch = batch.to(placement.device)
     mark()
-    loss = engine(**batch)["loss"]
-    nonfinite, stopping = step_flags(loss, stop_requested, world_size)
+    loss = objective.loss(engine.module, engine(batch.inputs, batch.layout), batch).loss
+    nonfinite, stopping = step_flags(loss, stop_requested, placement.world_size)
     mark()
     if not nonfinite:
         engine.backward(loss)
@@ -110,24 +120,33 @@ def open_writer(args: argparse.Namespace, rank: int):
     return SummaryWriter(os.path.join(args.tensorboard_path, "step2_tensorboard"))
 
 
+@dataclass
+class Start:
+    """Where a run starts: the settings a resumed run must share, its progress, whether it resumed."""
+
+    settings: dict
+    progress: checkpoints.Progress
+    resumed: bool
+
+
 class Run:
     """A training run's state between steps: where it stands (`progress`), the loss sums kept on the
     device, and the work due after a step (log, evaluate, save, stop) or an epoch."""
 
-    def __init__(self, args: argparse.Namespace, engine, evaluate: Callable[[], dict], settings: dict,
-                 progress: checkpoints.Progress, resumed: bool, rank: int, device: torch.device,
-                 steps_per_print: int):
-        self.args, self.engine, self.evaluate, self.settings = args, engine, evaluate, settings
-        self.progress, self.rank, self.device, self.steps_per_print = progress, rank, device, steps_per_print
-        self.writer = open_writer(args, rank)
+    def __init__(self, args: argparse.Namespace, engine, objective: Objective, evaluate: Callable[[], Evaluation],
+                 start: Start, placement: Placement, steps_per_print: int):
+        self.args, self.engine, self.objective, self.evaluate = args, engine, objective, evaluate
+        self.settings, self.progress = start.settings, start.progress
+        self.rank, self.device, self.steps_per_print = placement.rank, placement.device, steps_per_print
+        self.writer = open_writer(args, self.rank)
         self.epoch_loss, self.window_loss = self.loss_sums()
         self.bad_in_a_row = 0
-        self.last_saved = progress.update if resumed else None
-        self.metrics: dict | None = None
-        self.saves_at_end = bool(args.save_interval or resumed)
+        self.last_saved = start.progress.update if start.resumed else None
+        self.evaluation: Evaluation | None = None
+        self.saves_at_end = bool(args.save_interval or start.resumed)
 
-    def report(self, label: str, metrics: dict) -> None:
-        log_metrics(label, metrics, self.writer, self.progress.update)
+    def report(self, label: str, evaluation: Evaluation) -> None:
+        log_metrics(self.objective, label, evaluation.metrics, self.writer, self.progress.update)
 
     def save_checkpoint(self) -> str:
         """Save a training checkpoint of this step (every rank calls this); returns its folder."""
@@ -207,31 +226,24 @@ class Run:
         self.progress = checkpoints.Progress(epoch=epoch + 1, update=progress.update,
                                              micro_steps=progress.micro_steps, skipped=progress.skipped)
         self.epoch_loss, self.window_loss = self.loss_sums()
-        self.metrics = self.evaluate()
-        self.report(f"Epoch {epoch + 1}/{epochs}", self.metrics)
+        self.evaluation = self.evaluate()
+        self.report(f"Epoch {epoch + 1}/{epochs}", self.evaluation)
 
     def save_last_checkpoint(self) -> None:
         """With --save_interval (or a resumed run), a checkpoint of the end, where --resume then finds it done."""
         if self.saves_at_end and self.progress.update != self.last_saved:
             print_rank_0(f"saved {self.save_checkpoint()}")
 
-    def finish(self) -> dict:
-        """Evaluate if no epoch was left to train, and return the final held-out metrics."""
+    def finish(self) -> Evaluation:
+        """Evaluate if no epoch was left to train, and return the final held-out evaluation."""
         if self.progress.skipped:
             print_rank_0(f"skipped {self.progress.skipped} step(s) with a NaN or inf loss")
-        if self.metrics is None:  # resumed after the last epoch had ended
-            self.metrics = self.evaluate()
-        metrics = self.metrics
-        if "responses" in metrics:
-            print_rank_0(f"final held-out mean Spearman: {metrics.get('spearman', float('nan')):.4f} over "
-                         f"{len(self.args.attributes)} attribute(s) on {metrics['responses']:.0f} responses")
-        else:
-            count, unit = ("solutions", "solutions (step accuracy)") if self.args.process_reward else \
-                ("pairs", "pairs")
-            print_rank_0(f"final held-out accuracy: {metrics['accuracy']:.4f} on {metrics[count]:.0f} {unit}")
+        if self.evaluation is None:  # resumed after the last epoch had ended
+            self.evaluation = self.evaluate()
+        print_rank_0(self.objective.headline(self.evaluation.metrics))
         if self.writer:
             self.writer.close()
-        return self.metrics
+        return self.evaluation
 
     def stop_and_exit(self, stop: StopRequest) -> NoReturn:
         """After a SIGTERM / SIGINT (on any rank): save, say how to go on, exit with 128 + the signal."""

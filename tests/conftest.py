@@ -34,16 +34,53 @@ def rounding_tolerance(*values, dtype=None, slack: int = ROUNDING_SLACK) -> floa
     return slack * torch.finfo(dtype or torch.float32).eps * largest
 
 
-def forward_backward(model, batch: dict) -> tuple[dict, list]:
+def objective_forward(model, batch, objective=None) -> dict:
+    """A collated batch through the model and the objective's loss (default: the preference loss the
+    model was made for), as `training.train_step` runs it: `loss` and `scores` (one per response or
+    step); for responses, each example's best and worst row's score (`chosen_mean_scores`,
+    `rejected_mean_scores`); for rated responses, the predicted `attributes`."""
+    import torch
+
+    from step2_reward_model.objectives.preference import Preference
+    from step2_reward_model.objectives.regression import Regression
+    from utils.data.batch import Ranking
+
+    objective = objective or Preference()
+    rows = model(batch.inputs, batch.layout)
+    out = objective.loss(model, rows, batch)
+    result = {"loss": out.loss, "scores": out.scores}
+    if isinstance(batch.targets, Ranking):
+        group, prompts = batch.targets.group.to(out.scores.device), len(batch.targets.margin)
+        last = torch.full((prompts,), -1, device=group.device).scatter_reduce(
+            0, group, torch.arange(len(group), device=group.device), "amax")
+        result.update(chosen_mean_scores=out.scores[:prompts], rejected_mean_scores=out.scores[last])
+    if isinstance(objective, Regression):
+        result["attributes"] = objective.predictions(model, rows)
+    return result
+
+
+def pair_batch(input_ids, attention_mask):
+    """DeepSpeed-Chat's pair batch as a `Batch`: every chosen row, then as many rejected rows."""
+    import torch
+
+    from utils.data.batch import Batch, Layout, ModelInputs, Ranking
+
+    pairs = len(input_ids) // 2
+    ranking = Ranking(group=torch.arange(pairs).repeat(2), rank=torch.arange(2).repeat_interleave(pairs),
+                      margin=torch.zeros(pairs))
+    return Batch(ModelInputs(input_ids, attention_mask), ranking, Layout())
+
+
+def forward_backward(model, batch, objective=None) -> tuple[dict, list]:
     """The outputs of one forward of a collated batch and the gradients of its loss."""
     model.zero_grad()
-    out = model(**{key: value for key, value in batch.items() if key != "source"})
+    out = objective_forward(model, batch, objective)
     out["loss"].backward()
     return ({key: value.detach() for key, value in out.items()},
             [param.grad.clone() for param in model.parameters() if param.grad is not None])
 
 
-def assert_chunks_change_nothing(model, items: list[dict], pad_token_id: int = 0) -> None:
+def assert_chunks_change_nothing(model, items: list[dict], pad_token_id: int = 0, objective=None) -> None:
     """A float64 model's loss, scores and gradients on a batch of unpacked rows are the same run in
     the collator's length chunks as in one padded forward, and the rows really are split."""
     import torch
@@ -51,8 +88,8 @@ def assert_chunks_change_nothing(model, items: list[dict], pad_token_id: int = 0
     from utils.data.collate import CHUNK_TOKENS, PairCollator
 
     chunked = PairCollator(pad_token_id, chunk_tokens=CHUNK_TOKENS["cpu"])(items)
-    assert len(chunked.get("chunks", [])) > 1, "rows too alike to split"
-    (out, grads), (whole, grads_whole) = (forward_backward(model, batch)
+    assert len(chunked.layout.chunks or []) > 1, "rows too alike to split"
+    (out, grads), (whole, grads_whole) = (forward_backward(model, batch, objective)
                                           for batch in (chunked, PairCollator(pad_token_id)(items)))
     assert len(grads) == len(grads_whole) > 0
     tolerance = rounding_tolerance(whole["loss"], whole["scores"], dtype=torch.float64)

@@ -10,10 +10,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import assert_chunks_change_nothing, rounding_tolerance
+from conftest import assert_chunks_change_nothing, objective_forward, pair_batch, rounding_tolerance
 from transformers import AutoModel
 
 from step2_reward_model.model import RewardModel, create_reward_model
+from step2_reward_model.objectives.preference import Preference
 from step2_reward_model.output import WEIGHTS_NAME, load_reward_model
 from utils.data.collate import length_chunks
 from utils.data.synthetic import make_pairs
@@ -111,13 +112,9 @@ def test_value_head_width(family, reward_models):
 @torch.no_grad()
 def test_forward_scores_match_unpadded_sequences(family, loss, reward_models, tokenizers):
     model, tokenizer = reward_models[family], tokenizers[family]
-    model.loss = loss
-    try:
-        chosen, rejected = pair_sequences(tokenizer)
-        ids, mask = pad(chosen + rejected, pad_id_of(tokenizer), side="right")
-        out = model(input_ids=ids, attention_mask=mask)
-    finally:
-        model.loss = "per_token"
+    chosen, rejected = pair_sequences(tokenizer)
+    ids, mask = pad(chosen + rejected, pad_id_of(tokenizer), side="right")
+    out = objective_forward(model, pair_batch(ids, mask), Preference(loss_name=loss))
     assert out["loss"].dim() == 0 and torch.isfinite(out["loss"])
     assert out["chosen_mean_scores"].shape == (3,) and out["rejected_mean_scores"].shape == (3,)
     expected_chosen = torch.stack([score_alone(model, s) for s in chosen])
@@ -149,14 +146,14 @@ def test_length_chunks_is_the_cheapest_split(seed):
 def test_length_chunks_give_the_same_loss_scores_and_gradients(family, loss, tokenizers):
     """Unpacked rows run in chunks of similar length, each cut to its longest row: in float64, loss,
     scores and every gradient equal one forward of the whole padded batch."""
-    model = RewardModel(build_backbone(family, tokenizers[family]), loss=loss).double()
+    model = RewardModel(build_backbone(family, tokenizers[family])).double()
     torch.nn.init.normal_(model.v_head.weight, std=1.0)
     rng = np.random.default_rng(0)
     items = [{"prompt": rng.integers(5, model.config.vocab_size, size=prompt),
               "responses": [rng.integers(5, model.config.vocab_size, size=n) for n in answers],
               "ranks": np.arange(2), "margin": 0.0, "source": 0}
              for prompt, answers in ((60, (10, 3)), (5, (4, 25)), (30, (8, 9)), (4, (2, 3)))]
-    assert_chunks_change_nothing(model, items, pad_id_of(tokenizers[family]))
+    assert_chunks_change_nothing(model, items, pad_id_of(tokenizers[family]), Preference(loss_name=loss))
 
 
 @pytest.mark.numerics
@@ -256,7 +253,7 @@ def test_gpt2_scores_final_eos_when_pad_is_eos(model_dirs):
     rows_ = torch.arange(3)
     torch.testing.assert_close(end, values[rows_, lengths - 1], atol=0, rtol=0)
     assert not torch.allclose(end, values[rows_, lengths - 2], atol=1e-3), "scored the token before eos"
-    train_out = model(input_ids=torch.cat([ids, ids]), attention_mask=torch.cat([mask, mask]))
+    train_out = objective_forward(model, pair_batch(torch.cat([ids, ids]), torch.cat([mask, mask])))
     assert_scores_close(train_out["chosen_mean_scores"], end)
     for i, seq in enumerate(sequences):
         assert_scores_close(end[i], score_alone(model, seq))
@@ -294,7 +291,8 @@ def test_load_reward_model_round_trip(family, reward_models, tokenizers, tmp_pat
     expected, got = model.forward_value(ids, mask), loaded.forward_value(ids, mask)
     assert torch.equal(got["chosen_end_scores"], expected["chosen_end_scores"])
     assert torch.equal(got["values"], expected["values"])
-    assert torch.equal(loaded(ids, mask)["loss"], model(ids, mask)["loss"])
+    assert torch.equal(objective_forward(loaded, pair_batch(ids, mask))["loss"],
+                       objective_forward(model, pair_batch(ids, mask))["loss"])
 
 
 def test_load_reward_model_missing_folder(tmp_path):

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import forward_backward, launcher_env, rounding_tolerance, run_cli
+from conftest import forward_backward, launcher_env, objective_forward, rounding_tolerance, run_cli
 from test_prefix_sharing import CONFIGS, FLOAT32_NORMS, LOSS_LAYOUTS, VOCAB, assert_close, make_items, reward_model
 from transformers import AutoModel, GPT2Config
 
@@ -23,6 +23,9 @@ from step2_reward_model.model import (
     packing_problem,
     segment_attention_mask,
 )
+from step2_reward_model.objectives.preference import Preference
+from step2_reward_model.objectives.process import Process
+from utils.data.batch import Batch
 from utils.data.collate import PairCollator
 from utils.data.packing import first_fit
 from utils.data.sampler import TokenBudgetBatches, WithDenominator
@@ -30,6 +33,7 @@ from utils.data.steps import UNLABELLED, StepCollator
 
 VENV_BIN = os.path.dirname(sys.executable)
 TESTS = os.path.dirname(os.path.abspath(__file__))
+END_TOKEN = Preference(loss_name="end_token")
 PACKED = [(share, arrangement) for share in (True, False) for arrangement in ("fit", "flat")]
 
 
@@ -39,10 +43,10 @@ def rounding(model: RewardModel) -> torch.dtype:
     return torch.float32 if model.config.model_type in FLOAT32_NORMS or eager else torch.float64
 
 
-def assert_outputs_equal(model: RewardModel, packed: dict, unpacked: dict, keys: tuple[str, ...],
+def assert_outputs_equal(model: RewardModel, packed: Batch, unpacked: Batch, keys: tuple[str, ...], objective,
                          reference: RewardModel | None = None) -> None:
-    (out, grads), (expected, expected_grads) = forward_backward(model, packed), \
-        forward_backward(reference or model, unpacked)
+    (out, grads), (expected, expected_grads) = forward_backward(model, packed, objective), \
+        forward_backward(reference or model, unpacked, objective)
     dtype = rounding(model)
     scale = max(expected[key].abs().max().item() for key in keys)
     for key in keys:
@@ -62,14 +66,14 @@ def packing_items(responses: int, seed: int = 0) -> list[dict]:
     return make_items(responses, seed=seed) + short
 
 
-def pack_items(items: list[dict], share: bool, arrangement: str) -> dict:
+def pack_items(items: list[dict], share: bool, arrangement: str) -> Batch:
     batch = PairCollator(1, share_prompt=share, arrangement=arrangement)(items)
-    documents = batch["document_ids"].unique()
+    documents = batch.layout.document_ids.unique()
     assert len(documents[documents >= 0]) == (len(items) if share else sum(len(it["responses"]) for it in items))
     if arrangement == "flat":
-        assert batch["input_ids"].shape[0] == 1
+        assert batch.inputs.input_ids.shape[0] == 1
     else:  # several documents share a row
-        assert batch["input_ids"].shape[0] < len(documents) - 1
+        assert batch.inputs.input_ids.shape[0] < len(documents) - 1
     return batch
 
 
@@ -78,22 +82,22 @@ def pack_items(items: list[dict], share: bool, arrangement: str) -> dict:
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 @pytest.mark.parametrize("loss,responses", LOSS_LAYOUTS)
 def test_packed_documents_give_the_unpacked_scores_loss_and_gradients(family, loss, responses, share, arrangement):
-    model = reward_model(family, loss)
+    model = reward_model(family)
     assert packing_problem(model.config) is None
     items = packing_items(responses)
     assert_outputs_equal(model, pack_items(items, share, arrangement), PairCollator(1)(items),
-                         ("loss", "scores", "chosen_mean_scores", "rejected_mean_scores"))
+                         ("loss", "scores", "chosen_mean_scores", "rejected_mean_scores"), Preference(loss_name=loss))
 
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("share,arrangement", PACKED)
 def test_packed_documents_with_eager_attention_and_gradient_checkpointing(share, arrangement):
-    reference = reward_model("llama", "end_token", attention="eager").train()
-    model = reward_model("llama", "end_token", attention="eager").train()
+    reference = reward_model("llama", attention="eager").train()
+    model = reward_model("llama", attention="eager").train()
     model.gradient_checkpointing_enable()
     items = packing_items(3, seed=4)
     assert_outputs_equal(model, pack_items(items, share, arrangement), PairCollator(1)(items), ("loss", "scores"),
-                         reference=reference)
+                         END_TOKEN, reference=reference)
 
 
 def step_items(count: int, seed: int = 0) -> list[dict]:
@@ -113,13 +117,13 @@ def step_items(count: int, seed: int = 0) -> list[dict]:
 @pytest.mark.parametrize("arrangement", ["fit", "flat"])
 @pytest.mark.parametrize("family", ["opt", "gpt2", "llama"])
 def test_packed_solutions_give_the_padded_step_logits_loss_and_gradients(family, arrangement):
-    model = reward_model(family, "end_token")
+    model = reward_model(family)
     items = step_items(7)
     packed = StepCollator(1, arrangement=arrangement)(items)
     padded = StepCollator(1)(items)
-    assert packed["input_ids"].numel() < padded["input_ids"].numel()
-    assert torch.equal(packed["step_rows"], padded["step_rows"])
-    assert_outputs_equal(model, packed, padded, ("loss", "step_logits"))
+    assert packed.inputs.input_ids.numel() < padded.inputs.input_ids.numel()
+    assert torch.equal(packed.targets.rows, padded.targets.rows)
+    assert_outputs_equal(model, packed, padded, ("loss", "scores"), Process())
 
 
 def test_first_fit_keeps_every_item_within_capacity():
@@ -215,7 +219,7 @@ def test_budget_steps_average_the_loss_over_the_global_batch(loss, responses):
     """Two ranks and two accumulated micro-batches of different sizes: DeepSpeed's average of their
     gradients (each loss / micro-batches, then the mean over ranks) is the gradient of the mean loss
     over all the step's examples, as one unpacked batch (float64)."""
-    model = reward_model("llama", loss)
+    model, objective = reward_model("llama"), Preference(loss_name=loss)
     items = make_items(responses, seed=7) + make_items(responses, seed=8) + make_items(responses, seed=9)
     world_size, accumulation = 2, 2
     parts = budget_parts(items, world_size, accumulation, budget=80)
@@ -226,14 +230,13 @@ def test_budget_steps_average_the_loss_over_the_global_batch(loss, responses):
     for step in parts:
         for part in step:
             batch = PairCollator(1, share_prompt=True, arrangement="fit")(part)
-            batch.pop("source")
-            out = model(**batch)["loss"] / (accumulation * world_size)
+            out = objective_forward(model, batch, objective)["loss"] / (accumulation * world_size)
             out.backward()
             total += out.item()
     grads = [param.grad.clone() for param in model.parameters()]
     everything = [{key: value for key, value in item.items() if key != "loss_denominator"}
                   for step in parts for part in step for item in part]
-    expected, expected_grads = forward_backward(model, PairCollator(1)(everything))
+    expected, expected_grads = forward_backward(model, PairCollator(1)(everything), objective)
     assert total == pytest.approx(expected["loss"].item(), abs=rounding_tolerance(expected["loss"],
                                                                                   dtype=torch.float32))
     scale = max(grad.abs().max().item() for grad in expected_grads)
@@ -243,7 +246,7 @@ def test_budget_steps_average_the_loss_over_the_global_batch(loss, responses):
 
 @pytest.mark.numerics
 def test_budget_steps_average_the_step_loss_over_labelled_steps():
-    model = reward_model("opt", "end_token")
+    model = reward_model("opt")
     items = step_items(12, seed=3)
     units = np.array([(item["labels"] != UNLABELLED).sum() for item in items])
     sizes = np.array([len(item["input_ids"]) for item in items])
@@ -252,9 +255,9 @@ def test_budget_steps_average_the_step_loss_over_labelled_steps():
     model.zero_grad()
     for keys in sampler:
         batch = StepCollator(1, arrangement="flat")([data[key] for key in keys])
-        (model(**batch)["loss"] / 100).backward()
+        (objective_forward(model, batch, Process())["loss"] / 100).backward()
     grads = [param.grad.clone() for param in model.parameters()]
-    _, expected_grads = forward_backward(model, StepCollator(1)(items))
+    _, expected_grads = forward_backward(model, StepCollator(1)(items), Process())
     scale = max(grad.abs().max().item() for grad in expected_grads)
     for grad, want in zip(grads, expected_grads, strict=True):
         assert_close(grad, want, torch.float32, scale, "gradient")
@@ -284,18 +287,15 @@ def test_flex_attention_block_mask_scores_as_the_dense_mask(family, tmp_path, mo
     config = CONFIGS[family]()
     config._attn_implementation = "flex_attention"
     torch.manual_seed(0)
-    model = RewardModel(AutoModel.from_config(config), loss="end_token").eval()
+    model = RewardModel(AutoModel.from_config(config)).eval()
     torch.nn.init.normal_(model.v_head.weight)
-    reference = RewardModel(AutoModel.from_config(CONFIGS[family]()), loss="end_token").eval()
+    reference = RewardModel(AutoModel.from_config(CONFIGS[family]())).eval()
     reference.load_state_dict(model.state_dict())
     items = make_items(3, seed=5)
     with torch.no_grad():
         packed = PairCollator(1, share_prompt=True, arrangement="flat", pad_to_multiple_of=128)(items)
-        packed.pop("source")
-        out = model(**packed)
-        padded = PairCollator(1)(items)
-        padded.pop("source")
-        expected = reference(**padded)
+        out = objective_forward(model, packed, END_TOKEN)
+        expected = objective_forward(reference, PairCollator(1)(items), END_TOKEN)
     tolerance = rounding_tolerance(expected["scores"])
     torch.testing.assert_close(out["scores"], expected["scores"], atol=tolerance, rtol=0)
 
@@ -325,12 +325,12 @@ def test_zero3_two_ranks_with_checkpointing_step_by_the_global_mean_gradient(tmp
                                    **launcher_env(WORLD_SIZE)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = torch.load(path, weights_only=True)
-    model = reward_model("llama", "end_token")
+    model = reward_model("llama")
     steps = budget_parts(packing_items(3, seed=11), WORLD_SIZE, ACCUMULATION, BUDGET)
     everything = [{key: value for key, value in item.items() if key != "loss_denominator"}
                   for step in steps for part in step for item in part]
     assert len({len(part) for step in steps for part in step}) > 1
-    _, grads = forward_backward(model, PairCollator(1)(everything))
+    _, grads = forward_backward(model, PairCollator(1)(everything), END_TOKEN)
     scale = max(grad.abs().max().item() for grad in grads)
     for (name, _), grad in zip(model.named_parameters(), grads, strict=True):
         moved = (saved["before"][name] - saved["after"][name]).double()
@@ -361,11 +361,12 @@ class Sizes:
 
 def test_documents_over_the_budget_are_trained_alone_with_one_note(capsys):
     from step2_reward_model.main import train_sampler
+    from step2_reward_model.training import Placement
 
     args = parse_training_args(["--model_name_or_path", "m", "--max_tokens_per_batch", "100"])
     sizes = [30, 250, 40, 120, 60, 20]
     sampler, items = train_sampler(args, Sizes(sizes), PairCollator(0, share_prompt=True, arrangement="fit"),
-                                   share_prompt=True, rank=0, world_size=1)
+                                   True, Placement(0, 1, torch.device("cpu")))
     assert capsys.readouterr().out == ("note: 2 training example(s) have more tokens than --max_tokens_per_batch 100 "
                                        "(the longest 250): each is trained alone in its device's share of a step\n")
     parts = [part.tolist() for step in sampler.global_batches() for part in step]
@@ -386,18 +387,18 @@ def test_flex_attention_trains_on_one_flat_row_as_on_padded_rows(family, share):
         config = CONFIGS[family]()
         config._attn_implementation = attention
         torch.manual_seed(0)
-        models[attention] = RewardModel(AutoModel.from_config(config), loss="end_token").cuda()
+        models[attention] = RewardModel(AutoModel.from_config(config)).cuda()
         torch.nn.init.normal_(models[attention].v_head.weight, generator=torch.Generator("cuda").manual_seed(1))
     models["flex_attention"].load_state_dict(models["sdpa"].state_dict())
     items = packing_items(3, seed=6)
 
-    def on_gpu(batch: dict) -> dict:
-        return {key: value.cuda() if torch.is_tensor(value) else value for key, value in batch.items()}
+    def on_gpu(batch: Batch) -> Batch:
+        return batch.to(torch.device("cuda"))
 
     packed = on_gpu(PairCollator(1, share_prompt=share, arrangement="flat", pad_to_multiple_of=128)(items))
     padded = on_gpu(PairCollator(1)(items))
-    (out, grads), (expected, expected_grads) = (forward_backward(models["flex_attention"], packed),
-                                                forward_backward(models["sdpa"], padded))
+    (out, grads), (expected, expected_grads) = (forward_backward(models["flex_attention"], packed, END_TOKEN),
+                                                forward_backward(models["sdpa"], padded, END_TOKEN))
     for key in ("loss", "scores"):
         torch.testing.assert_close(out[key], expected[key], atol=rounding_tolerance(expected[key]), rtol=0)
     for grad, want in zip(grads, expected_grads, strict=True):
@@ -411,16 +412,16 @@ def test_rows_wider_than_the_position_table_score_as_padded_rows(arrangement):
     config = CONFIGS["opt"]()
     config.max_position_embeddings = 64
     torch.manual_seed(0)
-    model = RewardModel(AutoModel.from_config(config), loss="end_token").double()
+    model = RewardModel(AutoModel.from_config(config)).double()
     rng = np.random.default_rng(0)
     items = [{"prompt": rng.integers(3, VOCAB, size=prompt),
               "responses": [rng.integers(3, VOCAB, size=answer) for _ in range(count)],
               "ranks": np.arange(count), "margin": 0.0, "source": 0}
              for prompt, answer, count in ((20, 30, 3), (4, 5, 2))]
     packed = PairCollator(1, share_prompt=True, arrangement=arrangement)(items)
-    assert packed["input_ids"].shape[1] > config.max_position_embeddings
-    assert packed["position_ids"].max() == 49
-    assert_outputs_equal(model, packed, PairCollator(1)(items), ("loss", "scores"))
+    assert packed.inputs.input_ids.shape[1] > config.max_position_embeddings
+    assert packed.layout.position_ids.max() == 49
+    assert_outputs_equal(model, packed, PairCollator(1)(items), ("loss", "scores"), END_TOKEN)
 
 
 @pytest.mark.parametrize("share,arrangement", PACKED)
@@ -429,12 +430,11 @@ def test_packed_training_never_waits_on_the_device(share, arrangement):
     conversion in the forward and backward."""
     from test_prefix_sharing import HostSyncs
 
-    model = reward_model("opt", "end_token")
+    model = reward_model("opt")
     batch = PairCollator(1, share_prompt=share, arrangement=arrangement)(
         [{**item, "loss_denominator": 2.5} for item in packing_items(3)])
     steps = StepCollator(1, arrangement=arrangement)([{**item, "loss_denominator": 4.0} for item in step_items(5)])
-    for layout in (batch, steps):
-        layout.pop("source", None)
+    for layout, objective in ((batch, END_TOKEN), (steps, Process())):
         with HostSyncs() as syncs:
-            model(**layout)["loss"].backward()
+            objective.loss(model, model(layout.inputs, layout.layout), layout).loss.backward()
         assert syncs.seen == []

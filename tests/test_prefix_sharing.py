@@ -22,6 +22,7 @@ from transformers import (
 
 from step2_reward_model.losses import ranked_pair_loss
 from step2_reward_model.model import PREFIX_SHARING_MODELS, RewardModel, prefix_sharing_problem
+from step2_reward_model.objectives.preference import Preference
 from utils.data.collate import PairCollator
 
 pytestmark = pytest.mark.numerics
@@ -57,8 +58,9 @@ def make_items(responses: int, seed: int = 0) -> list[dict]:
     return items
 
 
-def layout_forward_backward(model: RewardModel, items: list[dict], share: bool) -> tuple[dict, list[torch.Tensor]]:
-    return forward_backward(model, PairCollator(1, share_prompt=share)(items))
+def layout_forward_backward(model: RewardModel, items: list[dict], share: bool,
+                            loss: str) -> tuple[dict, list[torch.Tensor]]:
+    return forward_backward(model, PairCollator(1, share_prompt=share)(items), Preference(loss_name=loss))
 
 
 # The two layouts are equal in real arithmetic but sum in different orders, so they differ by
@@ -81,12 +83,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rounding: torch.d
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0, msg=what)
 
 
-def assert_same(model: RewardModel, items: list[dict], reference: RewardModel | None = None) -> None:
+def assert_same(model: RewardModel, items: list[dict], loss: str, reference: RewardModel | None = None) -> None:
     config = model.config
     rounds_in_fp32 = config.model_type in FLOAT32_NORMS or config._attn_implementation == "eager"
     rounding = torch.float32 if rounds_in_fp32 else torch.float64
-    unshared, unshared_grads = layout_forward_backward(reference or model, items, share=False)
-    shared, shared_grads = layout_forward_backward(model, items, share=True)
+    unshared, unshared_grads = layout_forward_backward(reference or model, items, False, loss)
+    shared, shared_grads = layout_forward_backward(model, items, True, loss)
     score_scale = unshared["scores"].abs().max().item()
     for key in ("loss", "scores", "chosen_mean_scores", "rejected_mean_scores"):
         assert_close(shared[key], unshared[key], rounding, max(score_scale, unshared[key].abs().max().item()), key)
@@ -96,11 +98,11 @@ def assert_same(model: RewardModel, items: list[dict], reference: RewardModel | 
         assert_close(shared_grad, unshared_grad, rounding, grad_scale, f"gradient of {name}")
 
 
-def reward_model(family: str, loss: str, attention: str = "sdpa") -> RewardModel:
+def reward_model(family: str, attention: str = "sdpa") -> RewardModel:
     config = CONFIGS[family]()
     config._attn_implementation = attention
     torch.manual_seed(0)
-    model = RewardModel(AutoModel.from_config(config), loss=loss)
+    model = RewardModel(AutoModel.from_config(config))
     torch.nn.init.normal_(model.v_head.weight)
     return model.double()
 
@@ -109,35 +111,35 @@ def reward_model(family: str, loss: str, attention: str = "sdpa") -> RewardModel
 @pytest.mark.parametrize("loss,responses", LOSS_LAYOUTS)
 def test_shared_prefix_gives_the_unshared_scores_loss_and_gradients(family, loss, responses):
     assert prefix_sharing_problem(CONFIGS[family]()) is None
-    assert_same(reward_model(family, loss), make_items(responses))
+    assert_same(reward_model(family), make_items(responses), loss)
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_eager_attention_takes_the_mask_too(family):
-    assert_same(reward_model(family, "end_token", attention="eager"), make_items(3, seed=1))
+    assert_same(reward_model(family, attention="eager"), make_items(3, seed=1), "end_token")
 
 
 def test_gradient_checkpointing_changes_nothing():
-    reference = reward_model("llama", "per_token")
-    model = reward_model("llama", "per_token")
+    reference = reward_model("llama")
+    model = reward_model("llama")
     model.train()
     model.gradient_checkpointing_enable()
-    assert_same(model, make_items(2, seed=2), reference=reference.train())
+    assert_same(model, make_items(2, seed=2), "per_token", reference=reference.train())
 
 
 def test_the_row_index_rebuilds_every_unshared_row():
     items = make_items(4, seed=3)
     unshared, shared = PairCollator(1)(items), PairCollator(1, share_prompt=True)(items)
-    index = shared["row_index"]
-    ids = torch.where(index >= 0, shared["input_ids"].flatten()[index.clamp(min=0)], 1)
-    width = unshared["input_ids"].shape[1]
+    index = shared.layout.row_index
+    ids = torch.where(index >= 0, shared.inputs.input_ids.flatten()[index.clamp(min=0)], 1)
+    width = unshared.inputs.input_ids.shape[1]
     assert index.shape[1] == width
-    assert torch.equal(ids, unshared["input_ids"])
-    assert torch.equal((index >= 0).long(), unshared["attention_mask"])
+    assert torch.equal(ids, unshared.inputs.input_ids)
+    assert torch.equal((index >= 0).long(), unshared.inputs.attention_mask)
     for key in ("group", "rank", "margin"):
-        assert torch.equal(shared[key], unshared[key])
+        assert torch.equal(getattr(shared.targets, key), getattr(unshared.targets, key))
     # One packed row per example, each holding its prompt once.
-    real = (shared["segment_ids"] >= 0).sum(-1)
+    real = (shared.layout.segment_ids >= 0).sum(-1)
     assert real.tolist() == [len(it["prompt"]) + sum(len(r) for r in it["responses"]) for it in items]
 
 
@@ -162,17 +164,17 @@ def test_a_fallback_model_trains_on_unshared_rows():
     those scores (float64, but Bloom's attention softmax computes in float32)."""
     torch.manual_seed(0)
     config = BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
-    model = RewardModel(AutoModel.from_config(config), loss="end_token").double()
+    model = RewardModel(AutoModel.from_config(config)).double()
     torch.nn.init.normal_(model.v_head.weight)
     batch = PairCollator(1)(make_items(3))
-    batch.pop("source")
-    assert (batch["attention_mask"] == 0).any(), "no padding: the test would not see it ignored"
-    out, grads = layout_forward_backward(model, make_items(3), share=False)
+    ids, mask, targets = batch.inputs.input_ids, batch.inputs.attention_mask, batch.targets
+    assert (mask == 0).any(), "no padding: the test would not see it ignored"
+    out, grads = layout_forward_backward(model, make_items(3), False, "end_token")
 
     model.zero_grad()
     alone = torch.stack([model.forward_value(ids[mask.bool()][None], return_value_only=True)[0, -1]
-                         for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)])
-    expected = ranked_pair_loss(alone, batch["group"], batch["rank"], batch["margin"])
+                         for ids, mask in zip(ids, mask, strict=True)])
+    expected = ranked_pair_loss(alone, targets.group, targets.rank, targets.margin)
     expected.backward()
     scale = alone.abs().max().item()
     assert_close(out["scores"], alone.detach(), torch.float32, scale, "scores")
@@ -204,17 +206,18 @@ class HostSyncs(TorchDispatchMode):
 def test_length_chunks_of_ranked_lists_change_nothing(loss, responses):
     """Unpacked rows of pairs and ranked lists, run in length chunks: loss, scores and gradients as
     one forward of the padded batch (float64)."""
-    assert_chunks_change_nothing(reward_model("llama", loss), make_items(responses), pad_token_id=1)
+    assert_chunks_change_nothing(reward_model("llama"), make_items(responses), pad_token_id=1,
+                                 objective=Preference(loss_name=loss))
 
 
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("loss,responses", LOSS_LAYOUTS)
 def test_training_forward_and_backward_never_wait_on_the_device(share, loss, responses):
     """Packed rows, and unpacked rows run in length chunks (every width its own chunk)."""
-    model = reward_model("opt", loss)
+    model = reward_model("opt")
     batch = PairCollator(1, share_prompt=share, chunk_tokens=None if share else 0)(make_items(responses))
-    assert share or len(batch["chunks"]) > 1
-    batch.pop("source")
+    assert share or len(batch.layout.chunks) > 1
+    objective = Preference(loss_name=loss)
     with HostSyncs() as syncs:
-        model(**batch)["loss"].backward()
+        objective.loss(model, model(batch.inputs, batch.layout), batch).loss.backward()
     assert syncs.seen == []

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, launcher_env, rounding_tolerance, run_cli, training_device
+from conftest import REPO_ROOT, launcher_env, objective_forward, rounding_tolerance, run_cli, training_device
 from torch.utils.data import DataLoader
 
 from step2_reward_model.output import load_reward_model
@@ -59,9 +59,7 @@ def rescore(out, data_dir: str, cache: str, batch_size: int = 32) -> dict[str, f
                         collate_fn=PairCollator(tokenizer.pad_token_id))
     chosen, rejected = [], []
     for batch in loader:
-        batch.pop("is_real")
-        batch.pop("source")
-        result = model(**batch)
+        result = objective_forward(model, batch)
         chosen.append(result["chosen_mean_scores"])
         rejected.append(result["rejected_mean_scores"])
     chosen, rejected = torch.cat(chosen).double(), torch.cat(rejected).double()

@@ -11,7 +11,7 @@ import sys
 import deepspeed
 import torch
 import torch.distributed as dist
-from test_packing import budget_parts, packing_items, reward_model
+from test_packing import END_TOKEN, budget_parts, packing_items, reward_model
 
 from utils.data.collate import PairCollator
 
@@ -26,7 +26,7 @@ def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def main(path: str) -> None:
     deepspeed.init_distributed()
     rank = dist.get_rank()
-    model = reward_model("llama", "end_token").float().train()
+    model = reward_model("llama").float().train()
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": ACCUMULATION,
               "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
@@ -36,8 +36,7 @@ def main(path: str) -> None:
     collate = PairCollator(1, share_prompt=True, arrangement="fit")
     for micro_batch in budget_parts(packing_items(3, seed=11), WORLD_SIZE, ACCUMULATION, BUDGET):
         batch = collate(micro_batch[rank])
-        batch.pop("source")
-        engine.backward(engine(**batch)["loss"])
+        engine.backward(END_TOKEN.loss(engine.module, engine(batch.inputs, batch.layout), batch).loss)
         engine.step()
     after = gathered(engine.module)
     if rank == 0:

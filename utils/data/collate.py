@@ -25,12 +25,13 @@ fixed cost (`CHUNK_TOKENS`, by device type). The host computes this, so the step
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.data.batch import Batch, Layout, ModelInputs, Ranking
 from utils.data.packing import Document, pack_documents, plain_document, round_up
 from utils.data.tokenize import TokenizedExamples
 
@@ -111,7 +112,7 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         data = self.data
         return {"prompt": data.prompts[index], "responses": data.responses[index], "ranks": data.ranks[index],
-                "margin": data.margins[index], "source": data.sources[index]}
+                "margin": data.margins[index], "source": data.sources[index], "index": index}
 
 
 class EvalShard(Dataset):
@@ -183,52 +184,62 @@ class PairCollator:
         self.chunk_tokens = chunk_tokens
         self.arrangement = arrangement or ("row" if share_prompt else None)
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict]) -> Batch:
         placed = [(g, k) for k in range(max(len(item["responses"]) for item in items))
                   for g, item in enumerate(items) if k < len(item["responses"])]
-        batch = self.packed(items, placed) if self.arrangement else self.unpacked(items, placed)
-        batch.update(group=torch.tensor([g for g, _ in placed]),
-                     rank=torch.tensor([int(items[g]["ranks"][k]) for g, k in placed]),
-                     margin=torch.tensor([float(item["margin"]) for item in items]),
-                     source=torch.tensor([item["source"] for item in items]))
+        inputs, layout = self.packed(items, placed) if self.arrangement else self.unpacked(items, placed)
+        labels = None
         if "labels" in items[0]:  # attribute-rated responses: a label vector per row, NaN where not rated
-            batch["attribute_labels"] = torch.from_numpy(np.stack([items[g]["labels"][k] for g, k in placed]))
-        if "is_real" in items[0]:
-            batch["is_real"] = torch.tensor([item["is_real"] for item in items])
-        if "loss_denominator" in items[0]:
-            batch["loss_denominator"] = items[0]["loss_denominator"]
-        return batch
+            labels = torch.from_numpy(np.stack([items[g]["labels"][k] for g, k in placed]))
+        targets = Ranking(group=torch.tensor([g for g, _ in placed]),
+                          rank=torch.tensor([int(items[g]["ranks"][k]) for g, k in placed]),
+                          margin=torch.tensor([float(item["margin"]) for item in items]), labels=labels)
+        return Batch(inputs, targets, layout, **bookkeeping(items))
 
-    def unpacked(self, items: list[dict], placed: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    def unpacked(self, items: list[dict], placed: list[tuple[int, int]]) -> tuple[ModelInputs, Layout]:
         rows = [np.concatenate([items[g]["prompt"], items[g]["responses"][k]]) for g, k in placed]
         input_ids, attention_mask = pad_right(rows, self.pad_token_id, self.multiple, self.pad_to)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        layout = Layout()
         if self.chunk_tokens is not None and self.pad_to is None:
             chunks = length_chunks([len(row) for row in rows], self.chunk_tokens, self.multiple)
             if len(chunks) > 1:
-                batch["chunk_order"] = torch.tensor([i for members, _ in chunks for i in members])
-                batch["chunks"] = [(len(members), width) for members, width in chunks]
-        return batch
+                layout = Layout(chunk_order=torch.tensor([i for members, _ in chunks for i in members]),
+                                chunks=[(len(members), width) for members, width in chunks])
+        return ModelInputs(input_ids, attention_mask), layout
 
-    def packed(self, items: list[dict], placed: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    def packed(self, items: list[dict], placed: list[tuple[int, int]]) -> tuple[ModelInputs, Layout]:
         """Packed documents, and `row_index`: where each token of each response row lies in them."""
         row_len = [len(items[g]["prompt"]) + len(items[g]["responses"][k]) for g, k in placed]
         row_index = torch.full((len(placed), round_up(max(row_len), self.multiple)), -1, dtype=torch.long)
         if not self.share_prompt:
             documents = [plain_document(np.concatenate([items[g]["prompt"], items[g]["responses"][k]]))
                          for g, k in placed]
-            batch, starts = pack_documents(documents, self.pad_token_id, self.arrangement, self.multiple)
+            inputs, layout, starts = pack_documents(documents, self.pad_token_id, self.arrangement, self.multiple)
             for r, length in enumerate(row_len):
                 row_index[r, :length] = starts[r] + torch.arange(length)
-            return {**batch, "row_index": row_index}
-        batch, starts = pack_documents([shared_document(item) for item in items], self.pad_token_id,
-                                       self.arrangement, self.multiple)
+            return inputs, replace(layout, row_index=row_index)
+        inputs, layout, starts = pack_documents([shared_document(item) for item in items], self.pad_token_id,
+                                                self.arrangement, self.multiple)
         for r, (g, k) in enumerate(placed):
             prompt, responses = len(items[g]["prompt"]), items[g]["responses"]
             offset = prompt + sum(len(resp) for resp in responses[:k])
             row_index[r, :prompt] = starts[g] + torch.arange(prompt)
             row_index[r, prompt:prompt + len(responses[k])] = starts[g] + offset + torch.arange(len(responses[k]))
-        return {**batch, "row_index": row_index}
+        return inputs, replace(layout, row_index=row_index)
+
+
+def bookkeeping(items: list[dict]) -> dict:
+    """The batch's fields the model never reads: each example's source and index, whether it is real
+    (evaluation shards), and the step's loss denominator (token-budget batches)."""
+    found = {}
+    for key in ("source", "index"):
+        if key in items[0]:
+            found[key] = torch.tensor([item[key] for item in items])
+    if "is_real" in items[0]:
+        found["real"] = torch.tensor([item["is_real"] for item in items])
+    if "loss_denominator" in items[0]:
+        found["loss_denominator"] = items[0]["loss_denominator"]
+    return found
 
 
 def shared_document(item: dict) -> Document:

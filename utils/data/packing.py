@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from utils.data.batch import Layout, ModelInputs
+
 # FlexAttention's block size: a flat row is padded to a multiple of it, so no block is partial and
 # the compiled kernel sees few distinct lengths.
 FLEX_BLOCK = 128
@@ -85,9 +87,9 @@ def arrange(lengths: list[int], arrangement: str, multiple: int) -> tuple[list[l
 
 
 def pack_documents(documents: list[Document], pad_token_id: int, arrangement: str = "row",
-                   multiple: int = 8) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """The packed rows (`input_ids`, `position_ids`, `segment_ids`, `document_ids`) and where each
-    document starts in them, as an index into the flattened rows."""
+                   multiple: int = 8) -> tuple[ModelInputs, Layout, list[int]]:
+    """The packed rows (their ids; their positions, segments and documents as the layout) and where
+    each document starts in them, as an index into the flattened rows."""
     rows, width = arrange([len(doc.ids) for doc in documents], arrangement, multiple)
     shape = (len(rows), width)
     input_ids = np.full(shape, pad_token_id, dtype=np.int64)
@@ -103,9 +105,9 @@ def pack_documents(documents: list[Document], pad_token_id: int, arrangement: st
             document_ids[r, span] = d
             starts[d] = r * width + column
             column = span.stop
-    tensors = {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids,
-               "document_ids": document_ids}
-    return {key: torch.from_numpy(value) for key, value in tensors.items()}, starts
+    layout = Layout(position_ids=torch.from_numpy(position_ids), segment_ids=torch.from_numpy(segment_ids),
+                    document_ids=torch.from_numpy(document_ids))
+    return ModelInputs(torch.from_numpy(input_ids)), layout, starts
 
 
 def plain_document(ids: np.ndarray) -> Document:

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils.data.collate import RowShapes, pad_right
+from utils.data.batch import Batch, Layout, ModelInputs, Steps
+from utils.data.collate import RowShapes, bookkeeping, pad_right
 from utils.data.examples import Outcome, judge_rows
 from utils.data.fields import Malformed, as_object, as_text, list_of, required
 from utils.data.packing import pack_documents, plain_document
@@ -201,13 +202,13 @@ class StepDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {"input_ids": self.data.sequences[index], "positions": self.data.positions[index],
-                "labels": self.data.labels[index], "source": self.data.sources[index]}
+                "labels": self.data.labels[index], "source": self.data.sources[index], "index": index}
 
 
 class StepCollator:
     """Right-padded rows (or with an `arrangement`, packed documents: `utils/data/packing.py`), and the
-    steps of all rows flattened in order: `step_rows` [S] says whose step each is, `step_positions`
-    where it ends in its solution, `step_index` where that token lies in the flattened batch.
+    steps of all rows flattened in order, as `Steps` targets: whose step each is, where it ends in its
+    solution, and where that token lies in the flattened batch.
 
     Unlabelled steps have `step_mask` False and label 0.0, so the labels are valid BCE targets everywhere.
     """
@@ -217,29 +218,23 @@ class StepCollator:
         self.multiple = pad_to_multiple_of
         self.arrangement = arrangement
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict]) -> Batch:
         sequences = [item["input_ids"] for item in items]
         if self.arrangement:
-            batch, starts = pack_documents([plain_document(ids) for ids in sequences], self.pad_token_id,
-                                           self.arrangement, self.multiple)
+            inputs, layout, starts = pack_documents([plain_document(ids) for ids in sequences], self.pad_token_id,
+                                                    self.arrangement, self.multiple)
         else:
-            input_ids, attention_mask = pad_right(sequences, self.pad_token_id, self.multiple)
-            batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-            starts = [i * input_ids.shape[1] for i in range(len(items))]
+            inputs, layout = ModelInputs(*pad_right(sequences, self.pad_token_id, self.multiple)), Layout()
+            starts = [i * inputs.input_ids.shape[1] for i in range(len(items))]
         positions = [item["positions"].astype(np.int64) for item in items]
         index = np.concatenate([start + pos for start, pos in zip(starts, positions, strict=True)])
         labels = torch.from_numpy(np.concatenate([item["labels"] for item in items]).astype(np.float32))
         mask = labels != UNLABELLED
-        batch.update(step_rows=torch.cat([torch.full((len(item["positions"]),), i, dtype=torch.long)
-                                          for i, item in enumerate(items)]),
-                     step_positions=torch.from_numpy(np.concatenate(positions)),
-                     step_index=torch.from_numpy(index),
-                     step_labels=torch.where(mask, labels, 0.0), step_mask=mask)
-        if "is_real" in items[0]:
-            batch["is_real"] = torch.tensor([item["is_real"] for item in items])
-        if "loss_denominator" in items[0]:
-            batch["loss_denominator"] = items[0]["loss_denominator"]
-        return batch
+        targets = Steps(rows=torch.cat([torch.full((len(item["positions"]),), i, dtype=torch.long)
+                                        for i, item in enumerate(items)]),
+                        positions=torch.from_numpy(np.concatenate(positions)), index=torch.from_numpy(index),
+                        labels=torch.where(mask, labels, 0.0), mask=mask)
+        return Batch(inputs, targets, layout, **bookkeeping(items))
 
 
 def _addition_chain(rng: random.Random) -> dict:

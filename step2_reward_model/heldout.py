@@ -1,0 +1,100 @@
+"""Held-out data -> the objective's table -> metrics and `reward_stats.json`: the one path shared by
+training's evaluations, `rw_eval.py --data_path` and `export.py --data_path`.
+
+Batches come from the objective's own collator, and `Objective.table_rows` turns the model's values
+into float64 rows whose column 1 is the example's index in its data set. In training every rank
+scores its shard (`EvalShard` pads the shards to equal length with repeats flagged not real), the
+rows are gathered on every rank and the repeats dropped, so the metrics are computed once from the
+whole table: accuracies are exact, not averages of per-rank averages. The table holds one row per
+scored answer or step, so what is computed from it (`Objective.summarize`, `Objective.statistics`)
+grows as R log R at most.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+
+from step2_reward_model.model import RewardModel, RowValues
+from step2_reward_model.objectives.base import DataRequest, Objective
+from step2_reward_model.scoring import Scorer
+from utils.data.batch import Batch
+from utils.data.collate import ACCELERATOR_CHUNK_TOKENS, CHUNK_TOKENS
+from utils.data.packing import pad_multiple
+from utils.errors import UserError
+
+
+def batch_rows(forward: Callable[[Batch], RowValues], objective: Objective, model: RewardModel, loader,
+               device: torch.device, limit: int | None = None, progress: bool = False) -> torch.Tensor:
+    """This process's table rows, each ending with a column that says whether its example is real;
+    at most `limit` batches. The rows stay on the device until the end: no copy to the host per batch."""
+    from tqdm import tqdm
+
+    parts = []
+    for step, batch in enumerate(tqdm(loader, desc="scoring", unit="batch", disable=not progress)):
+        if step == limit:
+            break
+        batch = batch.to(device)
+        table = objective.table_rows(model, forward(batch), batch).detach()
+        example = table[:, 1].long()
+        real = batch.real.to(device)[example] if batch.real is not None else torch.ones_like(example)
+        table[:, 1] = batch.index.to(device)[example].double()
+        parts.append(torch.cat([table, real.double()[:, None]], 1))
+    if not parts:
+        return torch.zeros((0, objective.columns + 1), dtype=torch.float64, device=device)
+    return torch.cat(parts)
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (their counts may differ: ranked lists vary in length), on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local.cpu()
+    counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(local)], device=local.device))
+    longest = max(int(c) for c in counts)
+    padded = torch.zeros((longest, local.shape[1]), dtype=local.dtype, device=local.device)
+    padded[:len(local)] = local
+    gathered = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return torch.cat([rows[:int(c)] for rows, c in zip(gathered, counts, strict=True)]).cpu()
+
+
+def held_out_table(local: torch.Tensor) -> np.ndarray:
+    """The whole table from every rank's rows, repeats dropped."""
+    table = gather_rows(local)
+    return table[table[:, -1] > 0, :-1].numpy()
+
+
+@dataclass
+class HeldOut:
+    """A scored split of a data set: its table, the data set and the objective with the data's settings."""
+
+    table: np.ndarray
+    dataset: object
+    source_names: list[str]
+    objective: Objective
+
+
+def score_split(scorer: Scorer, objective: Objective, request: DataRequest, split: str, log=print) -> HeldOut:
+    """Score a split of training's data (same sources, cleaning, phase-2 split and truncation) with a
+    saved model, in batches of the objective's layout, longest first, one row per answer."""
+    model, tokenizer, device = scorer.model, scorer.tokenizer, scorer.device
+    data = objective.datasets(request, tokenizer, scorer.end_of_conversation_token, log)
+    dataset = data.held_out if split == "eval" else data.train
+    if not len(dataset):
+        raise UserError(f"--data_path {' '.join(request.data_path)}: nothing to score in the {split} split")
+    log(f"data: {len(dataset)} {data.objective.unit} to score in the {split} split")
+    attention = getattr(model.config, "_attn_implementation", None)
+    collator = data.objective.collator(tokenizer.pad_token_id, pad_multiple(attention), None, False,
+                                       CHUNK_TOKENS.get(device.type, ACCELERATOR_CHUNK_TOKENS))
+    order = np.argsort(-dataset.lengths(False), kind="stable")
+    loader = DataLoader(Subset(dataset, order), batch_size=scorer.batch_size, collate_fn=collator)
+    with torch.inference_mode():
+        local = batch_rows(lambda batch: model(batch.inputs, batch.layout), data.objective, model, loader, device,
+                           progress=True)
+    return HeldOut(held_out_table(local), dataset, data.source_names, data.objective)
