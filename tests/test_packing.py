@@ -364,6 +364,7 @@ def test_documents_over_the_budget_are_trained_alone_with_one_note(capsys):
     from step2_reward_model.training import Placement
 
     args = parse_training_args(["--model_name_or_path", "m", "--max_tokens_per_batch", "100"])
+    capsys.readouterr()  # what importing DeepSpeed printed
     sizes = [30, 250, 40, 120, 60, 20]
     sampler, items = train_sampler(args, Sizes(sizes), PairCollator(0, share_prompt=True, arrangement="fit"),
                                    True, Placement(0, 1, torch.device("cpu")))
