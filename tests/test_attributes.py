@@ -31,13 +31,12 @@ from utils.data.attributes import (
     attribute_names,
     group_by_prompt,
     judge_rated_rows,
-    make_attribute_rows,
     parse_weights,
 )
 from utils.data.build import create_attribute_datasets
 from utils.data.collate import PairCollator
 from utils.data.examples import tally
-from utils.data.synthetic import write_jsonl
+from utils.data.synthetic import make_attribute_rows, write_jsonl
 from utils.data.tokenize import load_tokenized, save_tokenized, tokenize_examples
 from utils.errors import UserError
 from utils.model_files import END_OF_CONVERSATION_TOKEN

@@ -130,7 +130,7 @@ def test_objective_and_data_mismatch_is_one_line_error(loss, flags, data, expect
 def test_process_reward_model_trains_saves_and_scores_steps(tmp_path):
     """--process_reward through main.py: held-out step, first-error and solution accuracy well above
     always predicting "correct", then rw_eval scores a step list with the saved model."""
-    from utils.data.steps import make_step_rows
+    from utils.data.synthetic import make_step_rows
     from utils.tiny import save_tiny_model
 
     model_dir = str(tmp_path / "model")
