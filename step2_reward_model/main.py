@@ -53,11 +53,25 @@ from step2_reward_model.output import export_skipped_error, save_reward_model
 from step2_reward_model.report import rated_statistics, reward_statistics
 from step2_reward_model.training import Run, StopRequest, train_step
 from utils.data.attributes import AttributeDataset, AttributeScale, parse_weights
-from utils.data.build import DataOptions, create_attribute_datasets, create_reward_datasets, create_step_datasets
+from utils.data.build import (
+    AttributeOptions,
+    DataOptions,
+    DataSource,
+    StepOptions,
+    create_attribute_datasets,
+    create_reward_datasets,
+    create_step_datasets,
+)
 from utils.data.chat import load_chat_template
 from utils.data.collate import ACCELERATOR_CHUNK_TOKENS, CHUNK_TOKENS, EvalShard, PairCollator
 from utils.data.packing import arrangement_for, pad_multiple
-from utils.data.sampler import LengthGroupedBatches, PackedShapes, TokenBudgetBatches, WithDenominator
+from utils.data.sampler import (
+    LengthGroupedBatches,
+    LossDenominator,
+    PackedShapes,
+    TokenBudgetBatches,
+    WithDenominator,
+)
 from utils.data.steps import StepCollator
 from utils.data.tokenize import TokenizedExamples, has_ranked_lists
 from utils.errors import UserError, exit_status
@@ -185,33 +199,28 @@ def check_backbone(args: argparse.Namespace, config) -> None:
 def load_datasets(args: argparse.Namespace, tokenizer, end_text: str, local_rank: int):
     """The train and eval sets: step-labelled solutions with --process_reward, rated responses with
     --objective regression, else pairs and ranked lists."""
+    source = DataSource(tuple(args.data_path), args.data_split, args.seed, args.data_output_path, REPO_ROOT,
+                        bad_rows=args.bad_rows, log=print_rank_0)
     if args.objective == "regression":
-        return attribute_datasets(args, tokenizer, end_text, local_rank)
+        return attribute_datasets(args, source, tokenizer, end_text, local_rank)
     if args.process_reward:
-        return create_step_datasets(args.data_path, args.data_split, args.data_output_path, args.seed, tokenizer,
-                                    args.max_seq_len, args.step_separator, args.prm_neutral,
-                                    args.train_on_last_step_only, REPO_ROOT, local_rank=local_rank,
-                                    log=print_rank_0, bad_rows=args.bad_rows)
+        steps = StepOptions(args.step_separator, args.prm_neutral, args.train_on_last_step_only)
+        return create_step_datasets(source, tokenizer, args.max_seq_len, steps, local_rank)
     options = DataOptions(data_weights=tuple(args.data_weights) if args.data_weights else None,
                           margin_source=args.margin_source, max_responses=args.max_responses_per_prompt,
-                          chat_template=tokenizer.chat_template if args.chat_template else None,
-                          bad_rows=args.bad_rows)
-    train_set, eval_set = create_reward_datasets(args.data_path, args.data_split, args.data_output_path, args.seed,
-                                                 tokenizer, args.max_seq_len, end_text, REPO_ROOT,
-                                                 local_rank=local_rank, log=print_rank_0, options=options)
+                          chat_template=tokenizer.chat_template if args.chat_template else None)
+    train_set, eval_set = create_reward_datasets(source, tokenizer, args.max_seq_len, end_text, local_rank, options)
     check_objective(args, train_set.data)
     return train_set, eval_set
 
 
-def attribute_datasets(args: argparse.Namespace, tokenizer, end_text: str,
+def attribute_datasets(args: argparse.Namespace, source: DataSource, tokenizer, end_text: str,
                        local_rank: int) -> tuple[AttributeDataset, AttributeDataset]:
     """Rated responses, one example per prompt. Resolves `args.attributes` to the names trained, and
     keeps the label scale (from the training labels) and the reward's weights in `args`."""
-    options = DataOptions(chat_template=tokenizer.chat_template if args.chat_template else None,
-                          bad_rows=args.bad_rows)
-    train, held_out = create_attribute_datasets(args.data_path, args.data_split, args.data_output_path, args.seed,
-                                                tokenizer, args.max_seq_len, end_text, REPO_ROOT, args.attributes,
-                                                local_rank=local_rank, log=print_rank_0, options=options)
+    options = AttributeOptions(tuple(args.attributes) if args.attributes else None,
+                               tokenizer.chat_template if args.chat_template else None)
+    train, held_out = create_attribute_datasets(source, tokenizer, args.max_seq_len, end_text, options, local_rank)
     args.attributes = train.attribute_names
     args.label_scale = AttributeScale.of(args.attribute_scale, train.labels, len(args.attributes))
     args.reward_weights = parse_weights(args.attribute_weights, args.attributes)
@@ -305,10 +314,9 @@ def train_sampler(args: argparse.Namespace, train_set, collator, share_prompt: b
                                     shapes=train_set.row_shapes(share_prompt)), train_set
     tokens = train_set.tokens(share_prompt)
     shapes = PackedShapes(tokens, collator.arrangement) if collator.arrangement else train_set.row_shapes(False)
+    denominator = LossDenominator(train_set.loss_units(), args.gradient_accumulation_steps, args.num_train_epochs)
     sampler = TokenBudgetBatches(tokens, args.max_tokens_per_batch, rank, world_size, seed=args.seed,
-                                 window=args.length_grouping_steps, units=train_set.loss_units(),
-                                 accumulation=args.gradient_accumulation_steps, epochs=args.num_train_epochs,
-                                 shapes=shapes)
+                                 window=args.length_grouping_steps, denominator=denominator, shapes=shapes)
     if len(sampler.oversized):
         print_rank_0(f"note: {len(sampler.oversized)} training example(s) have more tokens than "
                      f"--max_tokens_per_batch {args.max_tokens_per_batch} (the longest {tokens.max()}): each is "

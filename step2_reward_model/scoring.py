@@ -192,11 +192,11 @@ def score_data(scorer: Scorer, data_paths: list[str], data_split: str, split: st
                repo_root: str, log=print,
                bad_rows: str = "error") -> tuple[dict[str, np.ndarray], np.ndarray, TokenizedExamples]:
     """Score a split of training's data (same sources, cleaning, phase-2 split and truncation)."""
-    from utils.data.build import DataOptions, load_examples
+    from utils.data.build import DataSource, load_examples
     from utils.data.tokenize import tokenize_examples
 
-    train, held_out = load_examples(data_paths, data_split, 2, seed, cache_dir, repo_root, log,
-                                    DataOptions(bad_rows=bad_rows))
+    train, held_out = load_examples(DataSource(tuple(data_paths), data_split, seed, cache_dir, repo_root,
+                                               bad_rows=bad_rows, log=log))
     tokenized = tokenize_examples(held_out if split == "eval" else train, scorer.tokenizer, scorer.max_seq_len,
                                   scorer.end_of_conversation_token, bad_rows=bad_rows)
     log(f"data: {len(tokenized)} pairs to score, {tokenized.truncated} with the prompt cut from the left, "
@@ -214,11 +214,12 @@ def score_rated_data(scorer: Scorer, data_paths: list[str], data_split: str, spl
     (NaN: not rated) in the data's units, combined label (the reward it should get, in the model's
     units; NaN when unknown), prompt index, length in tokens and source."""
     from utils.data.attributes import group_by_prompt
-    from utils.data.build import load_rated
+    from utils.data.build import DataSource, load_rated
     from utils.data.tokenize import tokenize_examples
 
     names = list(scorer.attribute_names)
-    rated = load_rated(data_paths, data_split, 2, seed, cache_dir, repo_root, log, bad_rows)[split]
+    rated = load_rated(DataSource(tuple(data_paths), data_split, seed, cache_dir, repo_root, bad_rows=bad_rows,
+                                  log=log))[split]
     grouped, dropped = group_by_prompt(rated, names)
     tokenized = tokenize_examples(grouped, scorer.tokenizer, scorer.max_seq_len, scorer.end_of_conversation_token,
                                   bad_rows=bad_rows)

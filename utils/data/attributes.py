@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +116,7 @@ def judge_rated_rows(rows: list[tuple[str, Any]], source: str, bad_rows: str = "
     return judge_rows(rows, lambda _, row: _rated_outcome(row, source), bad_rows)
 
 
-def attribute_names(examples: list[dict], chosen: list[str] | None) -> list[str]:
+def attribute_names(examples: list[dict], chosen: Sequence[str] | None) -> list[str]:
     """The attributes to train: `chosen` (--attributes) in its order, each of which some row must
     rate, or every attribute the rows rate, in the order their fields first appear."""
     seen: dict[str, bool] = {}
