@@ -90,9 +90,8 @@ def print_pairs(scorer: Scorer, pairs: list[dict]) -> None:
 def evaluate_data(scorer: Scorer, args: argparse.Namespace) -> dict:
     """The saved model's objective on a split of --data_path: its report, the held-out metrics and
     reward statistics exactly as training computes them (`step2_reward_model/heldout.py`)."""
-    request = DataRequest.from_args(args, scorer.max_seq_len)
-    held_out = score_split(scorer, saved_objective(load_manifest(args.model_path)), request, args.split,
-                           log=lambda message: print(message, file=sys.stderr))
+    request = DataRequest.from_args(args, scorer.max_seq_len, log=lambda message: print(message, file=sys.stderr))
+    held_out = score_split(scorer, saved_objective(load_manifest(args.model_path)), request, args.split)
     objective, table = held_out.objective, held_out.table
     result = objective.report(table, held_out.dataset, held_out.source_names)
     report = {**result.report, "held_out": objective.summarize(table, held_out.source_names),

@@ -122,7 +122,7 @@ def synthetic_texts(count: int, seed: int, lengths: str = "hh", max_seq_len: int
 
 def load_pairs(args: argparse.Namespace):
     """The first --pairs examples of the data, tokenised as in training by a BPE trained on them."""
-    from utils.data.build import load_examples
+    from utils.data.build import DataSource, load_examples
     from utils.data.tokenize import tokenize_examples
     from utils.model_files import END_OF_CONVERSATION_TOKEN
     from utils.tiny import train_tokenizer
@@ -134,7 +134,7 @@ def load_pairs(args: argparse.Namespace):
             with gzip.open(path, "wt", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(row) + "\n"
                                   for row in synthetic_texts(args.pairs, 0, args.lengths, args.max_seq_len))
-        examples, _ = load_examples([path], "0,1,0", 2, 1234, scratch, REPO_ROOT, lambda _: None, None)
+        examples, _ = load_examples(DataSource((path,), "0,1,0", 1234, scratch, REPO_ROOT, log=lambda _: None))
     examples = examples[:args.pairs]
     tokenizer = train_tokenizer([ex["prompt"] + resp for ex in examples for resp in ex["responses"]],
                                 "opt", args.vocab_size)

@@ -90,9 +90,9 @@ def data_statistics(model, tokenizer, manifest: dict, args: argparse.Namespace) 
     (`step2_reward_model/heldout.py`), with the model's current weights."""
     scorer = Scorer(model, tokenizer, manifest["max_seq_len"], manifest["end_of_conversation_token"],
                     scale=AttributeScale.from_manifest(manifest))
-    request = DataRequest.from_args(args, scorer.max_seq_len)
+    request = DataRequest.from_args(args, scorer.max_seq_len, log=lambda message: print(message, file=sys.stderr))
     objective = saved_objective({**manifest, "attributes": current_attributes(model, manifest)})
-    held_out = score_split(scorer, objective, request, "eval", log=lambda message: print(message, file=sys.stderr))
+    held_out = score_split(scorer, objective, request, "eval")
     return held_out.objective.statistics(held_out.table, request.label())
 
 

@@ -80,15 +80,15 @@ class HeldOut:
     objective: Objective
 
 
-def score_split(scorer: Scorer, objective: Objective, request: DataRequest, split: str, log=print) -> HeldOut:
+def score_split(scorer: Scorer, objective: Objective, request: DataRequest, split: str) -> HeldOut:
     """Score a split of training's data (same sources, cleaning, phase-2 split and truncation) with a
     saved model, in batches of the objective's layout, longest first, one row per answer."""
     model, tokenizer, device = scorer.model, scorer.tokenizer, scorer.device
-    data = objective.datasets(request, tokenizer, scorer.end_of_conversation_token, log)
+    data = objective.datasets(request, tokenizer, scorer.end_of_conversation_token)
     dataset = data.held_out if split == "eval" else data.train
     if not len(dataset):
-        raise UserError(f"--data_path {' '.join(request.data_path)}: nothing to score in the {split} split")
-    log(f"data: {len(dataset)} {data.objective.unit} to score in the {split} split")
+        raise UserError(f"--data_path {' '.join(request.source.paths)}: nothing to score in the {split} split")
+    request.source.log(f"data: {len(dataset)} {data.objective.unit} to score in the {split} split")
     attention = getattr(model.config, "_attn_implementation", None)
     collator = data.objective.collator(tokenizer.pad_token_id, pad_multiple(attention), None, False,
                                        CHUNK_TOKENS.get(device.type, ACCELERATOR_CHUNK_TOKENS))

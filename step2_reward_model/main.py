@@ -46,7 +46,7 @@ from step2_reward_model.training import Placement, Run, Start, StopRequest, trai
 from utils.data.chat import load_chat_template
 from utils.data.collate import ACCELERATOR_CHUNK_TOKENS, CHUNK_TOKENS, EvalShard
 from utils.data.packing import arrangement_for, pad_multiple
-from utils.data.sampler import LengthGroupedBatches, PackedShapes, TokenBudgetBatches, WithDenominator
+from utils.data.sampler import LengthGroupedBatches, LossDenominator, PackedShapes, TokenBudgetBatches, WithDenominator
 from utils.errors import UserError, exit_status
 from utils.model_files import load_hf_tokenizer
 from utils.runtime import init_single_process_env, print_rank_0, set_random_seed
@@ -68,9 +68,9 @@ def train(args: argparse.Namespace) -> None:
     if args.chat_template:
         tokenizer.chat_template = load_chat_template(args.chat_template)  # saved with the tokenizer
     end_text = end_of_conversation_text(config)
-    request = DataRequest.from_args(args, args.max_seq_len, local_rank=local_rank,
+    request = DataRequest.from_args(args, args.max_seq_len, print_rank_0, local_rank=local_rank,
                                     chat_template=tokenizer.chat_template if args.chat_template else None)
-    data = objective.datasets(request, tokenizer, end_text, print_rank_0)
+    data = objective.datasets(request, tokenizer, end_text)
     objective = data.objective
     benchmarks = [BenchmarkEval(spec, tokenizer, args.max_seq_len, end_text, args.per_device_eval_batch_size)
                   for spec in args.eval_benchmark]
@@ -216,10 +216,9 @@ def train_sampler(args: argparse.Namespace, train_set, collator, share_prompt: b
                                     shapes=train_set.row_shapes(share_prompt)), train_set
     tokens = train_set.tokens(share_prompt)
     shapes = PackedShapes(tokens, collator.arrangement) if collator.arrangement else train_set.row_shapes(False)
+    denominator = LossDenominator(train_set.loss_units(), args.gradient_accumulation_steps, args.num_train_epochs)
     sampler = TokenBudgetBatches(tokens, args.max_tokens_per_batch, rank, world_size, seed=args.seed,
-                                 window=args.length_grouping_steps, units=train_set.loss_units(),
-                                 accumulation=args.gradient_accumulation_steps, epochs=args.num_train_epochs,
-                                 shapes=shapes)
+                                 window=args.length_grouping_steps, denominator=denominator, shapes=shapes)
     if len(sampler.oversized):
         print_rank_0(f"note: {len(sampler.oversized)} training example(s) have more tokens than "
                      f"--max_tokens_per_batch {args.max_tokens_per_batch} (the longest {tokens.max()}): each is "

@@ -47,7 +47,7 @@ from torch import nn
 from step2_reward_model.losses import end_index
 from utils.data.batch import Layout, ModelInputs
 from utils.errors import UserError, first_line
-from utils.model_files import END_OF_CONVERSATION_TOKEN, pretrained_source
+from utils.model_files import END_OF_CONVERSATION_TOKEN, dequantized, pretrained_source
 
 BACKBONE, TYPO_BACKBONE = "rwtransformer", "rwtranrsformer"  # newer DeepSpeed-Chat spells it with the typo
 # Model types whose position ids and 4-D attention mask are tested to give the same scores and
@@ -370,20 +370,6 @@ def load_config(path: str, trust_remote_code: bool, flag: str):
         hint = ": it ships its own model code, which runs only with --trust_remote_code" \
             if "custom code" in str(err) else ""
         raise UserError(f"{flag} '{path}': {first_line(err)}{hint}") from None
-
-
-def dequantized(gguf: dict) -> dict:
-    """`from_pretrained` arguments that unpack a GGUF's weights into plain float tensors at load, as
-    training needs: transformers may otherwise keep them in quantized blocks, which cannot be
-    trained, and records a `quantization_config` that would send a reload of the saved config.json
-    looking for the GGUF file. Releases without `GgufConfig` always unpack."""
-    if not gguf:
-        return gguf
-    try:
-        from transformers import GgufConfig
-    except ImportError:
-        return gguf
-    return {**gguf, "quantization_config": GgufConfig(dequantize=True)}
 
 
 def create_reward_model(model_name_or_path: str, tokenizer, ds_config: dict | None = None,

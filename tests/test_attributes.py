@@ -31,13 +31,12 @@ from utils.data.attributes import (
     attribute_names,
     group_by_prompt,
     judge_rated_rows,
-    make_attribute_rows,
     parse_weights,
 )
-from utils.data.build import create_attribute_datasets
+from utils.data.build import AttributeOptions, DataSource, create_attribute_datasets
 from utils.data.collate import PairCollator
 from utils.data.examples import tally
-from utils.data.synthetic import write_jsonl
+from utils.data.synthetic import make_attribute_rows, write_jsonl
 from utils.data.tokenize import load_tokenized, save_tokenized, tokenize_examples
 from utils.errors import UserError
 from utils.model_files import END_OF_CONVERSATION_TOKEN
@@ -283,6 +282,11 @@ def rated_dir(tmp_path_factory) -> str:
     return str(folder)
 
 
+def rated_source(rated_dir: str, cache) -> DataSource:
+    """All of `rated_dir`'s rows to this phase, cached under `cache`, quietly."""
+    return DataSource((rated_dir,), "0,1,0", 1234, str(cache), str(REPO_ROOT), log=lambda _: None)
+
+
 def train(tmp_path, model_dir: str, rated_dir: str, *extra: str, ranks: int = 0):
     """A regression run as a user starts it (through the deepspeed launcher with `ranks`): its
     OUTPUT, manifest and log."""
@@ -440,15 +444,14 @@ def test_regression_flags_are_checked(tmp_path, tokenizers, rated_dir, capsys):
             parse_training_args(["--model_name_or_path", "m", *extra])
         assert stopped.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(UserError, match="--attributes honesty: no row rates it"):
-        create_attribute_datasets([rated_dir], "0,1,0", str(tmp_path), 1234, tokenizers["opt"], 128,
-                                  END_OF_CONVERSATION_TOKEN, str(REPO_ROOT), ["honesty"], log=lambda _: None)
+        create_attribute_datasets(rated_source(rated_dir, tmp_path), tokenizers["opt"], 128,
+                                  END_OF_CONVERSATION_TOKEN, AttributeOptions(("honesty",)))
 
 
 def test_attribute_sets_are_built_and_cached(tmp_path, tokenizers, rated_dir):
     tokenizer = tokenizers["opt"]
-    train, held_out = create_attribute_datasets([rated_dir], "0,1,0", str(tmp_path), 1234, tokenizer, 128,
-                                                END_OF_CONVERSATION_TOKEN, str(REPO_ROOT), ["verbosity"],
-                                                log=lambda _: None)
+    train, held_out = create_attribute_datasets(rated_source(rated_dir, tmp_path), tokenizer, 128,
+                                                END_OF_CONVERSATION_TOKEN, AttributeOptions(("verbosity",)))
     assert train.attribute_names == held_out.attribute_names == ["verbosity"]
     assert sum(map(len, train.labels)) == 3000 and all(labels.shape[1] == 1 for labels in train.labels)
     assert all(len(responses) == 2 for responses in train.responses)  # two answers per prompt, grouped

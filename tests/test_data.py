@@ -20,7 +20,7 @@ from conftest import FAMILIES, needs_shared_data
 from utils.data import build as build_module
 from utils.data import split as split_module
 from utils.data.adapters import SOURCES, Adapter, split_hh_dialogue
-from utils.data.build import create_reward_datasets
+from utils.data.build import DataSource, create_reward_datasets
 from utils.data.collate import EvalShard, PairCollator, PairDataset
 from utils.data.examples import Example, judge_rows, row_problem, summarise, tally
 from utils.data.sources import RawSplits, load_source
@@ -715,8 +715,8 @@ def make_source(folder, train: int, evaluation: int, tag: str = "") -> tuple[str
 
 
 def build(paths, out, tokenizer, max_seq_len=128, data_split="2,4,4", seed=1234, repo_root=None):
-    return create_reward_datasets(paths, data_split, str(out), seed, tokenizer, max_seq_len, EOT,
-                                  str(repo_root or out), log=QUIET)
+    source = DataSource(tuple(paths), data_split, seed, str(out), str(repo_root or out), log=QUIET)
+    return create_reward_datasets(source, tokenizer, max_seq_len, EOT)
 
 
 def prompt_lists(dataset) -> list[list[int]]:

@@ -23,7 +23,7 @@ from step2_reward_model.flags import parse_training_args
 from step2_reward_model.main import make_loaders
 from step2_reward_model.metrics import step_metrics
 from step2_reward_model.output import load_reward_model
-from utils.data.build import create_reward_datasets, create_step_datasets
+from utils.data.build import DataSource, StepOptions, create_reward_datasets, create_step_datasets
 from utils.data.collate import PairCollator
 from utils.data.sampler import LengthGroupedBatches
 from utils.data.steps import UNLABELLED, StepCollator
@@ -76,12 +76,12 @@ def run(tmp_path_factory, name: str, model_dir: str, train_rows: list[dict], eva
     tokenizer = load_hf_tokenizer(model_dir)
     args = parse_training_args(["--model_name_or_path", model_dir, "--data_path", data, "--data_output_path",
                                 str(tmp_path / "cache"), *COMMON, *FLAGS, *flags])  # as train() passes them
-    where = ([data], args.data_split, args.data_output_path, args.seed, tokenizer, args.max_seq_len)
+    source = DataSource((data,), args.data_split, args.seed, args.data_output_path, str(REPO_ROOT))
     if args.process_reward:
-        train_set, eval_set = create_step_datasets(*where, args.step_separator, args.prm_neutral,
-                                                   args.train_on_last_step_only, str(REPO_ROOT))
+        steps = StepOptions(args.step_separator, args.prm_neutral, args.train_on_last_step_only)
+        train_set, eval_set = create_step_datasets(source, tokenizer, args.max_seq_len, steps)
     else:
-        train_set, eval_set = create_reward_datasets(*where, END_OF_CONVERSATION_TOKEN, str(REPO_ROOT))
+        train_set, eval_set = create_reward_datasets(source, tokenizer, args.max_seq_len, END_OF_CONVERSATION_TOKEN)
     return {"out": out, "final": meta["final_eval"], "log": log, "stats": stats, "args": args,
             "tokenizer": tokenizer, "train_set": train_set, "eval_set": eval_set}
 

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 from utils.data import tokenize as tokenize_module
 from utils.data.adapters import SOURCES
-from utils.data.build import DataOptions, create_reward_datasets, create_step_datasets
+from utils.data.build import DataSource, create_reward_datasets, create_step_datasets
 from utils.data.examples import BAD_ROWS, describe_drops, judge_rows, row_problem, tally
 from utils.data.tokenize import tokenize_examples
 from utils.errors import UserError
@@ -192,12 +192,11 @@ def build(folder: str, mode: str, tokenizer, steps: bool = False) -> dict[str, S
     lines: list[str] = []
     out = os.path.join(folder, f"out-{mode}")
     with time_limit(60):
+        source = DataSource((folder,), "0,1,0", 1234, out, folder, bad_rows=mode, log=lines.append)
         if steps:
-            create_step_datasets([folder], "0,1,0", out, 1234, tokenizer, MAX_SEQ_LEN, "\n\n", "positive", False,
-                                 folder, log=lines.append, bad_rows=mode)
+            create_step_datasets(source, tokenizer, MAX_SEQ_LEN)
         else:
-            create_reward_datasets([folder], "0,1,0", out, 1234, tokenizer, MAX_SEQ_LEN, EOT, folder,
-                                   log=lines.append, options=DataOptions(bad_rows=mode))
+            create_reward_datasets(source, tokenizer, MAX_SEQ_LEN, EOT)
     return read_log(lines)
 
 
@@ -651,7 +650,7 @@ def test_step_rows_end_in_an_error_or_a_full_count(tokenizer, case):
 def load(path: str, mode: str, data_split: str, cache: str) -> tuple[list, list]:
     from utils.data.build import load_examples
 
-    return load_examples([path], data_split, 2, 1234, cache, cache, lambda _: None, DataOptions(bad_rows=mode))
+    return load_examples(DataSource((path,), data_split, 1234, cache, cache, bad_rows=mode, log=lambda _: None))
 
 
 def test_error_mode_reports_a_broken_line_that_another_phase_would_read(tmp_path):

@@ -1,6 +1,7 @@
 """The code's shape, kept as the README's layout describes it: no import cycles between the project's
-modules, no entry point that edits `sys.path` (the project installs as a package), and no function
-too branchy to read (ruff's C901 at the complexity pyproject.toml sets)."""
+modules, nothing in utils/ that imports the trainer, no entry point that edits `sys.path` (the project
+installs as a package), and no function too branchy to read (ruff's C901 at the complexity
+pyproject.toml sets)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,16 @@ def test_no_module_imports_one_that_imports_it_back():
     graph = {module_name(path): project_imports(path, modules) - {module_name(path)} for path in paths}
     assert len(graph) > 40 and sum(map(len, graph.values())) > 80  # the scan sees the real imports
     assert cycles(graph) == []
+
+
+def test_utils_imports_nothing_from_the_trainer():
+    """utils/ is the library the trainer, scoring and benchmarks build on: an import back from it
+    (even one inside a function) would tie it to the trainer and invite cycles."""
+    modules = {module_name(path) for path in OUTSIDE_TESTS}
+    utils = [path for path in OUTSIDE_TESTS if path.relative_to(REPO_ROOT).parts[0] == "utils"]
+    offenders = {module_name(path): sorted(name for name in project_imports(path, modules)
+                                           if name.split(".")[0] == "step2_reward_model") for path in utils}
+    assert len(utils) > 20 and {name: found for name, found in offenders.items() if found} == {}
 
 
 def test_cycles_are_found():

@@ -18,7 +18,7 @@ from step2_reward_model import main
 from step2_reward_model.flags import parse_training_args
 from step2_reward_model.output import load_reward_model
 from step2_reward_model.scoring import Scorer
-from utils.data.build import DataOptions, create_reward_datasets
+from utils.data.build import DataOptions, DataSource, create_reward_datasets
 from utils.data.chat import TRIM_MARK
 from utils.data.synthetic import make_pairs, make_ranked_rows, write_jsonl
 from utils.errors import UserError
@@ -117,8 +117,8 @@ def test_objective_and_data_mismatch_is_one_line_error(loss, flags, data, expect
     folder = write_source(tmp_path / data, rows(0), rows(1, held_out=True))
     args = parse_training_args(["--model_name_or_path", "m", "--data_path", folder, "--loss", loss, *flags])
     options = DataOptions(margin_source=args.margin_source)
-    train_set, _ = create_reward_datasets([folder], "0,1,0", str(tmp_path / "cache"), 1234, tokenizers["opt"], 128,
-                                          END_OF_CONVERSATION_TOKEN, str(REPO_ROOT), options=options)
+    source = DataSource((folder,), "0,1,0", 1234, str(tmp_path / "cache"), str(REPO_ROOT))
+    train_set, _ = create_reward_datasets(source, tokenizers["opt"], 128, END_OF_CONVERSATION_TOKEN, options=options)
     if expected is None:
         main.check_objective(args, train_set.data)
         return
@@ -130,7 +130,7 @@ def test_objective_and_data_mismatch_is_one_line_error(loss, flags, data, expect
 def test_process_reward_model_trains_saves_and_scores_steps(tmp_path):
     """--process_reward through main.py: held-out step, first-error and solution accuracy well above
     always predicting "correct", then rw_eval scores a step list with the saved model."""
-    from utils.data.steps import make_step_rows
+    from utils.data.synthetic import make_step_rows
     from utils.tiny import save_tiny_model
 
     model_dir = str(tmp_path / "model")

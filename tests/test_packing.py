@@ -28,7 +28,7 @@ from step2_reward_model.objectives.process import Process
 from utils.data.batch import Batch
 from utils.data.collate import PairCollator
 from utils.data.packing import first_fit
-from utils.data.sampler import TokenBudgetBatches, WithDenominator
+from utils.data.sampler import LossDenominator, TokenBudgetBatches, WithDenominator
 from utils.data.steps import UNLABELLED, StepCollator
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -181,7 +181,8 @@ def test_budget_batches_group_lengths_and_change_every_epoch():
 
 
 def test_a_resumed_epoch_takes_the_batches_not_yet_taken():
-    sampler = TokenBudgetBatches(mixed_sizes(), 1024, rank=1, world_size=2, seed=5, accumulation=2, epochs=3)
+    sampler = TokenBudgetBatches(mixed_sizes(), 1024, rank=1, world_size=2, seed=5,
+                                 denominator=LossDenominator(accumulation=2, epochs=3))
     sampler.set_epoch(1)
     whole = list(sampler)
     sampler.set_epoch(1, start=4)
@@ -193,7 +194,8 @@ def test_a_resumed_epoch_takes_the_batches_not_yet_taken():
 def test_loss_denominators_are_the_optimizer_steps_units_per_micro_batch_and_rank(accumulation):
     sizes = mixed_sizes(200)
     units = np.random.default_rng(1).integers(1, 5, size=len(sizes)).astype(float)
-    sampler = TokenBudgetBatches(sizes, 900, world_size=2, seed=0, units=units, accumulation=accumulation, epochs=2)
+    sampler = TokenBudgetBatches(sizes, 900, world_size=2, seed=0,
+                                 denominator=LossDenominator(units, accumulation, epochs=2))
     micro = [(e, b) for e in range(2) for b in range(sampler.batches_in(e))]
     denominators = {(e, b): d for e in range(2) for b, d in enumerate(sampler.denominators(e))}
     for start in range(0, len(micro), accumulation):
@@ -207,7 +209,8 @@ def budget_parts(items: list[dict], world_size: int, accumulation: int, budget: 
     """The items of each rank's share of the first optimizer step, with their loss denominators."""
     sizes = np.array([len(it["prompt"]) + sum(map(len, it["responses"])) for it in items])
     data = WithDenominator(items)
-    samplers = [TokenBudgetBatches(sizes, budget, rank, world_size, seed=0, accumulation=accumulation)
+    samplers = [TokenBudgetBatches(sizes, budget, rank, world_size, seed=0,
+                                   denominator=LossDenominator(accumulation=accumulation))
                 for rank in range(world_size)]
     per_rank = [list(sampler)[:accumulation] for sampler in samplers]
     return [[[data[key] for key in per_rank[r][m]] for r in range(world_size)] for m in range(accumulation)]
@@ -250,7 +253,7 @@ def test_budget_steps_average_the_step_loss_over_labelled_steps():
     items = step_items(12, seed=3)
     units = np.array([(item["labels"] != UNLABELLED).sum() for item in items])
     sizes = np.array([len(item["input_ids"]) for item in items])
-    sampler = TokenBudgetBatches(sizes, 80, world_size=1, seed=0, units=units, accumulation=100)
+    sampler = TokenBudgetBatches(sizes, 80, world_size=1, seed=0, denominator=LossDenominator(units, accumulation=100))
     data = WithDenominator(items)
     model.zero_grad()
     for keys in sampler:

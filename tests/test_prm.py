@@ -30,10 +30,10 @@ from utils.data.steps import (
     TokenizedSteps,
     judge_step_rows,
     load_steps,
-    make_step_rows,
     save_steps,
     tokenize_steps,
 )
+from utils.data.synthetic import make_step_rows
 from utils.data.tokenize import special_affixes
 from utils.errors import UserError
 from utils.tiny import tiny_config, train_tokenizer

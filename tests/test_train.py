@@ -15,7 +15,7 @@ from conftest import REPO_ROOT, launcher_env, objective_forward, rounding_tolera
 from torch.utils.data import DataLoader
 
 from step2_reward_model.output import load_reward_model
-from utils.data.build import create_reward_datasets
+from utils.data.build import DataSource, create_reward_datasets
 from utils.data.collate import EvalShard, PairCollator
 from utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 
@@ -53,8 +53,8 @@ def rescore(out, data_dir: str, cache: str, batch_size: int = 32) -> dict[str, f
     """Score the eval split with the model rebuilt from OUTPUT alone, batched as in training."""
     model = load_reward_model(str(out))
     tokenizer = load_hf_tokenizer(str(out))
-    _, eval_set = create_reward_datasets([data_dir], "0,1,0", cache, 1234, tokenizer, 128,
-                                         END_OF_CONVERSATION_TOKEN, str(REPO_ROOT))
+    _, eval_set = create_reward_datasets(DataSource((data_dir,), "0,1,0", 1234, cache, str(REPO_ROOT)), tokenizer,
+                                         128, END_OF_CONVERSATION_TOKEN)
     loader = DataLoader(EvalShard(eval_set, 0, 1), batch_size=batch_size,
                         collate_fn=PairCollator(tokenizer.pad_token_id))
     chosen, rejected = [], []

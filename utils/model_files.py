@@ -24,6 +24,20 @@ def pretrained_source(path: str, flag: str = "--model_name_or_path") -> tuple[st
     return folder, {"gguf_file": name}
 
 
+def dequantized(gguf: dict) -> dict:
+    """`from_pretrained` arguments that unpack a GGUF's weights into plain float tensors at load, as
+    training needs: transformers may otherwise keep them in quantized blocks, which cannot be
+    trained, and records a `quantization_config` that would send a reload of the saved config.json
+    looking for the GGUF file. Releases without `GgufConfig` always unpack."""
+    if not gguf:
+        return gguf
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return gguf
+    return {**gguf, "quantization_config": GgufConfig(dequantize=True)}
+
+
 @functools.lru_cache
 def check_gguf(path: str, flag: str) -> None:
     """Parse the file's header and tensor table once per process (a big vocabulary takes seconds),

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from utils.errors import UserError, exit_status
 from utils.files import replace_folder
+from utils.model_files import dequantized
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,6 @@ def dequantize_gguf(gguf_path: str, folder: str) -> None:
     """A GGUF causal LM -> an fp32 Hugging Face folder (weights, config, tokenizer, chat template)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from step2_reward_model.model import dequantized
 
     directory, name = os.path.split(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)

@@ -10,30 +10,31 @@ import torch
 
 from step2_reward_model.model import Attributes, RewardModel, RowValues
 from utils.data.batch import Batch
+from utils.data.build import DataSource
+from utils.files import REPO_ROOT
 
 
 @dataclass(frozen=True)
 class DataRequest:
-    """Which data to read and how: the flags training, `rw_eval.py` and `export.py` share."""
+    """Which data to read and how: the rows (`DataSource`), the longest sequence, a chat template given by
+    flag (which the cache key must know), and the local rank (rank 0 of each node builds the cache)."""
 
-    data_path: list[str]
-    data_split: str
-    cache_dir: str
-    seed: int
+    source: DataSource
     max_seq_len: int
-    bad_rows: str = "error"
-    chat_template: str | None = None  # a template given by flag, which the cache key must know
+    chat_template: str | None = None
     local_rank: int = 0
 
     @classmethod
-    def from_args(cls, args, max_seq_len: int, chat_template: str | None = None, local_rank: int = 0) -> DataRequest:
+    def from_args(cls, args, max_seq_len: int, log=print, chat_template: str | None = None,
+                  local_rank: int = 0) -> DataRequest:
         """From the data flags training, `rw_eval.py` and `export.py` share."""
-        return cls(args.data_path, args.data_split, args.data_output_path, args.seed, max_seq_len,
-                   bad_rows=args.bad_rows, chat_template=chat_template, local_rank=local_rank)
+        source = DataSource(tuple(args.data_path), args.data_split, args.seed, args.data_output_path, REPO_ROOT,
+                            bad_rows=args.bad_rows, log=log)
+        return cls(source, max_seq_len, chat_template, local_rank)
 
     def label(self, split: str = "eval") -> str:
         """What `reward_stats.json` says its data was."""
-        return f"{'held-out' if split == 'eval' else split} split of {' '.join(self.data_path)}"
+        return f"{'held-out' if split == 'eval' else split} split of {' '.join(self.source.paths)}"
 
 
 @dataclass
@@ -75,7 +76,7 @@ class Objective(Protocol):
     def check_backbone(self, config) -> None:
         """Refuse a backbone that cannot learn this objective (an encoder for token-level values)."""
 
-    def datasets(self, request: DataRequest, tokenizer, end_text: str, log) -> Datasets:
+    def datasets(self, request: DataRequest, tokenizer, end_text: str) -> Datasets:
         """Read, clean, split, tokenise and cache the data; the phase-2 train and held-out sets."""
 
     def collator(self, pad_token_id: int, pad_multiple: int, arrangement: str | None, share_prompt: bool,

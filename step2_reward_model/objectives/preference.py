@@ -23,7 +23,6 @@ from utils.data.build import DataOptions, create_reward_datasets
 from utils.data.collate import PairCollator
 from utils.data.tokenize import TokenizedExamples, has_ranked_lists
 from utils.errors import UserError
-from utils.files import REPO_ROOT
 
 SCORE, EXAMPLE, RANK, SOURCE = range(4)
 
@@ -59,13 +58,11 @@ class Preference:
                             f"{config.model_type} is an encoder, whose every token sees the whole text: pass --loss "
                             "end_token (or --loss plackett_luce) to compare the pooled scores")
 
-    def datasets(self, request: DataRequest, tokenizer, end_text: str, log) -> Datasets:
+    def datasets(self, request: DataRequest, tokenizer, end_text: str) -> Datasets:
         options = DataOptions(data_weights=self.data_weights, margin_source=self.margin_source,
-                              max_responses=self.max_responses, chat_template=request.chat_template,
-                              bad_rows=request.bad_rows)
-        train, held_out = create_reward_datasets(request.data_path, request.data_split, request.cache_dir,
-                                                 request.seed, tokenizer, request.max_seq_len, end_text, REPO_ROOT,
-                                                 local_rank=request.local_rank, log=log, options=options)
+                              max_responses=self.max_responses, chat_template=request.chat_template)
+        train, held_out = create_reward_datasets(request.source, tokenizer, request.max_seq_len, end_text,
+                                                 local_rank=request.local_rank, options=options)
         self.check_data(train.data)
         return Datasets(train, held_out, held_out.data.source_names, objective=self)
 

@@ -19,10 +19,9 @@ from step2_reward_model.objectives.base import DataRequest, Datasets, Loss, Repo
 from step2_reward_model.objectives.preference import fp32_loss
 from step2_reward_model.report import reward_statistics
 from utils.data.batch import Batch
-from utils.data.build import create_step_datasets
+from utils.data.build import StepOptions, create_step_datasets
 from utils.data.steps import StepCollator
 from utils.errors import UserError
-from utils.files import REPO_ROOT
 
 LOGIT, SOLUTION, LABEL, STEP = range(4)
 
@@ -54,11 +53,10 @@ class Process:
                             f"{config.model_type} is an encoder, whose every token sees the whole text (later steps "
                             "included): start from a causal LM")
 
-    def datasets(self, request: DataRequest, tokenizer, end_text: str, log) -> Datasets:
-        train, held_out = create_step_datasets(request.data_path, request.data_split, request.cache_dir,
-                                               request.seed, tokenizer, request.max_seq_len, self.separator,
-                                               self.neutral, self.last_step_only, REPO_ROOT,
-                                               local_rank=request.local_rank, log=log, bad_rows=request.bad_rows)
+    def datasets(self, request: DataRequest, tokenizer, end_text: str) -> Datasets:
+        options = StepOptions(self.separator, self.neutral, self.last_step_only)
+        train, held_out = create_step_datasets(request.source, tokenizer, request.max_seq_len, options,
+                                               local_rank=request.local_rank)
         return Datasets(train, held_out, held_out.data.source_names, objective=self)
 
     def collator(self, pad_token_id: int, pad_multiple: int, arrangement: str | None, share_prompt: bool,

@@ -29,9 +29,8 @@ from step2_reward_model.report import (
 )
 from utils.data.attributes import AttributeDataset, AttributeScale, parse_weights
 from utils.data.batch import Batch
-from utils.data.build import DataOptions, create_attribute_datasets
+from utils.data.build import AttributeOptions, create_attribute_datasets
 from utils.data.collate import PairCollator
-from utils.files import REPO_ROOT
 
 REWARD, PROMPT, TARGET = range(3)
 
@@ -72,15 +71,13 @@ class Regression:
     def check_backbone(self, config) -> None:
         """Any backbone: attributes are read at the one scored token, as a reward is."""
 
-    def datasets(self, request: DataRequest, tokenizer, end_text: str, log) -> Datasets:
+    def datasets(self, request: DataRequest, tokenizer, end_text: str) -> Datasets:
         """Rated responses, one example per prompt. Settles the attributes trained (the data's, or
         --attributes), their label scale (from the training labels, or a saved model's) and the
         reward's weights."""
-        options = DataOptions(chat_template=request.chat_template, bad_rows=request.bad_rows)
-        train, held_out = create_attribute_datasets(request.data_path, request.data_split, request.cache_dir,
-                                                     request.seed, tokenizer, request.max_seq_len, end_text, REPO_ROOT,
-                                                     list(self.requested) if self.requested else None,
-                                                     local_rank=request.local_rank, log=log, options=options)
+        options = AttributeOptions(names=self.requested, chat_template=request.chat_template)
+        train, held_out = create_attribute_datasets(request.source, tokenizer, request.max_seq_len, end_text, options,
+                                                     local_rank=request.local_rank)
         names = tuple(train.attribute_names)
         scale = self.scale or AttributeScale.of(self.scale_kind, train.labels, len(names))
         head = self.head or Attributes(names, tuple(parse_weights(list(self.weight_specs or ()), list(names))))

@@ -22,8 +22,8 @@ reads from the single collapsed value head.
 from __future__ import annotations
 
 import math
-import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,6 @@ import numpy as np
 from utils.data.collate import PairDataset
 from utils.data.examples import Outcome, is_blank, judge_rows
 from utils.data.fields import Malformed, as_content, as_object, describe, required
-from utils.data.synthetic import is_held_out
 from utils.errors import UserError
 
 HELPSTEER = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
@@ -117,7 +116,7 @@ def judge_rated_rows(rows: list[tuple[str, Any]], source: str, bad_rows: str = "
     return judge_rows(rows, lambda _, row: _rated_outcome(row, source), bad_rows)
 
 
-def attribute_names(examples: list[dict], chosen: list[str] | None) -> list[str]:
+def attribute_names(examples: list[dict], chosen: Sequence[str] | None) -> list[str]:
     """The attributes to train: `chosen` (--attributes) in its order, each of which some row must
     rate, or every attribute the rows rate, in the order their fields first appear."""
     seen: dict[str, bool] = {}
@@ -239,32 +238,3 @@ class AttributeDataset(PairDataset):
 
     def __getitem__(self, index: int) -> dict:
         return {**super().__getitem__(index), "labels": self.scaled[index]}
-
-
-def _synthetic_response(rng: random.Random) -> tuple[str, dict[str, float | None]]:
-    """An answer of 1 to 12 filler words, with or without the word "verified". Verbosity is its
-    length (0-4), correctness whether the marker is there (4 or 0), helpfulness their mean, rated
-    for two responses in three only (the rest null)."""
-    words = rng.randint(1, 12)
-    verified = rng.random() < 0.5
-    text = " ".join(rng.choice(("alpha", "beta", "gamma", "delta", "omega")) for _ in range(words))
-    if verified:
-        text = f"verified {text}"
-    verbosity, correctness = float(round((words - 1) * 4 / 11)), 4.0 if verified else 0.0
-    helpfulness = (verbosity + correctness) / 2 if rng.random() < 2 / 3 else None
-    return " " + text, {"helpfulness": helpfulness, "correctness": correctness, "verbosity": verbosity}
-
-
-def make_attribute_rows(count: int, seed: int, held_out: bool = False) -> list[dict]:
-    """`count` HelpSteer-style rows (two responses per prompt, one row each) of the train (or
-    held-out) side, split by a hash of the prompt so both responses land on the same side."""
-    rng = random.Random(seed)
-    rows: list[dict] = []
-    while len(rows) < count:
-        prompt = f"\n\nHuman: Tell me about item {seed}-{len(rows)}-{rng.random():.6f}.\n\nAssistant:"
-        if is_held_out({"prompt": prompt}) != held_out:
-            continue
-        for _ in range(2):
-            response, ratings = _synthetic_response(rng)
-            rows.append({"prompt": prompt, "response": response, **ratings})
-    return rows[:count]

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import TypeVar
 
 import numpy as np
 
@@ -34,10 +35,22 @@ from utils.data.examples import (
 )
 from utils.data.sources import RawSplits, load_source, local_path
 from utils.data.split import parse_split, phase_indices, shuffle_order
-from utils.data.steps import StepDataset, StepExample, judge_step_rows, load_steps, save_steps, tokenize_steps
+from utils.data.steps import (
+    StepDataset,
+    StepExample,
+    TokenizedSteps,
+    judge_step_rows,
+    load_steps,
+    save_steps,
+    tokenize_steps,
+)
 from utils.data.tokenize import TokenizedExamples, load_tokenized, save_tokenized, tokenize_examples
 from utils.errors import UserError
 from utils.runtime import barrier
+
+SPLITS = ("train", "eval")
+Built = TypeVar("Built")  # what a cache build makes of one split
+Loaded = TypeVar("Loaded")  # what a rank reads back from the cache
 
 # 6: prompt and answer tokenised as one text; conversations read through the scoring template, nothing appended
 CACHE_FORMAT = 6
@@ -70,14 +83,45 @@ def cache_key(data_paths: list[str], repo_root: str, tokenizer, spec: dict) -> s
 
 
 @dataclass(frozen=True)
+class DataSource:
+    """Which rows a run reads and how they are split, shared by every objective and by scoring, so
+    that all of them see the same examples."""
+
+    paths: tuple[str, ...]  # --data_path: local files or folders, saved data sets, hub ids
+    split: str  # --data_split: the phases' shares of every source, e.g. "2,4,4"
+    seed: int  # of the split and of every shuffle, so that all ranks pick the same rows
+    cache_dir: str  # --data_output_path: the split's indices and the tokenised sets are cached here
+    repo_root: str  # relative local paths are read from here
+    phase: int = 2  # the split's part to read (2: reward model)
+    bad_rows: str = "error"  # malformed rows: error (stop at the first) or skip (drop and count); see BAD_ROWS
+    log: Callable[[str], None] = print  # where each source's summary and the drops go
+
+
+@dataclass(frozen=True)
 class DataOptions:
-    """How examples are chosen and labelled beyond the split (all part of the cache key)."""
+    """How preference examples are chosen and labelled beyond the split (all part of the cache key)."""
 
     data_weights: tuple[float, ...] | None = None  # per source: its share of the training examples
     margin_source: str = "column"  # column: a `margin` column; scores: score_chosen - score_rejected; none
     max_responses: int = 0  # > 0: keep this many of a prompt's ranked responses (best, worst, evenly between)
     chat_template: str | None = None  # Jinja text used instead of the tokenizer's own
-    bad_rows: str = "error"  # malformed rows: error (stop at the first) or skip (drop and count); see BAD_ROWS
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How step-labelled solutions are read and scored (`utils/data/steps.py`)."""
+
+    separator: str = "\n\n"  # ends the prompt and every step; a step is scored at its last token
+    neutral: str = "positive"  # what a 0 label means: positive, negative or ignore (unlabelled)
+    last_step_only: bool = False  # keep the last labelled step's label alone (outcome supervision)
+
+
+@dataclass(frozen=True)
+class AttributeOptions:
+    """Which attributes are trained and how the rated responses are rendered."""
+
+    names: tuple[str, ...] | None = None  # --attributes, in this order; None: every attribute the data rates
+    chat_template: str | None = None  # Jinja text used instead of the tokenizer's own
 
 
 MARGIN_SOURCES = ("column", "scores", "none")
@@ -119,31 +163,32 @@ def _select(rows: list, indices: list[int]) -> list:
     return [rows[i] for i in indices]
 
 
-def _phase_positions(raw: RawSplits, data_split: str, phase: int, seed: int, cache_dir: str) -> dict[str, list[int]]:
+def _phase_positions(raw: RawSplits, source: DataSource) -> dict[str, list[int]]:
     """Positions in `raw.train + raw.eval` of this phase's train and eval rows (a tenth of train is held out
     when the source has one split)."""
     key = re.sub(r"[^\w.-]+", "_", raw.name).strip("_")
     size = len(raw.train)
     if raw.eval is None:
-        parts = [phase_indices(size, "9,1,0", i, seed, cache_dir, f"{key}_train_eval") for i in (0, 1)]
+        parts = [phase_indices(size, "9,1,0", i, source.seed, source.cache_dir, f"{key}_train_eval") for i in (0, 1)]
     else:
         parts = [list(range(size)), list(range(size, size + len(raw.eval)))]
     picked = {}
-    for split, positions in zip(("train", "eval"), parts, strict=True):
-        indices = phase_indices(len(positions), data_split, phase - 1, seed, cache_dir, f"{key}_{split}")
+    for split, positions in zip(SPLITS, parts, strict=True):
+        indices = phase_indices(len(positions), source.split, source.phase - 1, source.seed, source.cache_dir,
+                                f"{key}_{split}")
         picked[split] = _select(positions, indices)
         if not picked[split]:
-            raise UserError(f"{raw.name}: --data_split {data_split} leaves no {split} rows for "
-                            f"phase {phase} ({len(positions)} rows in the split)")
+            raise UserError(f"{raw.name}: --data_split {source.split} leaves no {split} rows for "
+                            f"phase {source.phase} ({len(positions)} rows in the split)")
     return picked
 
 
-def _phase_outcomes(raw: RawSplits, judge: Callable[[list], list[Outcome]], data_split: str, phase: int, seed: int,
-                    cache_dir: str) -> dict[str, tuple[list, list[Outcome]]]:
+def _phase_outcomes(raw: RawSplits, judge: Callable[[list], list[Outcome]],
+                    source: DataSource) -> dict[str, tuple[list, list[Outcome]]]:
     """This phase's train and eval rows of one source, with their outcomes. Every row of the source is
     judged, whichever phase it belongs to, so error mode reports a broken line anywhere in the file.
     An eval example that repeats one of this phase's training examples is dropped."""
-    positions = _phase_positions(raw, data_split, phase, seed, cache_dir)
+    positions = _phase_positions(raw, source)
     rows = raw.train + (raw.eval or [])
     outcomes = judge(rows)
     picked = {split: (_select(rows, chosen), _select(outcomes, chosen)) for split, chosen in positions.items()}
@@ -152,24 +197,22 @@ def _phase_outcomes(raw: RawSplits, judge: Callable[[list], list[Outcome]], data
     return picked
 
 
-def load_examples(data_paths: list[str], data_split: str, phase: int, seed: int, cache_dir: str,
-                  repo_root: str, log: Callable[[str], None],
-                  options: DataOptions | None = None) -> tuple[list[Example], list[Example]]:
+def load_examples(source: DataSource, options: DataOptions | None = None) -> tuple[list[Example], list[Example]]:
     """Train and eval examples of this phase from every source, concatenated and shuffled."""
     options = options or DataOptions()
-    parse_split(data_split)
+    parse_split(source.split)
     weights = options.data_weights
-    if weights is not None and (len(weights) != len(data_paths) or min(weights) < 0 or not sum(weights)):
-        raise UserError(f"--data_weights needs one non-negative weight per --data_path ({len(data_paths)}), "
+    if weights is not None and (len(weights) != len(source.paths) or min(weights) < 0 or not sum(weights)):
+        raise UserError(f"--data_weights needs one non-negative weight per --data_path ({len(source.paths)}), "
                         f"not all zero; got {' '.join(map(str, weights))}")
     per_source: list[list[Example]] = []
     evaluation: list[Example] = []
-    for path in data_paths:
-        raw = load_source(path, repo_root)
-        judge = partial(judge_rows, problem=row_problem(raw.adapter, raw.name), bad_rows=options.bad_rows)
-        for split, (rows, outcomes) in _phase_outcomes(raw, judge, data_split, phase, seed, cache_dir).items():
+    for path in source.paths:
+        raw = load_source(path, source.repo_root)
+        judge = partial(judge_rows, problem=row_problem(raw.adapter, raw.name), bad_rows=source.bad_rows)
+        for split, (rows, outcomes) in _phase_outcomes(raw, judge, source).items():
             examples, summary = summarise(raw, split, rows, outcomes)
-            log(f"data: {summary}")
+            source.log(f"data: {summary}")
             examples = [limit_responses(apply_margin(ex, options.margin_source), options.max_responses)
                         for ex in examples]
             if split == "train":
@@ -177,24 +220,24 @@ def load_examples(data_paths: list[str], data_split: str, phase: int, seed: int,
             else:
                 evaluation.extend(examples)
     if weights is not None:
-        train, counts = weigh_sources(per_source, weights, seed)
-        log("data: train examples per source after --data_weights: "
-            + ", ".join(f"{path} {count}" for path, count in zip(data_paths, counts, strict=True)))
+        train, counts = weigh_sources(per_source, weights, source.seed)
+        source.log("data: train examples per source after --data_weights: "
+                   + ", ".join(f"{path} {count}" for path, count in zip(source.paths, counts, strict=True)))
     else:
         train = [example for examples in per_source for example in examples]
-    if len(data_paths) > 1:
-        train = _select(train, shuffle_order(len(train), seed))
-        evaluation = _select(evaluation, shuffle_order(len(evaluation), seed))
+    if len(source.paths) > 1:
+        train = _select(train, shuffle_order(len(train), source.seed))
+        evaluation = _select(evaluation, shuffle_order(len(evaluation), source.seed))
     return train, evaluation
 
 
 def _tokenize_split(examples: list[Example], split: str, tokenizer, max_seq_len: int, eot: str,
-                    log: Callable[[str], None], options: DataOptions) -> TokenizedExamples:
-    tokenized = tokenize_examples(examples, tokenizer, max_seq_len, eot, options.chat_template, options.bad_rows)
+                    chat_template: str | None, source: DataSource) -> TokenizedExamples:
+    tokenized = tokenize_examples(examples, tokenizer, max_seq_len, eot, chat_template, source.bad_rows)
     bad_ids = f", {tokenized.bad_ids} dropped (token ids outside the tokenizer's range)" if tokenized.bad_ids else ""
-    log(f"data: {split}: {len(tokenized)} examples tokenised, {tokenized.truncated} with the prompt "
-        f"cut from the left, {tokenized.too_long} dropped (a response longer than --max_seq_len {max_seq_len}), "
-        f"{tokenized.responses_dropped} over-long responses left out of ranked lists{bad_ids}")
+    source.log(f"data: {split}: {len(tokenized)} examples tokenised, {tokenized.truncated} with the prompt "
+               f"cut from the left, {tokenized.too_long} dropped (a response longer than --max_seq_len "
+               f"{max_seq_len}), {tokenized.responses_dropped} over-long responses left out of ranked lists{bad_ids}")
     if not len(tokenized):
         sources = _sources(examples)
         if tokenized.bad_ids:
@@ -209,118 +252,128 @@ def _sources(examples: list) -> str:
     return ", ".join(dict.fromkeys(example["source"] for example in examples))
 
 
-def create_reward_datasets(data_paths: list[str], data_split: str, data_output_path: str, seed: int,
-                           tokenizer, max_seq_len: int, end_of_conversation_token: str,
-                           repo_root: str, local_rank: int = 0, phase: int = 2,
-                           log: Callable[[str], None] = print,
+def _cache_paths(kind: str, source: DataSource, tokenizer, spec: dict) -> dict[str, str]:
+    """Where the train and eval sets of `kind` made of `source` are cached, named by their cache key
+    (`spec`: what else changes them)."""
+    key = cache_key(list(source.paths), source.repo_root, tokenizer,
+                    {"split": source.split, "phase": source.phase, "seed": source.seed, "bad_rows": source.bad_rows,
+                     **spec})
+    return {split: os.path.join(source.cache_dir, f"{kind}_{split}_{key}.npz") for split in SPLITS}
+
+
+def _build_once(paths: dict[str, str], local_rank: int, build: Callable[[], dict[str, Built]],
+                save: Callable[[Built, str], None], load: Callable[[str], Loaded]) -> tuple[Loaded, Loaded]:
+    """The train and eval sets cached at `paths`. Where the cache lacks either, local rank 0 of the node
+    alone builds and saves both while the other ranks wait at the barrier, and only then does every
+    rank read them: ranks writing the same files would race, and one reading early would find them
+    missing or half written."""
+    if local_rank <= 0 and not all(os.path.isfile(path) for path in paths.values()):
+        os.makedirs(os.path.dirname(paths["train"]), exist_ok=True)
+        for split, built in build().items():
+            save(built, paths[split])
+    barrier()
+    return load(paths["train"]), load(paths["eval"])
+
+
+def create_reward_datasets(source: DataSource, tokenizer, max_seq_len: int, end_of_conversation_token: str,
+                           local_rank: int = 0,
                            options: DataOptions | None = None) -> tuple[PairDataset, PairDataset]:
-    """Train and eval sets for `phase` (2: reward model), built once per node and cached."""
+    """Train and eval sets of preference pairs and ranked lists, built once per node and cached."""
     options = options or DataOptions()
-    key = cache_key(data_paths, repo_root, tokenizer,
-                    {"split": data_split, "phase": phase, "seed": seed, "max_seq_len": max_seq_len,
-                     "eot": end_of_conversation_token, "options": asdict(options)})
-    paths = {split: os.path.join(data_output_path, f"reward_{split}_{key}.npz") for split in ("train", "eval")}
-    if local_rank <= 0 and not all(os.path.isfile(p) for p in paths.values()):
-        os.makedirs(data_output_path, exist_ok=True)
-        train, evaluation = load_examples(data_paths, data_split, phase, seed, data_output_path, repo_root, log,
-                                          options)
+
+    def build() -> dict[str, TokenizedExamples]:
+        train, evaluation = load_examples(source, options)
         if (options.chat_template or own_template(tokenizer)) and any(
                 not is_conversation(example) and "token_ids" not in example for example in train):
-            log("note: the model has a chat template, but some training examples are text: those are read as "
-                "[bos] prompt answer <|endoftext|>, while frameworks that render conversations with the template "
-                "(TRL, verl) score other text; give the data as chat messages to train on what they build")
-        for split, examples in (("train", train), ("eval", evaluation)):
-            save_tokenized(_tokenize_split(examples, split, tokenizer, max_seq_len, end_of_conversation_token,
-                                           log, options), paths[split])
-    barrier()
-    return PairDataset(load_tokenized(paths["train"])), PairDataset(load_tokenized(paths["eval"]))
+            source.log("note: the model has a chat template, but some training examples are text: those are read "
+                       "as [bos] prompt answer <|endoftext|>, while frameworks that render conversations with the "
+                       "template (TRL, verl) score other text; give the data as chat messages to train on what "
+                       "they build")
+        return {split: _tokenize_split(examples, split, tokenizer, max_seq_len, end_of_conversation_token,
+                                       options.chat_template, source)
+                for split, examples in zip(SPLITS, (train, evaluation), strict=True)}
+
+    paths = _cache_paths("reward", source, tokenizer, {"max_seq_len": max_seq_len, "eot": end_of_conversation_token,
+                                                       "options": asdict(options)})
+    return _build_once(paths, local_rank, build, save_tokenized, lambda path: PairDataset(load_tokenized(path)))
 
 
-def create_step_datasets(data_paths: list[str], data_split: str, data_output_path: str, seed: int, tokenizer,
-                         max_seq_len: int, separator: str, neutral: str, last_step_only: bool, repo_root: str,
-                         local_rank: int = 0, phase: int = 2, log: Callable[[str], None] = print,
-                         bad_rows: str = "error") -> tuple[StepDataset, StepDataset]:
+def create_step_datasets(source: DataSource, tokenizer, max_seq_len: int, options: StepOptions | None = None,
+                         local_rank: int = 0) -> tuple[StepDataset, StepDataset]:
     """Train and eval sets of step-labelled solutions for a process reward model, split and cached
     like the preference sets, with the same `bad_rows` policy."""
-    key = cache_key(data_paths, repo_root, tokenizer,
-                    {"split": data_split, "phase": phase, "seed": seed, "max_seq_len": max_seq_len,
-                     "separator": separator, "neutral": neutral, "last_step_only": last_step_only,
-                     "bad_rows": bad_rows})
-    paths = {split: os.path.join(data_output_path, f"steps_{split}_{key}.npz") for split in ("train", "eval")}
-    if local_rank <= 0 and not all(os.path.isfile(p) for p in paths.values()):
-        os.makedirs(data_output_path, exist_ok=True)
+    options = options or StepOptions()
+
+    def build() -> dict[str, TokenizedSteps]:
         examples: dict[str, list[StepExample]] = _judged(
-            data_paths, lambda raw: partial(judge_step_rows, source=raw.name, neutral=neutral, bad_rows=bad_rows),
-            data_split, phase, seed, data_output_path, repo_root, log, "step-labelled solutions",
-            "prompt, steps or completions, labels")
+            source, lambda raw: partial(judge_step_rows, source=raw.name, neutral=options.neutral,
+                                        bad_rows=source.bad_rows),
+            "step-labelled solutions", "prompt, steps or completions, labels")
+        built = {}
         for split, items in examples.items():
-            tokenized = tokenize_steps(items, tokenizer, max_seq_len, separator, last_step_only)
-            log(f"data: {split}: {len(tokenized)} solutions tokenised, {tokenized.truncated} shortened, "
-                f"{tokenized.too_long} dropped (no labelled step fits in --max_seq_len {max_seq_len})")
+            tokenized = tokenize_steps(items, tokenizer, max_seq_len, options.separator, options.last_step_only)
+            source.log(f"data: {split}: {len(tokenized)} solutions tokenised, {tokenized.truncated} shortened, "
+                       f"{tokenized.too_long} dropped (no labelled step fits in --max_seq_len {max_seq_len})")
             if not len(tokenized):
                 raise UserError(f"--max_seq_len {max_seq_len} is too small for {_sources(items)}: no {split} "
                                 "solution keeps a labelled step")
-            save_steps(tokenized, paths[split])
-    barrier()
-    return StepDataset(load_steps(paths["train"])), StepDataset(load_steps(paths["eval"]))
+            built[split] = tokenized
+        return built
+
+    paths = _cache_paths("steps", source, tokenizer, {"max_seq_len": max_seq_len, **asdict(options)})
+    return _build_once(paths, local_rank, build, save_steps, lambda path: StepDataset(load_steps(path)))
 
 
-def create_attribute_datasets(data_paths: list[str], data_split: str, data_output_path: str, seed: int, tokenizer,
-                              max_seq_len: int, end_of_conversation_token: str, repo_root: str,
-                              attributes: list[str] | None = None, local_rank: int = 0, phase: int = 2,
-                              log: Callable[[str], None] = print,
-                              options: DataOptions | None = None) -> tuple[TokenizedExamples, TokenizedExamples]:
+def create_attribute_datasets(source: DataSource, tokenizer, max_seq_len: int, end_of_conversation_token: str,
+                              options: AttributeOptions | None = None,
+                              local_rank: int = 0) -> tuple[TokenizedExamples, TokenizedExamples]:
     """Train and eval sets of attribute-rated responses (`utils/data/attributes.py`), one example per
     prompt, split, cleaned, counted and cached like the preference sets. The attribute names (the
-    data's, or `attributes` in that order) are saved with both sets."""
-    options = options or DataOptions()
-    key = cache_key(data_paths, repo_root, tokenizer,
-                    {"split": data_split, "phase": phase, "seed": seed, "max_seq_len": max_seq_len,
-                     "eot": end_of_conversation_token, "attributes": attributes,
-                     "chat_template": options.chat_template, "bad_rows": options.bad_rows})
-    paths = {split: os.path.join(data_output_path, f"attributes_{split}_{key}.npz") for split in ("train", "eval")}
-    if local_rank <= 0 and not all(os.path.isfile(p) for p in paths.values()):
-        os.makedirs(data_output_path, exist_ok=True)
-        rated = load_rated(data_paths, data_split, phase, seed, data_output_path, repo_root, log, options.bad_rows)
-        names = attribute_names(rated["train"], attributes)
-        log(f"data: attributes {', '.join(names)}")
+    data's, or `options.names` in that order) are saved with both sets."""
+    options = options or AttributeOptions()
+
+    def build() -> dict[str, TokenizedExamples]:
+        rated = load_rated(source)
+        names = attribute_names(rated["train"], options.names)
+        source.log(f"data: attributes {', '.join(names)}")
+        built = {}
         for split, examples in rated.items():
             grouped, dropped = group_by_prompt(examples, names)
             if dropped:
-                log(f"data: {split}: {describe_drops(dropped)} (responses)")
+                source.log(f"data: {split}: {describe_drops(dropped)} (responses)")
             if not grouped:
                 raise UserError(f"{_sources(examples)}: no {split} response rates any of {', '.join(names)}")
-            tokenized = _tokenize_split(grouped, split, tokenizer, max_seq_len, end_of_conversation_token, log,
-                                        options)
-            tokenized.attribute_names = names
-            save_tokenized(tokenized, paths[split])
-    barrier()
-    return load_tokenized(paths["train"]), load_tokenized(paths["eval"])
+            built[split] = _tokenize_split(grouped, split, tokenizer, max_seq_len, end_of_conversation_token,
+                                           options.chat_template, source)
+            built[split].attribute_names = names
+        return built
+
+    paths = _cache_paths("attributes", source, tokenizer,
+                         {"max_seq_len": max_seq_len, "eot": end_of_conversation_token, "attributes": options.names,
+                          "chat_template": options.chat_template})
+    return _build_once(paths, local_rank, build, save_tokenized, load_tokenized)
 
 
-def load_rated(data_paths: list[str], data_split: str, phase: int, seed: int, cache_dir: str, repo_root: str,
-               log: Callable[[str], None], bad_rows: str = "error") -> dict[str, list[dict]]:
+def load_rated(source: DataSource) -> dict[str, list[dict]]:
     """This phase's train and eval rows of attribute-rated responses from every source."""
-    parse_split(data_split)
-    return _judged(data_paths, lambda raw: partial(judge_rated_rows, source=raw.name, bad_rows=bad_rows), data_split,
-                   phase, seed, cache_dir, repo_root, log, "rated responses",
+    parse_split(source.split)
+    return _judged(source, lambda raw: partial(judge_rated_rows, source=raw.name, bad_rows=source.bad_rows),
+                   "rated responses",
                    "prompt, response and attributes, HelpSteer's columns or UltraFeedback's completions",
                    lambda examples: sum(len(example["responses"]) for example in examples))
 
 
-def _judged(data_paths: list[str], judge_of: Callable[[RawSplits], Callable[[list], list[Outcome]]],
-            data_split: str, phase: int, seed: int, cache_dir: str, repo_root: str, log: Callable[[str], None],
-            what: str, expected: str, count: Callable[[list], int] = len) -> dict[str, list]:
-    """This phase's clean train and eval examples of every source, judged by `judge_of(source)`, with
+def _judged(source: DataSource, judge_of: Callable[[RawSplits], Callable[[list], list[Outcome]]], what: str,
+            expected: str, count: Callable[[list], int] = len) -> dict[str, list]:
+    """This phase's clean train and eval examples of every source, judged by `judge_of(its raw rows)`, with
     each split's summary logged; a split with none is an error that says what was `expected`."""
-    examples: dict[str, list] = {"train": [], "eval": []}
-    for path in data_paths:
-        raw = load_source(path, repo_root)
-        for split, (rows, outcomes) in _phase_outcomes(raw, judge_of(raw), data_split, phase, seed,
-                                                       cache_dir).items():
+    examples: dict[str, list] = {split: [] for split in SPLITS}
+    for path in source.paths:
+        raw = load_source(path, source.repo_root)
+        for split, (rows, outcomes) in _phase_outcomes(raw, judge_of(raw), source).items():
             cleaned, dropped = tally(outcomes)
-            log(f"data: {raw.name} [{split}]: {len(rows)} rows -> {count(cleaned)} {what} "
-                f"(dropped: {describe_drops(dropped)})")
+            source.log(f"data: {raw.name} [{split}]: {len(rows)} rows -> {count(cleaned)} {what} "
+                       f"(dropped: {describe_drops(dropped)})")
             if not cleaned:
                 raise UserError(f"{origin(rows) if rows else raw.name}: no usable {what} in the {split} split "
                                 f"(expected {expected}; dropped: {describe_drops(dropped)})")

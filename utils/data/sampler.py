@@ -23,6 +23,7 @@ whatever the packing.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from torch.utils.data import Dataset, Sampler
@@ -117,6 +118,16 @@ class PackedShapes:
         return padded_cost(*self.size(part))
 
 
+@dataclass(frozen=True)
+class LossDenominator:
+    """What `TokenBudgetBatches` counts for each step's loss denominator: the examples of a step vary,
+    so the loss is averaged over all that its optimizer step trains on, across ranks and micro-batches."""
+
+    units: np.ndarray | None = None  # per example what the loss averages over (a solution's labelled steps); None: 1
+    accumulation: int = 1  # micro-batches per optimizer step
+    epochs: int = 1  # epochs the run trains (the last optimizer step of an epoch may take micro-batches of the next)
+
+
 class TokenBudgetBatches(Sampler[list[tuple[int, float]]]):
     """Batch sampler for this rank: documents of at most `budget` tokens per rank and step.
 
@@ -128,20 +139,18 @@ class TokenBudgetBatches(Sampler[list[tuple[int, float]]]):
     longer than the budget is a step's share alone. When the budgets do not divide among the ranks,
     the last step's missing shares repeat examples from the epoch's start (as DistributedSampler).
 
-    `sizes` are the documents' tokens, `units` what the loss averages over per example (1 for a
-    pair or ranked list, the labelled steps of a solution), `accumulation` the micro-batches per
-    optimizer step, `epochs` how many the run trains (the last optimizer step of an epoch may take
-    micro-batches of the next)."""
+    `sizes` are the documents' tokens, `shapes` (if given) what their packed rows cost in memory."""
 
     def __init__(self, sizes: np.ndarray, budget: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 window: int = 32, units: np.ndarray | None = None, accumulation: int = 1, epochs: int = 1,
-                 shapes: PackedShapes | None = None):
+                 window: int = 32, denominator: LossDenominator | None = None, shapes: PackedShapes | None = None):
         if budget <= 0:
             raise ValueError(f"a token budget must be positive, not {budget}")
+        denominator = denominator or LossDenominator()
         self.sizes = np.asarray(sizes, dtype=np.int64)
+        units = denominator.units
         self.units = np.ones(len(self.sizes)) if units is None else np.asarray(units, dtype=np.float64)
         self.budget, self.rank, self.world_size, self.seed, self.window = budget, rank, world_size, seed, window
-        self.accumulation, self.epochs, self.shapes = accumulation, epochs, shapes
+        self.accumulation, self.epochs, self.shapes = denominator.accumulation, denominator.epochs, shapes
         self.epoch, self.start = 0, 0
         self._batches: dict[int, list[list[np.ndarray]]] = {}
 

@@ -10,14 +10,10 @@ Each step is tokenised on its own followed by the separator, the way a policy ge
 and is scored at the last token of that segment, where the step is complete. The prompt ends with the
 separator too, so the first step starts on its own as the others do. Truncation cuts the prompt from
 the left first (as for pairs) and then drops whole trailing steps, so a step is never scored on half its text.
-
-`make_step_rows` generates a synthetic step task (additions whose result is sometimes wrong) that a tiny
-model learns on CPU in seconds, for the tests and the offline demo.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -31,7 +27,6 @@ from utils.data.examples import Outcome, judge_rows
 from utils.data.fields import Malformed, as_object, as_text, list_of, required
 from utils.data.packing import pack_documents, plain_document
 from utils.data.ragged import pack, unpack
-from utils.data.synthetic import is_held_out
 from utils.data.tokenize import encode_bounded, encode_tails, special_affixes
 from utils.files import atomic_write
 
@@ -236,29 +231,3 @@ class StepCollator:
                         labels=torch.where(mask, labels, 0.0), mask=mask)
         return Batch(inputs, targets, layout, **bookkeeping(items))
 
-
-def _addition_chain(rng: random.Random) -> dict:
-    """Add single digits one at a time. A wrong step forgets an addend: its result repeats one of its operands
-    (a slip a tiny model learns to spot in seconds; checking real sums takes it far longer). As in PRM800K, the
-    steps before the first wrong one are labelled 1, that one -1, and the rest, which carry on from the wrong
-    total, null."""
-    numbers = [rng.randint(1, 9) for _ in range(rng.randint(3, 5))]
-    wrong_at = rng.randrange(1, len(numbers)) if rng.random() < 0.7 else None
-    total, steps, labels = numbers[0], [], []
-    for i, number in enumerate(numbers[1:], start=1):
-        result = rng.choice([total, number]) if i == wrong_at else total + number
-        steps.append(f"{total} + {number} = {result}")
-        labels.append(1 if wrong_at is None or i < wrong_at else -1 if i == wrong_at else None)
-        total = result
-    return {"prompt": f"Add {', '.join(map(str, numbers))}.", "steps": steps, "labels": labels}
-
-
-def make_step_rows(count: int, seed: int, held_out: bool = False) -> list[dict]:
-    """`count` synthetic step-wise rows of the train (or held-out) side, split by a hash of the row."""
-    rng = random.Random(seed)
-    rows: list[dict] = []
-    while len(rows) < count:
-        row = _addition_chain(rng)
-        if is_held_out(row) == held_out:
-            rows.append(row)
-    return rows

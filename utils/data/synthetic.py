@@ -1,8 +1,8 @@
-"""A synthetic preference data set that a tiny model learns in minutes, for the offline demo and tests.
+"""Synthetic data sets that a tiny model learns in minutes, for the offline demo and tests.
 
 Rows are split into train and held-out by a hash of the whole row (of a ranked list in rank
-order), so no evaluation pair or list is ever a training one. Three kinds of prompt, each with a
-better and a worse answer that differ in one learnable way:
+order), so no evaluation pair or list is ever a training one. `make_pairs` has three kinds of
+prompt, each with a better and a worse answer that differ in one learnable way:
 - arithmetic: the right sum vs a wrong one;
 - topic: an answer about the asked-for topic vs one about another topic;
 - manners: a polite answer vs a rude one with the same content.
@@ -10,6 +10,10 @@ better and a worse answer that differ in one learnable way:
 `make_ranked_rows` grades answers to the manners prompts on two learnable axes (politeness, then
 whether the content answers the request) for ranked-list objectives, in the `responses` + `ranks`
 layout or, as conversations, in OpenAssistant's layout.
+
+`make_step_rows` makes step-labelled solutions for process reward models (additions in which a step
+sometimes forgets an addend), `make_attribute_rows` HelpSteer-style rows rated on verbosity,
+correctness and helpfulness for `--objective regression`; a tiny model learns either on CPU in seconds.
 """
 
 from __future__ import annotations
@@ -113,6 +117,62 @@ def make_ranked_rows(count: int, seed: int, held_out: bool = False, conversation
         if is_held_out({"request": request, "ranked": sorted(zip(ranks, answers, strict=True))}) == held_out:
             rows.append(row)
     return rows
+
+
+def _addition_chain(rng: random.Random) -> dict:
+    """Add single digits one at a time. A wrong step forgets an addend: its result repeats one of its operands
+    (a slip a tiny model learns to spot in seconds; checking real sums takes it far longer). As in PRM800K, the
+    steps before the first wrong one are labelled 1, that one -1, and the rest, which carry on from the wrong
+    total, null."""
+    numbers = [rng.randint(1, 9) for _ in range(rng.randint(3, 5))]
+    wrong_at = rng.randrange(1, len(numbers)) if rng.random() < 0.7 else None
+    total, steps, labels = numbers[0], [], []
+    for i, number in enumerate(numbers[1:], start=1):
+        result = rng.choice([total, number]) if i == wrong_at else total + number
+        steps.append(f"{total} + {number} = {result}")
+        labels.append(1 if wrong_at is None or i < wrong_at else -1 if i == wrong_at else None)
+        total = result
+    return {"prompt": f"Add {', '.join(map(str, numbers))}.", "steps": steps, "labels": labels}
+
+
+def make_step_rows(count: int, seed: int, held_out: bool = False) -> list[dict]:
+    """`count` synthetic step-wise rows of the train (or held-out) side, split by a hash of the row."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    while len(rows) < count:
+        row = _addition_chain(rng)
+        if is_held_out(row) == held_out:
+            rows.append(row)
+    return rows
+
+
+def _rated_response(rng: random.Random) -> tuple[str, dict[str, float | None]]:
+    """An answer of 1 to 12 filler words, with or without the word "verified". Verbosity is its
+    length (0-4), correctness whether the marker is there (4 or 0), helpfulness their mean, rated
+    for two responses in three only (the rest null)."""
+    words = rng.randint(1, 12)
+    verified = rng.random() < 0.5
+    text = " ".join(rng.choice(("alpha", "beta", "gamma", "delta", "omega")) for _ in range(words))
+    if verified:
+        text = f"verified {text}"
+    verbosity, correctness = float(round((words - 1) * 4 / 11)), 4.0 if verified else 0.0
+    helpfulness = (verbosity + correctness) / 2 if rng.random() < 2 / 3 else None
+    return " " + text, {"helpfulness": helpfulness, "correctness": correctness, "verbosity": verbosity}
+
+
+def make_attribute_rows(count: int, seed: int, held_out: bool = False) -> list[dict]:
+    """`count` HelpSteer-style rows (two responses per prompt, one row each) of the train (or
+    held-out) side, split by a hash of the prompt so both responses land on the same side."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    while len(rows) < count:
+        prompt = f"\n\nHuman: Tell me about item {seed}-{len(rows)}-{rng.random():.6f}.\n\nAssistant:"
+        if is_held_out({"prompt": prompt}) != held_out:
+            continue
+        for _ in range(2):
+            response, ratings = _rated_response(rng)
+            rows.append({"prompt": prompt, "response": response, **ratings})
+    return rows[:count]
 
 
 def write_jsonl(rows: list[dict], path: str) -> None:
