@@ -208,10 +208,9 @@ def build_engine(args: argparse.Namespace, mode: str, vocab: int, pad_token_id: 
         flags.append("--gradient_checkpointing")
     train_args = parse_training_args(flags)
     with contextlib.redirect_stdout(sys.stderr):
-        resolve_attention(train_args, config)
-    config._attn_implementation = train_args.attn_implementation or "sdpa"
+        config._attn_implementation = resolve_attention(train_args, config) or "sdpa"
     torch.manual_seed(0)
-    model = RewardModel(AutoModel.from_config(config), loss=args.loss)
+    model = RewardModel(AutoModel.from_config(config))
     return build_engine(train_args, model, build_ds_config(train_args, 1), batches_per_epoch=[1]), config
 
 
@@ -219,19 +218,20 @@ def non_embedding_parameters(model) -> int:
     return sum(param.numel() for name, param in model.named_parameters() if "embed_" not in name)
 
 
-def batch_counts(batch: dict) -> tuple[int, int, int, int]:
+def batch_counts(batch) -> tuple[int, int, int, int]:
     """Processed tokens, non-padding tokens, sequence tokens, and the summed visible context of the
     non-padding tokens (each token attends to position + 1 keys, packed or not: positions restart
     in every document and run on from the prompt in every answer)."""
-    if "row_index" in batch:
-        real, positions = batch["segment_ids"] >= 0, batch["position_ids"]
-        sequence_tokens = int((batch["row_index"] >= 0).sum())
+    layout, inputs = batch.layout, batch.inputs
+    if layout.row_index is not None:
+        real, positions = layout.segment_ids >= 0, layout.position_ids
+        sequence_tokens = int((layout.row_index >= 0).sum())
     else:
-        real = batch["attention_mask"].bool()
-        positions = batch["attention_mask"].cumsum(-1) - 1
+        real = inputs.attention_mask.bool()
+        positions = inputs.attention_mask.cumsum(-1) - 1
         sequence_tokens = int(real.sum())
     context = int(((positions + 1) * real).sum())
-    return batch["input_ids"].numel(), int(real.sum()), sequence_tokens, context
+    return inputs.input_ids.numel(), int(real.sum()), sequence_tokens, context
 
 
 def rss_mib() -> float:
@@ -247,7 +247,8 @@ def run_mode(mode: str, args: argparse.Namespace, data, vocab: int, pad_token_id
     from deepspeed.accelerator import get_accelerator
     from torch.utils.data import DataLoader
 
-    from step2_reward_model.training import train_step
+    from step2_reward_model.objectives.preference import Preference
+    from step2_reward_model.training import Placement, train_step
     from utils.data.collate import PairDataset
     from utils.runtime import init_single_process_env
 
@@ -264,7 +265,9 @@ def run_mode(mode: str, args: argparse.Namespace, data, vocab: int, pad_token_id
     sampler, collator, items = batching(mode, args, dataset, config, pad_token_id)
     loader = DataLoader(items, batch_sampler=sampler, collate_fn=collator, pin_memory=device == "cuda")
 
-    def step(batch: dict) -> list[float]:
+    objective, placement = Preference(loss_name=args.loss), Placement(0, 1, torch.device(device))
+
+    def step(batch) -> list[float]:
         """main.py's training step, with the time after each phase (copy, forward, backward, step)."""
         marks = [time.perf_counter()]
 
@@ -272,7 +275,7 @@ def run_mode(mode: str, args: argparse.Namespace, data, vocab: int, pad_token_id
             sync(device)
             marks.append(time.perf_counter())
 
-        train_step(engine, batch, torch.device(device), stop_requested=False, world_size=1, mark=mark)
+        train_step(engine, objective, batch, placement, stop_requested=False, mark=mark)
         return np.diff(marks).tolist()
 
     sampler.set_epoch(1)  # warm-up batches from another shuffle

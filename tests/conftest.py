@@ -42,7 +42,6 @@ def objective_forward(model, batch, objective=None) -> dict:
     import torch
 
     from step2_reward_model.objectives.preference import Preference
-    from step2_reward_model.objectives.regression import Regression
     from utils.data.batch import Ranking
 
     objective = objective or Preference()
@@ -54,8 +53,8 @@ def objective_forward(model, batch, objective=None) -> dict:
         last = torch.full((prompts,), -1, device=group.device).scatter_reduce(
             0, group, torch.arange(len(group), device=group.device), "amax")
         result.update(chosen_mean_scores=out.scores[:prompts], rejected_mean_scores=out.scores[last])
-    if isinstance(objective, Regression):
-        result["attributes"] = objective.predictions(model, rows)
+    if out.attributes is not None:
+        result["attributes"] = out.attributes
     return result
 
 

@@ -12,19 +12,24 @@ import json
 import math
 import os
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, launcher_env, rounding_tolerance, run_cli
+from conftest import REPO_ROOT, launcher_env, objective_forward, rounding_tolerance, run_cli
 from test_server import call, running
 from transformers import AutoModel
 
+from step2_reward_model.heldout import score_split
 from step2_reward_model.model import Attributes, RewardModel
+from step2_reward_model.objectives import saved_objective
+from step2_reward_model.objectives.base import DataRequest
+from step2_reward_model.objectives.regression import Regression
 from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.report import attribute_report
-from step2_reward_model.scoring import Scorer, score_rated_data
+from step2_reward_model.scoring import Scorer
 from utils.data.attributes import (
     AttributeDataset,
     AttributeScale,
@@ -152,10 +157,14 @@ def test_weights_and_scales():
     assert AttributeScale.of("none", labels, 2).apply(labels[1]).tolist() == [[3.0, 2.0]]
 
 
-def float64_model(tokenizer, attributes: Attributes, pair_loss_coefficient: float = 0.0) -> RewardModel:
+def float64_model(tokenizer, attributes: Attributes) -> RewardModel:
     torch.manual_seed(0)
     backbone = AutoModel.from_config(tiny_config("opt", tokenizer, hidden=32, layers=2))
-    return RewardModel(backbone, attributes=attributes, pair_loss_coefficient=pair_loss_coefficient).double()
+    return RewardModel(backbone, attributes=attributes).double()
+
+
+def regression(attributes: Attributes, pair_loss_coefficient: float = 0.0) -> Regression:
+    return Regression(head=attributes, pair_loss_coefficient=pair_loss_coefficient)
 
 
 def rated_items(tokenizer) -> list[dict]:
@@ -176,10 +185,11 @@ def test_masked_labels_add_nothing_to_loss_or_gradient(tokenizers):
     """The loss is the mean over rated cells, computed here cell by cell; an unrated cell's prediction
     gets exactly zero gradient; and rescaled by `loss_denominator` it is their sum over it."""
     tokenizer = tokenizers["opt"]
-    model = float64_model(tokenizer, Attributes(("helpfulness", "verbosity"), (0.5, 0.5)))
+    attributes = Attributes(("helpfulness", "verbosity"), (0.5, 0.5))
+    model = float64_model(tokenizer, attributes)
     batch = PairCollator(tokenizer.pad_token_id)(rated_items(tokenizer))
-    out = model(**{key: value for key, value in batch.items() if key != "source"})
-    predicted, labels = out["attributes"], batch["attribute_labels"].double()
+    out = objective_forward(model, batch, regression(attributes))
+    predicted, labels = out["attributes"], batch.targets.labels.double()
     cells = [(r, k) for r in range(labels.shape[0]) for k in range(2) if not math.isnan(labels[r, k])]
     expected = sum((predicted[r, k] - labels[r, k]) ** 2 for r, k in cells) / len(cells)
     tolerance = rounding_tolerance(expected, dtype=torch.float64)
@@ -187,7 +197,7 @@ def test_masked_labels_add_nothing_to_loss_or_gradient(tokenizers):
     assert len(cells) == 9 < labels.numel()
     gradient, = torch.autograd.grad(out["loss"], predicted)
     assert (gradient[labels.isnan()] == 0).all() and (gradient[~labels.isnan()] != 0).all()
-    scaled = model(**{key: value for key, value in batch.items() if key != "source"}, loss_denominator=4.0)
+    scaled = objective_forward(model, replace(batch, loss_denominator=4.0), regression(attributes))
     assert scaled["loss"].item() == pytest.approx(expected.item() * len(cells) / 4.0, abs=tolerance)
     np.testing.assert_array_equal(AttributeDataset(_tokenized(rated_items(tokenizer)), AttributeScale.of(
         "none", [], 2)).loss_units(), [3, 1, 5])
@@ -209,16 +219,16 @@ def test_pair_loss_compares_responses_whose_combined_labels_differ(tokenizers):
     prompts, computed here pair by pair. Prompt 0's second response lacks a weighted label."""
     tokenizer = tokenizers["opt"]
     weights = (2.0, -1.0)
-    plain = float64_model(tokenizer, Attributes(("helpfulness", "verbosity"), weights))
-    paired = float64_model(tokenizer, Attributes(("helpfulness", "verbosity"), weights), pair_loss_coefficient=0.7)
+    attributes = Attributes(("helpfulness", "verbosity"), weights)
+    model = float64_model(tokenizer, attributes)
     batch = PairCollator(tokenizer.pad_token_id)(rated_items(tokenizer))
-    batch.pop("source")
-    mse, out = plain(**batch), paired(**batch)
-    scores, labels = out["scores"], batch["attribute_labels"].double()
+    mse = objective_forward(model, batch, regression(attributes))
+    out = objective_forward(model, batch, regression(attributes, pair_loss_coefficient=0.7))
+    scores, labels = out["scores"], batch.targets.labels.double()
     target = labels @ torch.tensor(weights, dtype=torch.float64)  # NaN where a weighted label is missing
     per_prompt = []
     for g in range(3):
-        rows = [r for r in range(len(scores)) if batch["group"][r] == g and not math.isnan(target[r])]
+        rows = [r for r in range(len(scores)) if batch.targets.group[r] == g and not math.isnan(target[r])]
         terms = [-F.logsigmoid(scores[i] - scores[j]) for i in rows for j in rows if target[i] > target[j]]
         if terms:
             per_prompt.append(sum(terms) / len(terms))
@@ -234,16 +244,16 @@ def test_attributes_are_the_same_in_every_batch_layout(tokenizers, layout):
     """Shared prompts (one row per prompt), one row per response, and token-budget packing give the
     same attributes, loss and gradients."""
     tokenizer = tokenizers["opt"]
-    model = float64_model(tokenizer, Attributes(("helpfulness", "verbosity"), (1.0, 1.0)), 0.5)
+    attributes = Attributes(("helpfulness", "verbosity"), (1.0, 1.0))
+    model, objective = float64_model(tokenizer, attributes), regression(attributes, 0.5)
     items = rated_items(tokenizer)
     options = {"unshared": {}, "packed": {"arrangement": "fit"}}[layout]
     results = []
     for collate in (PairCollator(tokenizer.pad_token_id, share_prompt=True), PairCollator(tokenizer.pad_token_id,
                                                                                           **options)):
         batch = collate(items)
-        batch.pop("source")
         model.zero_grad()
-        out = model(**batch)
+        out = objective_forward(model, batch, objective)
         out["loss"].backward()
         results.append((out, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     (shared, shared_grad), (other, other_grad) = results
@@ -312,7 +322,12 @@ def rescored(out, rated_dir: str, cache: str) -> dict:
     manifest = load_manifest(path)
     scorer = Scorer(load_reward_model(path), load_scoring_tokenizer(path), manifest["max_seq_len"],
                     manifest["end_of_conversation_token"], scale=AttributeScale.from_manifest(manifest))
-    return score_rated_data(scorer, [rated_dir], "0,1,0", "eval", 1234, cache, str(REPO_ROOT), log=lambda _: None)
+    source = DataSource((rated_dir,), "0,1,0", 1234, cache, str(REPO_ROOT), log=lambda _: None)
+    held_out = score_split(scorer, saved_objective(manifest), DataRequest(source, scorer.max_seq_len), "eval")
+    table = held_out.table
+    predicted, labels = held_out.objective.split(table)
+    return {"predicted": predicted, "labels": labels, "rewards": table[:, 0], "prompts": table[:, 1],
+            "targets": table[:, 2]}
 
 
 def test_a_tiny_model_learns_attributes_to_held_out_spearman(regression_run, rated_dir):

@@ -645,20 +645,21 @@ def test_collator_stacks_chosen_then_rejected_padded_to_multiple_of_8(lengths, w
     items = [dataset[i] for i in range(len(dataset))]
     pad = 7
     batch = PairCollator(pad)(items)
+    inputs, ranking = batch.inputs, batch.targets
     n = len(items)
-    assert batch["input_ids"].shape == (2 * n, width) and batch["attention_mask"].shape == (2 * n, width)
-    assert batch["input_ids"].dtype == torch.long
+    assert inputs.input_ids.shape == (2 * n, width) and inputs.attention_mask.shape == (2 * n, width)
+    assert inputs.input_ids.dtype == torch.long
     for i, (p, c, r) in enumerate(lengths):
         base = 1000 * (i + 1)
         prompt = [base + k for k in range(p)]
         for row, (length, offset) in ((i, (c, 100)), (n + i, (r, 200))):
             real = prompt + [base + offset + k for k in range(length)]
-            assert batch["input_ids"][row, :len(real)].tolist() == real
-            assert batch["input_ids"][row, len(real):].tolist() == [pad] * (width - len(real))
-            assert batch["attention_mask"][row].tolist() == [1] * len(real) + [0] * (width - len(real))
-    assert batch["group"].tolist() == list(range(n)) * 2 and batch["rank"].tolist() == [0] * n + [1] * n
-    assert batch["margin"].tolist() == [0.0] * n
-    assert "is_real" not in batch
+            assert inputs.input_ids[row, :len(real)].tolist() == real
+            assert inputs.input_ids[row, len(real):].tolist() == [pad] * (width - len(real))
+            assert inputs.attention_mask[row].tolist() == [1] * len(real) + [0] * (width - len(real))
+    assert ranking.group.tolist() == list(range(n)) * 2 and ranking.rank.tolist() == [0] * n + [1] * n
+    assert ranking.margin.tolist() == [0.0] * n
+    assert batch.real is None and batch.index.tolist() == list(range(n))
 
 
 def test_collator_ranked_lists_of_different_lengths():
@@ -668,10 +669,11 @@ def test_collator_ranked_lists_of_different_lengths():
     tokenized.margins = [0.5, 0.0]
     dataset = PairDataset(tokenized)
     batch = PairCollator(0)([dataset[0], dataset[1]])
-    assert batch["group"].tolist() == [0, 1, 0, 1, 1] and batch["rank"].tolist() == [0, 0, 1, 1, 1]
-    assert batch["margin"].tolist() == [0.5, 0.0] and batch["source"].tolist() == [0, 0]
-    assert batch["input_ids"][4, :4].tolist() == [2000, 2300, 2301, 2302]
-    assert batch["attention_mask"].sum(-1).tolist() == [3, 3, 3, 3, 4]
+    ranking = batch.targets
+    assert ranking.group.tolist() == [0, 1, 0, 1, 1] and ranking.rank.tolist() == [0, 0, 1, 1, 1]
+    assert ranking.margin.tolist() == [0.5, 0.0] and batch.source.tolist() == [0, 0]
+    assert batch.inputs.input_ids[4, :4].tolist() == [2000, 2300, 2301, 2302]
+    assert batch.inputs.attention_mask.sum(-1).tolist() == [3, 3, 3, 3, 4]
 
 
 @pytest.mark.parametrize("size", [1, 5, 7, 8])
@@ -698,8 +700,8 @@ def test_collator_passes_is_real_flags():
     dataset = PairDataset(hand_tokenized([(1, 1, 1)] * 3))
     shard = EvalShard(dataset, rank=1, world_size=2)  # positions 1 and 3: the second is a repeat
     batch = PairCollator(0)([shard[0], shard[1]])
-    assert batch["is_real"].tolist() == [True, False]
-    assert batch["input_ids"].shape[0] == 4
+    assert batch.real.tolist() == [True, False] and batch.index.tolist() == [1, 0]
+    assert batch.inputs.input_ids.shape[0] == 4
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_chunks_change_nothing, corpus, rounding_tolerance, run_cli
+from conftest import (
+    REPO_ROOT,
+    assert_chunks_change_nothing,
+    corpus,
+    objective_forward,
+    pair_batch,
+    rounding_tolerance,
+    run_cli,
+)
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModel,
@@ -30,8 +38,9 @@ from transformers import (
     UMT5Config,
 )
 
-from step2_reward_model import export, main
+from step2_reward_model import export
 from step2_reward_model.flags import parse_training_args
+from step2_reward_model.heldout import score_split
 from step2_reward_model.model import (
     RewardModel,
     create_reward_model,
@@ -40,8 +49,12 @@ from step2_reward_model.model import (
     new_backbone,
     prefix_sharing_problem,
 )
+from step2_reward_model.objectives import objective_for, saved_objective
+from step2_reward_model.objectives.base import DataRequest
+from step2_reward_model.objectives.preference import Preference
 from step2_reward_model.output import load_manifest, load_reward_model
-from step2_reward_model.scoring import Scorer, score_data
+from step2_reward_model.scoring import Scorer
+from utils.data.build import DataSource
 from utils.data.collate import pad_right
 from utils.data.synthetic import make_pairs, make_ranked_rows, write_jsonl
 from utils.errors import UserError
@@ -56,6 +69,7 @@ ANSWERS = ["The answer is 42.", "The sea covers most of the planet and is salty,
 TRAIN_FLAGS = ["--data_split", "0,1,0", "--dtype", "fp32", "--per_device_eval_batch_size", "32", "--max_seq_len",
                "64", "--learning_rate", "2e-3", "--num_train_epochs", "1", "--deepspeed"]
 
+END_TOKEN = Preference(loss_name="end_token")
 
 def wordpiece_tokenizer(texts: list[str], **names: str) -> PreTrainedTokenizerFast:
     """BERT's conventions: lower-cased WordPiece, `[CLS] text [SEP]`, `[PAD]` id 0, no eos (DeBERTa-v2's
@@ -162,7 +176,7 @@ def untrained_model(model_dir: str) -> tuple[RewardModel, Scorer]:
     """A float64 reward model on the encoder with a random value head, and a scorer of its texts."""
     tokenizer = load_hf_tokenizer(model_dir)
     torch.manual_seed(0)
-    model = create_reward_model(model_dir, tokenizer, loss="end_token")
+    model = create_reward_model(model_dir, tokenizer)
     torch.nn.init.normal_(model.v_head.weight, std=1.0)
     return model.double().eval(), Scorer(model, tokenizer, 64, end_of_conversation_text(model.config))
 
@@ -183,7 +197,7 @@ def test_scored_at_the_pooled_token_whatever_the_padding(family, encoder_dirs):
     assert left["chosen_end_scores"].tolist() == pytest.approx(right.tolist(), abs=tolerance)
     scored = attention_mask.argmax(-1) if FIRST_TOKEN[family] else torch.full((len(sequences),), input_ids.shape[1] - 1)
     assert torch.equal(left["chosen_end_scores"], left["values"].gather(-1, scored[:, None])[:, 0])
-    training = model(*pad_right(sequences[:2], 0))["scores"]
+    training = objective_forward(model, pair_batch(*pad_right(sequences[:2], 0)), END_TOKEN)["scores"]
     assert training.tolist() == pytest.approx(right[:2].tolist(), abs=tolerance)
 
     row = torch.as_tensor(sequences[0])[None]
@@ -211,7 +225,7 @@ def test_length_chunks_give_the_same_loss_scores_and_gradients(family, encoder_d
         shared = next(i for i, (a, b) in enumerate(zip(better, worse, strict=False)) if a != b)
         items.append({"prompt": better[:shared], "responses": [better[shared:], worse[shared:]],
                       "ranks": np.arange(2), "margin": 0.0, "source": 0})
-    assert_chunks_change_nothing(model, items)
+    assert_chunks_change_nothing(model, items, objective=END_TOKEN)
 
 
 def replaced(row: torch.Tensor, position: int, token_id: int) -> torch.Tensor:
@@ -267,9 +281,11 @@ def test_trains_end_to_end_and_saves_what_step3_must_know(family, trained):
                                                    "t5": "T5EncoderModel"}[family]
     scorer = Scorer(model, load_hf_tokenizer(out), manifest["max_seq_len"], manifest["end_of_conversation_token"])
     cache = os.path.join(os.path.dirname(out), "rescore")
-    scored, _, _ = score_data(scorer, [data], "0,1,0", "eval", 1234, cache, str(REPO_ROOT), log=lambda message: None)
+    source = DataSource((data,), "0,1,0", 1234, cache, str(REPO_ROOT), log=lambda message: None)
+    held_out = score_split(scorer, saved_objective(manifest), DataRequest(source, scorer.max_seq_len), "eval")
+    again = held_out.objective.summarize(held_out.table, held_out.source_names)
     final = manifest["final_eval"]
-    assert scored["chosen"].mean() == pytest.approx(final["chosen"], abs=rounding_tolerance(final["chosen"]))
+    assert again["chosen"] == pytest.approx(final["chosen"], abs=rounding_tolerance(final["chosen"]))
     if family == "bert":  # ranked lists with Plackett-Luce, learnt in 8 steps from 0.6 to about 0.87
         assert final["accuracy"] >= 0.75 and "top1_accuracy" in final, log[-3000:]
 
@@ -330,9 +346,9 @@ def test_per_token_loss_is_refused_in_one_line(encoder_dirs, tmp_path):
 def test_process_reward_is_refused_for_encoders(encoder_dirs):
     """A step's value must not see the later steps, which an encoder's does; causal LMs are unaffected."""
     args = parse_training_args(["--model_name_or_path", "m", "--process_reward"])
-    with pytest.raises(UserError, match=r"^--process_reward .* model type t5 is an encoder"):
-        main.check_backbone(args, load_config(encoder_dirs["t5"], False, "--model_name_or_path"))
-    main.check_backbone(parse_training_args(["--model_name_or_path", "m"]), OPTConfig())
+    with pytest.raises(UserError, match=r"^--objective process .* model type t5 is an encoder"):
+        objective_for(args).check_backbone(load_config(encoder_dirs["t5"], False, "--model_name_or_path"))
+    objective_for(args).check_backbone(OPTConfig())
 
 
 def test_rw_eval_scores_an_encoder_output(trained):

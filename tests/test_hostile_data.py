@@ -706,8 +706,12 @@ def test_every_adapter_drops_or_names_a_bad_row(rows, dataset_id):
 
 def test_rw_eval_scoring_follows_bad_rows_for_token_ids(saved_models, tmp_path):
     """Scoring a data file (rw_eval, the converter) applies --bad_rows to pretokenized ids too."""
+    from step2_reward_model.heldout import score_split
+    from step2_reward_model.objectives.base import DataRequest
+    from step2_reward_model.objectives.preference import Preference
     from step2_reward_model.output import load_reward_model
-    from step2_reward_model.scoring import Scorer, score_data
+    from step2_reward_model.scoring import Scorer
+    from utils.data.build import DataSource
     from utils.model_files import load_hf_tokenizer
 
     folder = str(tmp_path / "data")
@@ -716,10 +720,14 @@ def test_rw_eval_scoring_follows_bad_rows_for_token_ids(saved_models, tmp_path):
                  eval_lines=jsonl([{"input_ids_chosen": [5, 10**6], "input_ids_rejected": [5, 8]}]))
     path = saved_models["gpt2"]
     scorer = Scorer(load_reward_model(path), load_hf_tokenizer(path), MAX_SEQ_LEN, EOT)
-    args = ([folder], "0,1,0", "eval", 1234, str(tmp_path / "cache"), folder)
+    def request(bad_rows: str, log) -> DataRequest:
+        return DataRequest(DataSource((folder,), "0,1,0", 1234, str(tmp_path / bad_rows), folder, bad_rows=bad_rows,
+                                      log=log), MAX_SEQ_LEN)
+
     with pytest.raises(UserError, match=r"eval.jsonl, line 4: field 'input_ids_chosen' has a token id outside"):
-        score_data(scorer, *args, log=lambda _: None)
+        score_split(scorer, Preference(), request("error", lambda _: None), "eval")
     lines: list[str] = []
-    scored, _, tokenized = score_data(scorer, *args, log=lines.append, bad_rows="skip")
-    assert tokenized.bad_ids == 1 and len(scored["chosen"]) == 3  # the three clean eval pairs
-    assert "1 skipped (token ids outside the tokenizer's range)" in lines[-1]
+    held_out = score_split(scorer, Preference(), request("skip", lines.append), "eval")
+    assert held_out.dataset.data.bad_ids == 1 and len(held_out.table) == 6  # the three clean eval pairs
+    assert any(line.startswith("data: eval: 3 examples") and "1 dropped (token ids outside the tokenizer's range)"
+               in line for line in lines), lines

@@ -68,14 +68,11 @@ def test_attention_auto_per_device(monkeypatch, device, flash_installed, dtype, 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     argv = ["--model_name_or_path", "m", "--dtype", dtype] + ([] if sharing else ["--no_prefix_sharing"])
     args = flags.parse_training_args(argv)
-    engine.resolve_attention(args)
-    assert args.attn_implementation == expected
+    assert engine.resolve_attention(args) == expected
 
 
 def test_attention_auto_keeps_the_models_default_without_flash_attention():
     args = flags.parse_training_args(["--model_name_or_path", "m"])
-    engine.resolve_attention(args)
-    assert args.attn_implementation is None
+    assert engine.resolve_attention(args) is None
     args = flags.parse_training_args(["--model_name_or_path", "m", "--attn_implementation", "eager"])
-    engine.resolve_attention(args)
-    assert args.attn_implementation == "eager"
+    assert engine.resolve_attention(args) == "eager"

@@ -15,11 +15,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, needs_shared_data, rounding_tolerance
+from conftest import REPO_ROOT, needs_shared_data, objective_forward, rounding_tolerance
 from transformers import AutoModel
 
-from step2_reward_model.metrics import step_metrics
+from step2_reward_model.heldout import batch_rows, held_out_table
 from step2_reward_model.model import RewardModel
+from step2_reward_model.objectives.process import Process, step_counts
 from utils.data.collate import EvalShard
 from utils.data.examples import tally
 from utils.data.sources import load_source
@@ -213,18 +214,19 @@ def test_collator(tokenizers):
     batch = StepCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
     lengths = [len(dataset[i]["input_ids"]) for i in range(2)]
     width = 8 * -(-max(lengths) // 8)
-    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, width)
-    assert batch["attention_mask"].sum(-1).tolist() == lengths
-    assert batch["input_ids"][0, lengths[0]:].eq(tokenizer.pad_token_id).all()
-    assert batch["step_rows"].tolist() == [0, 0, 1, 1, 1]
-    assert batch["step_positions"].tolist() == dataset[0]["positions"].tolist() + dataset[1]["positions"].tolist()
-    assert batch["step_labels"].tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]
-    assert batch["step_mask"].tolist() == [True, True, True, True, False]
-    assert batch["step_rows"].dtype == batch["step_positions"].dtype == torch.long
-    assert batch["step_labels"].dtype == torch.float32 and batch["step_mask"].dtype == torch.bool
-    assert "is_real" not in batch
+    inputs, steps = batch.inputs, batch.targets
+    assert inputs.input_ids.shape == inputs.attention_mask.shape == (2, width)
+    assert inputs.attention_mask.sum(-1).tolist() == lengths
+    assert inputs.input_ids[0, lengths[0]:].eq(tokenizer.pad_token_id).all()
+    assert steps.rows.tolist() == [0, 0, 1, 1, 1]
+    assert steps.positions.tolist() == dataset[0]["positions"].tolist() + dataset[1]["positions"].tolist()
+    assert steps.labels.tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]
+    assert steps.mask.tolist() == [True, True, True, True, False]
+    assert steps.rows.dtype == steps.positions.dtype == torch.long
+    assert steps.labels.dtype == torch.float32 and steps.mask.dtype == torch.bool
+    assert batch.real is None and batch.index.tolist() == [0, 1]
     shards = [EvalShard(dataset, rank, world_size=3)[0] for rank in (0, 2)]  # rank 2's only item is a repeat
-    assert StepCollator(None)(shards)["is_real"].tolist() == [True, False]
+    assert StepCollator(None)(shards).real.tolist() == [True, False]
 
 
 @pytest.mark.numerics
@@ -239,7 +241,7 @@ def test_step_logits_are_the_values_at_step_ends(tokenizers, family):
     dataset = StepDataset(tokenize_steps(EXAMPLES, tokenizer, 128))
     batch = StepCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
     with torch.no_grad():
-        logits = model(**batch)["step_logits"]
+        logits = objective_forward(model, batch, Process())["scores"]
         expected = [model.forward_value(torch.from_numpy(item["input_ids"][:position + 1]).long()[None])
                     ["chosen_end_scores"][0] for item in (dataset[0], dataset[1]) for position in item["positions"]]
     assert logits.shape == (5,)
@@ -257,14 +259,13 @@ def test_step_metrics_by_hand():
         ([1, 0], [1.0, 1.0]),  # error missed: 1 of 2, solution wrong, first error wrong
         ([0], [0.0]),  # sigmoid(0) = 0.5 is not > 0.5, so predicted bad: 1 of 1, right, right
     ]
-    labels = torch.tensor([0.0 if label is None else float(label) for row, _ in rows for label in row])
-    mask = torch.tensor([label is not None for row, _ in rows for label in row])
-    logits = torch.tensor([logit for _, row in rows for logit in row])
-    step_rows = torch.tensor([i for i, (row, _) in enumerate(rows) for _ in row])
-    metrics = step_metrics(logits, labels, mask, step_rows, batch_size=len(rows))
-    assert {name: value.item() for name, value in metrics.items()} == {
-        "steps": 11, "steps_correct": 9, "solutions": 5, "solutions_correct": 4, "first_error_correct": 3}
-    assert all(value.dtype == torch.float64 and value.dim() == 0 for value in metrics.values())
+    table = np.array([(logit, solution, label, step) for solution, (labels, logits) in enumerate(rows)
+                      for step, (label, logit) in enumerate(zip(labels, logits, strict=True)) if label is not None],
+                     dtype=np.float64)
+    shuffled = table[np.random.default_rng(0).permutation(len(table))]  # rows of several ranks come in any order
+    for rows_in_some_order in (table, shuffled):
+        assert step_counts(rows_in_some_order) == {
+            "steps": 11, "steps_correct": 9, "solutions": 5, "solutions_correct": 4, "first_error_correct": 3}
 
 
 # ---------------------------------------------------------------- learning
@@ -295,7 +296,7 @@ def test_a_tiny_prm_learns_to_spot_wrong_steps(tokenizers):
         for batch in loader:
             if done == updates:
                 break
-            loss = model(**batch)["loss"]
+            loss = objective_forward(model, batch, Process())["loss"]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -303,12 +304,11 @@ def test_a_tiny_prm_learns_to_spot_wrong_steps(tokenizers):
             done += 1
 
     model.eval()
-    totals: Counter = Counter()
     with torch.no_grad():
-        for batch in torch.utils.data.DataLoader(StepDataset(held_out), batch_size=100, collate_fn=collate):
-            metrics = step_metrics(model(**batch)["step_logits"], batch["step_labels"], batch["step_mask"],
-                                   batch["step_rows"], len(batch["input_ids"]))
-            totals.update({name: value.item() for name, value in metrics.items()})
+        loader = torch.utils.data.DataLoader(StepDataset(held_out), batch_size=100, collate_fn=collate)
+        local = batch_rows(lambda batch: model(batch.inputs, batch.layout), Process(), model, loader,
+                           torch.device("cpu"))
+    totals = step_counts(held_out_table(local))
     labels = np.concatenate(held_out.labels)
     majority = max((labels == 1).sum(), (labels == 0).sum()) / (labels >= 0).sum()
     step_accuracy = totals["steps_correct"] / totals["steps"]

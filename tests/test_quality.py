@@ -15,7 +15,7 @@ import pytest
 from conftest import run_cli
 from test_gguf import write_gguf
 
-from step2_reward_model.evaluate import best_worst_margins
+from step2_reward_model.objectives.preference import best_worst_margins
 from utils.data.pair_files import as_chat, read_pairs, write_split
 from utils.data.synthetic import make_pairs
 from utils.errors import UserError

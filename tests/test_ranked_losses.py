@@ -10,6 +10,8 @@ from step2_reward_model.flags import parse_training_args
 from step2_reward_model.losses import LOSSES, plackett_luce_loss, ranked_pair_loss, step_loss
 from step2_reward_model.metrics import ranking_metrics
 from step2_reward_model.model import create_reward_model
+from step2_reward_model.objectives import objective_for
+from utils.data.batch import Batch, Layout, ModelInputs, Ranking
 from utils.model_files import load_hf_tokenizer
 
 pytestmark = pytest.mark.numerics
@@ -135,10 +137,12 @@ def test_every_loss_name_parses_and_reaches_its_own_loss(model_dirs):
     eps = torch.finfo(torch.float64).eps
     for name in LOSSES:
         args = parse_training_args(["--model_name_or_path", model_dirs["opt"], "--loss", name])
-        model = create_reward_model(args.model_name_or_path, tokenizer, loss=args.loss).double()
+        model = create_reward_model(args.model_name_or_path, tokenizer).double()
         torch.nn.init.normal_(model.v_head.weight, std=0.5, generator=torch.Generator().manual_seed(0))
         batch = responses_batch(prompts=3, responses=TELLING_RESPONSES[name], vocab=len(tokenizer), seed=0)
-        loss = model(**batch)["loss"]
+        typed = Batch(ModelInputs(batch["input_ids"], batch["attention_mask"]),
+                      Ranking(batch["group"], batch["rank"], batch["margin"]), Layout())
+        loss = objective_for(args).loss(model, model(typed.inputs, typed.layout), typed).loss
         with torch.no_grad():
             references = reference_losses(model.values(batch["input_ids"], batch["attention_mask"]), batch)
         torch.testing.assert_close(loss, references.pop(name), rtol=100 * eps, atol=0,

@@ -247,16 +247,16 @@ def test_incomplete_checkpoints_are_never_chosen(uninterrupted, tmp_path):
 
 
 NAN_AT = """
-import math, sys, torch
-from step2_reward_model import model
-forward, calls = model.RewardModel.forward, [0]
-def poisoned(self, *args, **kwargs):
-    result = forward(self, *args, **kwargs)
-    calls[0] += self.training  # training steps only, not evaluation batches
-    if self.training and calls[0] in BAD:
-        result["loss"] = result["loss"] * math.nan
+import dataclasses, math, sys, torch
+from step2_reward_model.objectives import preference
+loss, calls = preference.Preference.loss, [0]
+def poisoned(self, model, rows, batch):
+    result = loss(self, model, rows, batch)
+    calls[0] += model.training  # training steps only
+    if model.training and calls[0] in BAD:
+        result = dataclasses.replace(result, loss=result.loss * math.nan)
     return result
-model.RewardModel.forward = poisoned
+preference.Preference.loss = poisoned
 sys.argv = ["main.py", *sys.argv[1:]]
 from step2_reward_model.main import main
 sys.exit(main())

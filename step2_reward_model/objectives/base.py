@@ -64,6 +64,7 @@ class Report:
 class Loss:
     loss: torch.Tensor
     scores: torch.Tensor  # what the batch's loss was computed from: one per response or step
+    attributes: torch.Tensor | None = None  # a multi-attribute head's outputs per response, [responses, attributes]
 
 
 class Objective(Protocol):

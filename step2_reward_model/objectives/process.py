@@ -49,7 +49,7 @@ class Process:
 
     def check_backbone(self, config) -> None:
         if config.model_type in ENCODERS:
-            raise UserError(f"--objective process scores each step where it ends, but model type "
+            raise UserError(f"--objective process (--process_reward) scores each step where it ends, but model type "
                             f"{config.model_type} is an encoder, whose every token sees the whole text (later steps "
                             "included): start from a causal LM")
 

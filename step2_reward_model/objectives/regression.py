@@ -110,7 +110,7 @@ class Regression:
             loss = loss + self.pair_loss_coefficient * ranked_pair_loss(scores, batch.targets.group, rank)
         if batch.loss_denominator is not None:
             loss = loss * (~labels.isnan()).sum() / batch.loss_denominator
-        return Loss(loss, scores)
+        return Loss(loss, scores, predicted)
 
     def table_rows(self, model: RewardModel, rows: RowValues, batch: Batch) -> torch.Tensor:
         predicted = self.predictions(model, rows).double()
