@@ -1,7 +1,8 @@
 """Evaluation counts, returned on the device as float64 sums so that ranks can all-reduce or gather
 them before dividing, and the accuracies made from them.
 
-- `ranking_metrics`: ordered pairs of a prompt's responses scored in the right order, and top-1 counts.
+- `ranking_metrics`: ordered pairs of a prompt's responses scored in the right order, and top-1 counts
+  (`ranking_counts`: the same from numpy arrays).
 - `step_metrics`: a process reward model's labelled steps, solutions and first errors predicted right.
 - `ranking_accuracies`: pairwise and top-1 accuracy from `ranking_metrics`' counts.
 """
@@ -91,21 +92,17 @@ def _segment_inversions(values: np.ndarray, heads: np.ndarray, bound: int) -> tu
     return total, result
 
 
-def ranking_metrics(scores: torch.Tensor, group: torch.Tensor, rank: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Evaluation counts, as float64 sums so that they can be all-reduced before dividing.
+def ranking_counts(scores: np.ndarray, group: np.ndarray, rank: np.ndarray) -> dict[str, float]:
+    """`ranking_metrics`' counts as python numbers, from numpy arrays (`report` counts rated answers with it).
 
-    pairs: ordered pairs (rank_i < rank_j in one group); pairs_correct: those with s_i > s_j, a score tie counting 0.5.
-    groups_with_top1: groups of at least 2 rows with exactly one row at the best rank level;
-    top1_correct: those where that row's score is strictly above every other row's (a score tie counts 0).
-    Group and rank ids are any integers; a NaN score is neither above nor tied with anything.
-
-    Counted on the host with sorts in O(R log R) time and O(R) memory, whatever the group sizes (the held-out table
-    can have a million rows): with the rows sorted by (group, rank, score), pairs are a group's pairs less those
-    within one rank, and the pairs with s_i > s_j the inversions of the scores within each group's run.
+    Group and rank ids are any sortable values (ranks: lower is better); a NaN score is neither above nor tied
+    with anything. With the rows sorted by (group, rank, score), pairs are a group's pairs less those within one
+    rank, and the pairs with s_i > s_j the inversions of the scores within each group's run: O(R log R) time and
+    O(R) memory whatever the group sizes.
     """
-    values = scores.detach().to("cpu", torch.float64).numpy()
-    group, groups = _dense(group.cpu().numpy())
-    rank = _dense(rank.cpu().numpy())[0]
+    values = np.asarray(scores, dtype=np.float64).reshape(-1)
+    group, groups = _dense(np.asarray(group).reshape(-1))
+    rank = _dense(np.asarray(rank).reshape(-1))[0]
     known = ~np.isnan(values)
     score = np.zeros(len(values), dtype=np.int64)
     score[known], score_levels = _dense(values[known])
@@ -131,9 +128,22 @@ def ranking_metrics(scores: torch.Tensor, group: torch.Tensor, rank: torch.Tenso
     at_top = np.bincount(segment[score == top[segment]], minlength=len(starts))
     ids = group[starts]
     correct = sole_best[ids] & ~has_nan[ids] & (score[starts] == top) & (at_top == 1)
-    counts = {"pairs_correct": concordant + 0.5 * ties, "pairs": pairs, "top1_correct": int(correct.sum()),
-              "groups_with_top1": int(sole_best.sum())}
-    return {key: torch.tensor(float(value), dtype=torch.float64, device=scores.device) for key, value in counts.items()}
+    return {"pairs_correct": concordant + 0.5 * ties, "pairs": float(pairs), "top1_correct": float(correct.sum()),
+            "groups_with_top1": float(sole_best.sum())}
+
+
+def ranking_metrics(scores: torch.Tensor, group: torch.Tensor, rank: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Evaluation counts, as float64 sums so that they can be all-reduced before dividing.
+
+    pairs: ordered pairs (rank_i < rank_j in one group); pairs_correct: those with s_i > s_j, a score tie counting 0.5.
+    groups_with_top1: groups of at least 2 rows with exactly one row at the best rank level;
+    top1_correct: those where that row's score is strictly above every other row's (a score tie counts 0).
+
+    Counted on the host by `ranking_counts` in O(R log R) time and O(R) memory: the evaluation table gathers every
+    held-out row (a million rows would need terabytes as [R, R] masks); the sums come back on the scores' device.
+    """
+    counts = ranking_counts(scores.detach().to("cpu", torch.float64).numpy(), group.cpu().numpy(), rank.cpu().numpy())
+    return {key: torch.tensor(value, dtype=torch.float64, device=scores.device) for key, value in counts.items()}
 
 
 def ranking_accuracies(counts: dict[str, torch.Tensor | float]) -> dict[str, float | None]:

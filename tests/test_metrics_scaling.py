@@ -1,10 +1,12 @@
 """`ranking_metrics` (sort-based, O(R log R)) against its definition: the quadratic [R, R] computation it replaced,
-copied here as the reference. The counts are integers (or halves) held in float64, so they must match exactly."""
+copied here as the reference; and `report`'s per-prompt best / worst and pair counts against the loops they replaced.
+The counts are integers (or halves) held in float64, so they must match exactly."""
 
 import numpy as np
 import pytest
 import torch
 
+from step2_reward_model import report
 from step2_reward_model.metrics import _segment_inversions, ranking_metrics
 
 KEYS = ("pairs_correct", "pairs", "top1_correct", "groups_with_top1")
@@ -117,3 +119,45 @@ def test_one_huge_group_needs_no_square_memory():
     assert counts["groups_with_top1"].item() == 0
     reversed_counts = ranking_metrics(rank.double(), torch.zeros(n, dtype=torch.long), rank)
     assert reversed_counts["pairs_correct"].item() == 0
+
+
+def loop_best_worst(prompts, targets):
+    """`report.best_worst` as it was, a scan per prompt: the definition."""
+    targets = np.asarray(targets, dtype=np.float64)
+    best, worst = [], []
+    for prompt in np.unique(prompts):
+        members = np.flatnonzero((np.asarray(prompts) == prompt) & ~np.isnan(targets))
+        if len(members) and np.ptp(targets[members]) > 0:
+            best.append(members[np.argmax(targets[members])])
+            worst.append(members[np.argmin(targets[members])])
+    return np.asarray(best, dtype=np.int64), np.asarray(worst, dtype=np.int64)
+
+
+def loop_pairwise(prompts, targets, rewards):
+    """`attribute_report`'s comparisons and accuracy as they were: every pair listed."""
+    outcomes = [(rewards[i] > rewards[j]) + 0.5 * (rewards[i] == rewards[j])
+                for i in range(len(targets)) for j in range(len(targets))
+                if prompts[i] == prompts[j] and targets[i] > targets[j]]
+    return len(outcomes), (float(np.mean(outcomes)) if outcomes else None)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_report_best_worst_and_attribute_pairs_equal_the_loops(seed):
+    generator = np.random.default_rng(seed)
+    n = 120
+    prompts = np.array([f"p{k}" for k in generator.integers(0, 30, n)], dtype=object)
+    targets = generator.integers(0, 4, n) / 2.0
+    targets[generator.random(n) < 0.15] = np.nan
+    rewards = generator.integers(0, 5, n).astype(np.float64)
+    best, worst = report.best_worst(prompts, targets)
+    expected_best, expected_worst = loop_best_worst(prompts, targets)
+    np.testing.assert_array_equal(best, expected_best)
+    np.testing.assert_array_equal(worst, expected_worst)
+    result = report.attribute_report(np.zeros((n, 1)), targets[:, None], ["a"], rewards, prompts, targets)
+    assert (result["comparisons"], result["pairwise_accuracy"]) == loop_pairwise(prompts, targets, rewards)
+    sources, rejected = generator.choice(["x", "y", "z"], n), np.nan_to_num(targets)
+    by_source = report.pair_report(rewards, rejected, rewards, rewards, rewards, sources)["by_source"]
+    for name in "xyz":
+        members = sources == name
+        won = (rewards[members] > rejected[members]) + 0.5 * (rewards[members] == rejected[members])
+        assert by_source[name] == {"pairs": int(members.sum()), "accuracy": float(won.mean())}
