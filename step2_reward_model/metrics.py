@@ -61,8 +61,9 @@ def _segment_inversions(values: np.ndarray, heads: np.ndarray, bound: int) -> tu
     A most-significant-bit-first radix sort: rows of a segment that share the bits above b form a contiguous
     bucket in their original order; its pairs that first differ at bit b are inverted when the earlier row has the
     bit set, so each bit-0 row adds the bit-1 rows before it in its bucket. Each bucket is then split stably,
-    bit-0 rows first, for the next bit. A row alone in its bucket is in its sorted place and leaves, so pairs of
-    answers mostly finish after a few bits. Each step is a cumulative sum, gather or scatter over the rows left.
+    bit-0 rows first, for the next bit. A bucket of one or two rows is settled directly and leaves, so pairs of
+    answers finish at once and lists after a few bits. Each step is a cumulative sum, gather or scatter over the
+    rows left.
     """
     result, heads = values.copy(), heads.copy()
     slots = np.arange(len(values))  # the place in `result` of each row left
@@ -70,11 +71,17 @@ def _segment_inversions(values: np.ndarray, heads: np.ndarray, bound: int) -> tu
     for b in reversed(range(max(bound - 1, 0).bit_length())):
         first = np.flatnonzero(heads)
         sizes = np.diff(np.append(first, len(heads)))
-        if (sizes == 1).any():
-            stay = np.repeat(sizes > 1, sizes)
+        if (sizes <= 2).any():  # settle buckets of one row and of two (all of them for pairs of answers) at once
+            stay = np.repeat(sizes > 2, sizes)
             result[slots[~stay]] = values[~stay]
-            values, heads, slots, sizes = values[stay], heads[stay], slots[stay], sizes[sizes > 1]
+            low, high = first[sizes == 2], first[sizes == 2] + 1
+            total += int(np.count_nonzero(values[low] > values[high]))
+            result[slots[low]], result[slots[high]] = (np.minimum(values[low], values[high]),
+                                                       np.maximum(values[low], values[high]))
+            values, heads, slots, sizes = values[stay], heads[stay], slots[stay], sizes[sizes > 2]
             first = np.cumsum(sizes) - sizes
+            if not len(values):
+                break
         start, end = np.repeat(first, sizes), np.repeat(first + sizes, sizes)
         bit = (values >> b) & 1
         ones = np.concatenate([[0], np.cumsum(bit)])  # ones[k]: set bits among the first k rows

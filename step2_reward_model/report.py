@@ -212,13 +212,13 @@ def pair_report(chosen: ArrayLike, rejected: ArrayLike, chosen_lengths: ArrayLik
                 pair_lengths: ArrayLike, sources: Sequence[str]) -> dict:
     """All of the above for one evaluation set, ready for `format_report` and `json.dump`."""
     chosen, rejected, pair_lengths = _vector(chosen), _vector(rejected), _vector(pair_lengths)
-    sources = np.asarray([str(s) for s in sources], dtype=object)
-    _same_length(chosen, rejected, pair_lengths, sources)
+    names: dict[str, int] = {}  # one hashing pass however many sources, rather than a comparison per source
+    source = np.fromiter((names.setdefault(str(s), len(names)) for s in sources), dtype=np.int64, count=len(sources))
+    _same_length(chosen, rejected, pair_lengths, source)
     margins = chosen - rejected
-    names, source = np.unique(sources, return_inverse=True)  # one pass however many sources, not one per source
     pairs, wins = np.bincount(source, minlength=len(names)), np.bincount(source, _wins(chosen, rejected), len(names))
-    by_source = {name: {"pairs": int(count), "accuracy": _number(won / count)}
-                 for name, count, won in zip(names, pairs, wins, strict=True)}
+    by_source = {name: {"pairs": int(pairs[names[name]]), "accuracy": _number(wins[names[name]] / pairs[names[name]])}
+                 for name in sorted(names)}
     return {
         "summary": pair_summary(chosen, rejected),
         "by_source": by_source,
