@@ -9,10 +9,11 @@ a quarter with a rank tie: at the top, in the middle or at the bottom). Rows com
 scores (a tenth of them rounded, so scores tie too). Each case runs in a fresh process: what training and
 `rw_eval.py` run on the gathered (score, prompt, rank, source) table, i.e. `metrics.ranking_metrics`,
 `evaluate.ranking_summary` (overall and per source), `evaluate.worst_rows`, `evaluate.best_worst_margins`,
-`report.reward_statistics` and `report.pair_report` on each prompt's best and worst reward. Time: the best of
---repeat runs. Peak: the largest resident set during a call less the resident set just before it (the process's
-peak is reset through /proc/self/clear_refs before each call, so input and imports are not counted; tracemalloc
-would miss torch's allocations). "whole case" is every call in turn: their summed times, the largest peak.
+`report.reward_statistics` and `report.pair_report` on each prompt's best and worst reward. Each call runs in its
+own fresh process (memory another call freed would hide its own), and "whole case" runs them all in turn in one.
+Time: the best of --repeat runs. Peak: the largest resident set during the calls less the resident set just
+before them (the peak is reset through /proc/self/clear_refs once the input is built, so imports and input are
+not counted; tracemalloc would miss torch's allocations).
 
 The former ranking_metrics built [R, R] masks: it runs at a few thousand rows only, and its time and memory
 at 1M rows are extrapolated from there (both grow as R^2).
@@ -37,7 +38,9 @@ from step2_reward_model.report import pair_report, reward_statistics
 
 CASES = {"pairs": (500_000, 2), "lists": (50_000, 4)}
 SOURCES = ["alpha", "beta", "gamma"]
-MIB = 2 ** 20
+FUNCTIONS = ("ranking_metrics", "evaluate.ranking_summary", "evaluate.worst_rows", "evaluate.best_worst_margins",
+             "report.reward_statistics", "report.pair_report")
+WHOLE = "whole case"
 
 
 def table_of(prompts: int, answers: int, seed: int = 0) -> np.ndarray:
@@ -76,8 +79,8 @@ def measure(call: Callable[[], object], repeat: int) -> tuple[float, float]:
     return min(times), rss_mib("VmHWM") - before
 
 
-def run_case(name: str, repeat: int) -> list[dict]:
-    """Every call of the metrics path on one case, in this process."""
+def run_case(name: str, function: str, repeat: int) -> dict:
+    """One call of the metrics path (or "whole case": all of them in turn) on one case, in this process."""
     prompts, answers = CASES[name]
     rows = table_of(prompts, answers)
     table = torch.from_numpy(rows)
@@ -95,11 +98,9 @@ def run_case(name: str, repeat: int) -> list[dict]:
         "report.pair_report": lambda: pair_report(first[:, 0], last[:, 0], lengths[0], lengths[1],
                                                   lengths.max(0) + 50, sources),
     }
-    results = []
-    for function, call in calls.items():
-        seconds, peak = measure(call, repeat)
-        results.append({"case": name, "rows": len(rows), "function": function, "seconds": seconds, "peak_mib": peak})
-    return results
+    chosen = list(calls.values()) if function == WHOLE else [calls[function]]
+    seconds, peak = measure(lambda: [call() for call in chosen], repeat)
+    return {"case": name, "rows": len(rows), "function": function, "seconds": seconds, "peak_mib": peak}
 
 
 def quadratic_ranking_metrics(scores: torch.Tensor, group: torch.Tensor, rank: torch.Tensor) -> dict:
@@ -117,17 +118,17 @@ def quadratic_ranking_metrics(scores: torch.Tensor, group: torch.Tensor, rank: t
             "top1_correct": top1_correct.sum().double(), "groups_with_top1": sole_best.sum().double()}
 
 
-def run_old(rows: int, repeat: int) -> list[dict]:
+def run_old(rows: int, repeat: int) -> dict:
     table = torch.from_numpy(table_of(rows // 2, 2))
     scores, group, rank = table[:, 0], table[:, 1].long(), table[:, 2].long()
     seconds, peak = measure(lambda: quadratic_ranking_metrics(scores, group, rank), repeat)
     new = ranking_metrics(scores, group, rank)
     assert all(new[key].item() == value.item() for key, value in quadratic_ranking_metrics(scores, group, rank).items())
-    return [{"case": "pairs", "rows": rows, "function": "old ranking_metrics", "seconds": seconds, "peak_mib": peak}]
+    return {"case": "pairs", "rows": rows, "function": "old ranking_metrics", "seconds": seconds, "peak_mib": peak}
 
 
-def in_process(arguments: list[str]) -> list[dict]:
-    """One case in a fresh python: its peak memory is its own."""
+def in_process(arguments: list[str]) -> dict:
+    """One measurement in a fresh python: its peak memory is its own."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout)
@@ -146,20 +147,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--old_rows", type=int, nargs="*", default=[2500, 5000], help="rows for the former [R, R] version")
-    p.add_argument("--case", help=argparse.SUPPRESS)  # run one case here and print its results as JSON
+    p.add_argument("--case", help=argparse.SUPPRESS)  # measure one call here and print the result as JSON
+    p.add_argument("--function", help=argparse.SUPPRESS)
     p.add_argument("--old", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.case or args.old:
-        print(json.dumps(run_case(args.case, args.repeat) if args.case else run_old(args.old, args.repeat)))
+        print(json.dumps(run_case(args.case, args.function, args.repeat) if args.case else run_old(args.old, 1)))
         return
     print(f"torch {torch.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}, best of {args.repeat}")
-    results = []
-    for case in args.cases:
-        rows = in_process(["--case", case, "--repeat", str(args.repeat)])
-        results += rows + [{"case": case, "rows": rows[0]["rows"], "function": "whole case",
-                            "seconds": sum(r["seconds"] for r in rows), "peak_mib": max(r["peak_mib"] for r in rows)}]
-    old = [row for rows in args.old_rows for row in in_process(["--old", str(rows), "--repeat", "1"])]
+    results = [in_process(["--case", case, "--function", function, "--repeat", str(args.repeat)])
+               for case in args.cases for function in [*FUNCTIONS, WHOLE]]
+    old = [in_process(["--old", str(rows)]) for rows in args.old_rows]
     if old:
         largest = old[-1]
         scale = (1_000_000 / largest["rows"]) ** 2
