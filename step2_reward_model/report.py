@@ -212,14 +212,13 @@ def pair_report(chosen: ArrayLike, rejected: ArrayLike, chosen_lengths: ArrayLik
                 pair_lengths: ArrayLike, sources: Sequence[str]) -> dict:
     """All of the above for one evaluation set, ready for `format_report` and `json.dump`."""
     chosen, rejected, pair_lengths = _vector(chosen), _vector(rejected), _vector(pair_lengths)
-    sources = np.asarray([str(s) for s in sources], dtype=object)
-    _same_length(chosen, rejected, pair_lengths, sources)
+    names: dict[str, int] = {}  # one hashing pass however many sources, rather than a comparison per source
+    source = np.fromiter((names.setdefault(str(s), len(names)) for s in sources), dtype=np.int64, count=len(sources))
+    _same_length(chosen, rejected, pair_lengths, source)
     margins = chosen - rejected
-    by_source = {}
-    for name in sorted(set(sources)):
-        members = sources == name
-        by_source[name] = {"pairs": int(np.count_nonzero(members)),
-                           "accuracy": _accuracy(chosen[members], rejected[members])}
+    pairs, wins = np.bincount(source, minlength=len(names)), np.bincount(source, _wins(chosen, rejected), len(names))
+    by_source = {name: {"pairs": int(pairs[names[name]]), "accuracy": _number(wins[names[name]] / pairs[names[name]])}
+                 for name in sorted(names)}
     return {
         "summary": pair_summary(chosen, rejected),
         "by_source": by_source,
@@ -232,37 +231,21 @@ def pair_report(chosen: ArrayLike, rejected: ArrayLike, chosen_lengths: ArrayLik
     }
 
 
-def _known_by_prompt(prompts: ArrayLike, targets: ArrayLike):
-    """The targets as a vector, and per prompt the positions of its responses whose target (combined
-    label) is known (not NaN)."""
-    prompts, targets = np.asarray(prompts), _vector(targets)
-    known = ~np.isnan(targets)
-    return targets, (np.flatnonzero((prompts == prompt) & known) for prompt in np.unique(prompts))
-
-
-def ordered_comparisons(prompts: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """(better, worse) positions of every two responses to one prompt whose targets (combined
-    labels; NaN unknown) differ."""
-    targets, groups = _known_by_prompt(prompts, targets)
-    better, worse = [], []
-    for members in groups:
-        first, second = np.meshgrid(members, members, indexing="ij")
-        above = targets[first] > targets[second]
-        better.append(first[above])
-        worse.append(second[above])
-    empty = np.zeros(0, dtype=np.int64)
-    return (np.concatenate(better) if better else empty), (np.concatenate(worse) if worse else empty)
-
-
 def best_worst(prompts: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Per prompt with two different known targets, the positions of its best and worst response."""
-    targets, groups = _known_by_prompt(prompts, targets)
-    best, worst = [], []
-    for members in groups:
-        if len(members) and np.ptp(targets[members]) > 0:
-            best.append(members[np.argmax(targets[members])])
-            worst.append(members[np.argmin(targets[members])])
-    return np.asarray(best, dtype=np.int64), np.asarray(worst, dtype=np.int64)
+    """Per prompt with two different known targets (combined labels; NaN unknown), in sorted prompt order, the
+    positions of its best and worst response, the first one on a tie. Sorts, not a scan per prompt: O(R log R)."""
+    targets = _vector(targets)
+    known = np.flatnonzero(~np.isnan(targets))
+    prompt = np.unique(np.asarray(prompts), return_inverse=True)[1].reshape(-1)[known]
+    best, worst = (known[order[_run_starts(prompt[order])]]
+                   for order in (np.lexsort((-targets[known], prompt)), np.lexsort((targets[known], prompt))))
+    differ = targets[best] > targets[worst]
+    return best[differ], worst[differ]
+
+
+def _run_starts(values: np.ndarray) -> np.ndarray:
+    """Where each run of equal values begins."""
+    return np.flatnonzero(np.append(True, values[1:] != values[:-1])) if len(values) else np.zeros(0, np.int64)
 
 
 def rated_statistics(rewards: ArrayLike, prompts: ArrayLike, targets: ArrayLike, data: str) -> dict:
@@ -280,7 +263,8 @@ def attribute_report(predicted: np.ndarray, labels: np.ndarray, names: Sequence[
     MSE, Pearson and Spearman correlation of prediction and label over its rated responses (and with
     `lengths`, each one's Spearman correlation with the response length, predicted and labelled:
     how much of an attribute is length); their means; and the pairwise accuracy of the reward on
-    every two responses to one prompt whose `targets` (combined labels) differ, ties half."""
+    every two responses to one prompt whose `targets` (combined labels) differ, ties half (counted by sorting,
+    `ranking_counts`, not by listing the pairs: a prompt with thousands of rated answers has millions)."""
     predicted, labels, rewards = np.asarray(predicted, np.float64), np.asarray(labels, np.float64), _vector(rewards)
     per_attribute = {}
     for k, name in enumerate(names):
@@ -293,14 +277,19 @@ def attribute_report(predicted: np.ndarray, labels: np.ndarray, names: Sequence[
             row["length_spearman_predicted"] = _pearson(_average_ranks(x), size)
             row["length_spearman_labelled"] = _pearson(_average_ranks(y), size)
         per_attribute[name] = row
-    better, worse = ordered_comparisons(prompts, targets)
+    from step2_reward_model.metrics import ranking_counts  # here: metrics imports torch, this module stays light
+
+    targets = _vector(targets)
+    known = ~np.isnan(targets)
+    counts = ranking_counts(rewards[known], np.asarray(prompts).reshape(-1)[known], -targets[known])
 
     def mean(key: str) -> float | None:
         values = [row[key] for row in per_attribute.values() if row[key] is not None]
         return _number(np.mean(values)) if values else None
 
     return {"responses": len(rewards), "mse": mean("mse"), "pearson": mean("pearson"), "spearman": mean("spearman"),
-            "comparisons": len(better), "pairwise_accuracy": _accuracy(rewards[better], rewards[worse]),
+            "comparisons": int(counts["pairs"]),
+            "pairwise_accuracy": _number(counts["pairs_correct"] / counts["pairs"]) if counts["pairs"] else None,
             "attributes": per_attribute}
 
 

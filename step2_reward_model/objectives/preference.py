@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from step2_reward_model.losses import per_token_loss, plackett_luce_loss, ranked_pair_loss
-from step2_reward_model.metrics import ranking_accuracies, ranking_metrics
+from step2_reward_model.metrics import ranking_accuracies, ranking_counts
 from step2_reward_model.model import ENCODERS, RewardModel, RowValues
 from step2_reward_model.objectives.base import DataRequest, Datasets, Loss, Report
 from step2_reward_model.report import format_report, pair_report, reward_statistics
@@ -192,9 +192,8 @@ def end_scores(model: RewardModel, rows: RowValues) -> torch.Tensor:
 
 
 def ranking(table: np.ndarray) -> tuple[dict, dict]:
-    """`metrics.ranking_metrics`' counts over a table's answers, and the accuracies made from them."""
-    counts = ranking_metrics(torch.from_numpy(table[:, SCORE]), torch.from_numpy(table[:, EXAMPLE]).long(),
-                             torch.from_numpy(table[:, RANK]).long())
+    """`metrics.ranking_counts` over a table's answers, and the accuracies made from them."""
+    counts = ranking_counts(table[:, SCORE], table[:, EXAMPLE], table[:, RANK])
     return counts, ranking_accuracies(counts)
 
 
