@@ -23,7 +23,7 @@ import math
 import os
 import sys
 
-from step2_reward_model.flags import EVAL_FLAGS, add_flags
+from step2_reward_model.flags import EVAL_FLAGS, EVAL_OVERRIDES, add_flags
 from step2_reward_model.heldout import score_split
 from step2_reward_model.objectives import saved_objective
 from step2_reward_model.objectives.base import DataRequest
@@ -49,9 +49,7 @@ BUILT_IN_EXAMPLES = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Score, evaluate or serve a saved reward model.")
-    add_flags(p, EVAL_FLAGS, data_path={"default": None, "help": "Evaluate on these sources (anything training's "
-                                                               "--data_path reads)."},
-              max_seq_len={"default": None, "help": "Default: the training length."})
+    add_flags(p, EVAL_FLAGS, **EVAL_OVERRIDES)
     args = p.parse_args(argv)
     pair = [name for name in ("chosen", "rejected") if getattr(args, name) is not None]
     if pair and len(pair) != 2:

@@ -1,1 +1,1 @@
-"""Benchmarks: throughput, memory, and quality against TRL (see README)."""
+"""Benchmarks: throughput, memory, and quality against TRL (see docs/measurements.md)."""

@@ -150,7 +150,7 @@ def openrlhf_on_cpu(dtype: torch.dtype):
 def openrlhf_loader(out: str, prompts: list, answers: list, dtype: torch.dtype) -> Rewards:
     """get_llm_for_sequence_regression with normalize_reward on training's ids, against (reward - mean) /
     std. transformers 5 leaves OpenRLHF's non-persistent mean/std buffers uninitialised when it loads, so
-    they are set again from the config it read (the README's workaround)."""
+    they are set again from the config it read (the workaround docs/consumers.md gives)."""
     with openrlhf_on_cpu(dtype) as openrlhf:
         model = openrlhf.get_llm_for_sequence_regression(os.path.join(out, HF_DIR), "reward", normalize_reward=True,
                                                          attn_implementation="sdpa").eval()

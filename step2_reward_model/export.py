@@ -19,7 +19,7 @@ import sys
 from step2_reward_model.flags import add_flags
 from step2_reward_model.heldout import score_split
 from step2_reward_model.hf_export import HF_DIR
-from step2_reward_model.model import Attributes
+from step2_reward_model.model import Attributes, position_limit_problem
 from step2_reward_model.objectives import saved_objective
 from step2_reward_model.objectives.base import DataRequest
 from step2_reward_model.output import (
@@ -54,6 +54,8 @@ def convert(args: argparse.Namespace) -> None:
     manifest = load_manifest(args.model_path)
     manifest.setdefault("end_of_conversation_token", END_OF_CONVERSATION_TOKEN)
     manifest["max_seq_len"] = args.max_seq_len or manifest.get("max_seq_len", 512)
+    if problem := position_limit_problem(model.config, manifest["max_seq_len"]):
+        raise UserError(problem)
     if args.attribute_weights:
         reweigh(model, args.attribute_weights)
     stats = None

@@ -22,6 +22,9 @@ from utils.data.examples import BAD_ROWS
 from utils.data.steps import NEUTRAL
 from utils.model_files import END_OF_CONVERSATION_TOKEN
 
+# Flags whose default is read from the environment: the reference names the variable, not its value here.
+ENV_DEFAULTS = {"token": "RW_EVAL_TOKEN"}
+
 # Flag name -> argparse keywords. An entry point may override a keyword (a default, a help text).
 FLAGS: dict[str, dict] = {
     # Data
@@ -43,7 +46,8 @@ FLAGS: dict[str, dict] = {
                           help="Margin in -log sigmoid(r_c - r_r - margin): the data's `margin` column, "
                                "score_chosen - score_rejected, or none."),
     "chat_template": dict(default=None,
-                          help="A Jinja chat template file for conversational data (default: the tokenizer's)."),
+                          help="A Jinja chat template file for conversational data (default: the tokenizer's); "
+                               "saved with the tokenizer."),
     "max_seq_len": dict(type=int, default=512, help="Longest sequence, prompt + response."),
     # Model
     "model_name_or_path": dict(required=True, help="Path or hub id of the (SFT) causal LM to start from."),
@@ -108,21 +112,25 @@ FLAGS: dict[str, dict] = {
     "per_device_eval_batch_size": dict(type=int, default=16, help="Pairs per device in evaluation."),
     "learning_rate": dict(type=float, default=5e-5, help="Peak learning rate."),
     "weight_decay": dict(type=float, default=0.0, help="AdamW weight decay (not on biases, norms)."),
-    "num_train_epochs": dict(type=int, default=1),
-    "gradient_accumulation_steps": dict(type=int, default=1),
+    "num_train_epochs": dict(type=int, default=1, help="Passes over the training data."),
+    "gradient_accumulation_steps": dict(type=int, default=1,
+                                        help="Micro-batches summed into one optimizer step."),
     "lr_scheduler_type": dict(type=SchedulerType, default="cosine",
                               choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                       "constant_with_warmup"]),
-    "num_warmup_steps": dict(type=int, default=0),
-    "lora_learning_rate": dict(type=float, default=5e-4),
+                                       "constant_with_warmup"],
+                              help="Learning-rate schedule after the warmup."),
+    "num_warmup_steps": dict(type=int, default=0, help="Steps of linear warmup to the peak learning rate."),
+    "lora_learning_rate": dict(type=float, default=5e-4, help="Learning rate of the LoRA adapters."),
     "max_nonfinite_steps": dict(type=int, default=10, help="A NaN or inf loss skips its step; this many in a row "
                                                            "stop training (with a checkpoint)."),
     # Speed and memory
     "dtype": dict(default="fp16", choices=["fp16", "bf16", "fp32"],
                   help="Training precision; fp16 on a machine without a GPU falls back to fp32."),
-    "zero_stage": dict(type=int, default=0, choices=[0, 1, 2, 3]),
+    "zero_stage": dict(type=int, default=0, choices=[0, 1, 2, 3],
+                       help="DeepSpeed ZeRO stage: 1 partitions optimizer state, 2 also gradients, 3 also weights."),
     "offload": dict(action="store_true", help="ZeRO-Offload of optimizer state (and params at stage 3)."),
-    "gradient_checkpointing": dict(action="store_true"),
+    "gradient_checkpointing": dict(action="store_true", help="Recompute activations in the backward pass to save "
+                                                                 "memory."),
     "no_fused_kernels": dict(action="store_true", help="Use torch's AdamW, unfused, instead of FusedAdam (GPU) or "
                                                        "fused AdamW (CPU)."),
     "no_prefix_sharing": dict(action="store_false", dest="prefix_sharing",
@@ -143,8 +151,8 @@ FLAGS: dict[str, dict] = {
                            help="Also score this public benchmark (rewardbench, rewardbench2, rmbench; from PATH, "
                                 "else the hub) at every evaluation; repeatable."),
     "print_loss": dict(action="store_true", help="Print the loss at every logging interval."),
-    "enable_tensorboard": dict(action="store_true"),
-    "tensorboard_path": dict(default="step2_tensorboard"),
+    "enable_tensorboard": dict(action="store_true", help="Log to TensorBoard."),
+    "tensorboard_path": dict(default="step2_tensorboard", help="Where TensorBoard logs go."),
     "output_dir": dict(default=None, help="Where the trained model is saved."),
     "step3_key_prefix": dict(default=BACKBONE, choices=[BACKBONE, TYPO_BACKBONE],
                              help="Prefix of the backbone's keys in pytorch_model.bin; newer DeepSpeed-Chat step 3 "
@@ -185,8 +193,8 @@ FLAGS: dict[str, dict] = {
                              help="With --serve: answer (reward - mean) / std, the held-out rewards' mean and std "
                                   "(reward_stats.json), as OpenRLHF's --normalize_reward does."),
     "host": dict(default="127.0.0.1", help="Address to bind (default: this machine only)."),
-    "port": dict(type=int, default=8000),
-    "token": dict(default=os.environ.get("RW_EVAL_TOKEN"),
+    "port": dict(type=int, default=8000, help="Port to bind."),
+    "token": dict(default=os.environ.get(ENV_DEFAULTS["token"]),
                   help="Require 'Authorization: Bearer TOKEN' (default: $RW_EVAL_TOKEN)."),
     "max_request_bytes": dict(type=int, default=4 << 20, help="Larger request bodies get 413."),
     "max_items": dict(type=int, default=256, help="Requests with more pairs or texts get 413."),
@@ -218,6 +226,22 @@ EVAL_FLAGS = (
     "max_items", "batch_wait_ms",
     "trust_remote_code",
 )
+# rw_eval.py's own defaults and help where they differ from training's.
+EVAL_OVERRIDES = {
+    "data_path": {"default": None, "help": "Evaluate on these sources (anything training's --data_path reads)."},
+    "max_seq_len": {"default": None, "help": "Default: the training length."},
+}
+# The first flag of each group of `FLAGS` (in its order) and the group's title, for the flag reference.
+GROUPS = {
+    "data_path": "Data",
+    "model_name_or_path": "Model",
+    "loss": "Objective",
+    "per_device_train_batch_size": "Optimisation",
+    "dtype": "Speed and memory",
+    "eval_interval": "Evaluation, logging, saving",
+    "model_path": "Scoring a saved model",
+    "serve": "Serving rewards over HTTP (--serve)",
+}
 # Flags that must be at least this much.
 LEAST = {"save_interval": 0, "keep_last": 0, "max_nonfinite_steps": 1, "pair_loss_coefficient": 0.0}
 # Flags of one objective, at their defaults under the other.
@@ -263,3 +287,83 @@ def parse_training_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.objective == "regression" and getattr(args, flag) != default:
             parser.error(f"--{flag} applies to --objective preference, not regression (see --pair_loss_coefficient)")
     return args
+
+
+def _value(flag: str, keywords: dict) -> str:
+    """How a flag's value is written on the command line: `N`, `[X ...]`, nothing for a switch."""
+    if keywords.get("action") in ("store_true", "store_false"):
+        return ""
+    if keywords.get("action") == "append":
+        return f" {keywords['metavar']}"
+    name = keywords.get("metavar", flag.upper())
+    shapes = {"*": f" [{name} ...]", "+": f" {name} [{name} ...]", "?": f" [{name}]"}
+    return shapes.get(keywords.get("nargs"), f" {name}")
+
+
+def _default(flag: str, keywords: dict) -> str:
+    """A flag's default as the reference shows it, the same on every machine."""
+    if flag in ENV_DEFAULTS:
+        return f"`${ENV_DEFAULTS[flag]}`"
+    if keywords.get("action") in ("store_true", "store_false"):
+        return "off"
+    if keywords.get("required"):
+        return "required"
+    default = keywords.get("default")
+    if default is None or default == []:
+        return "none"
+    if isinstance(default, (list, tuple)):
+        return "`" + " ".join(map(str, default)) + "`"
+    if isinstance(default, str) and default != default.strip():
+        return f"`{default!r}`"
+    return f"`{default}`"
+
+
+def _cell(text: str) -> str:
+    """Text as one Markdown table cell: on one line, its pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _tables(names: tuple[str, ...], overrides: dict[str, dict]) -> list[str]:
+    """The flags `names`, one table per group of `FLAGS`, each in `FLAGS`' order."""
+    lines: list[str] = []
+    group = shown = None
+    for flag, keywords in FLAGS.items():
+        group = GROUPS.get(flag, group)
+        if flag not in names:
+            continue
+        if group != shown:
+            lines += ["", f"### {group}", "", "| flag | default | choices | meaning |", "|---|---|---|---|"]
+            shown = group
+        keywords = {**keywords, **overrides.get(flag, {})}
+        choices = ", ".join(f"`{choice}`" for choice in keywords.get("choices") or ())
+        lines.append(f"| `--{flag}{_value(flag, keywords)}` | {_default(flag, keywords)} | {choices} | "
+                     f"{_cell(keywords.get('help', ''))} |")
+    return lines
+
+
+def flag_reference() -> str:
+    """The flag reference as Markdown (docs/flags.md), made from `FLAGS`: the same text on every machine."""
+    lines = [
+        "# Flag reference",
+        "",
+        "Generated from `step2_reward_model/flags.py`; do not edit by hand. Regenerate with",
+        "`python -m step2_reward_model.flags > docs/flags.md` (`tests/test_docs.py` checks that this file is",
+        "up to date). Each flag is defined once there; `main.py`, `rw_eval.py` and `export.py` pick theirs.",
+        "",
+        "## Training: `step2_reward_model/main.py`",
+        "",
+        "DeepSpeed-Chat's step-2 flags keep their names, defaults and meaning, so its launch scripts run",
+        "unchanged; the added ones default to the old behaviour. DeepSpeed's own flags come on top",
+        "(`--deepspeed`, `--deepspeed_config FILE`, whose keys override the generated DeepSpeed config).",
+        *_tables(TRAINING_FLAGS, {}),
+        "",
+        "## Scoring, evaluating and serving: `rw_eval.py`",
+        *_tables(EVAL_FLAGS, EVAL_OVERRIDES),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(flag_reference())

@@ -37,6 +37,7 @@ from step2_reward_model.model import (
     end_of_conversation_text,
     load_config,
     packing_problem,
+    position_limit_problem,
     prefix_sharing_problem,
 )
 from step2_reward_model.objectives import objective_for
@@ -61,6 +62,8 @@ def train(args: argparse.Namespace) -> None:
 
     # Data and model: the objective (`objectives/`) reads the data and settles what it needs of it.
     config = load_config(args.model_name_or_path, args.trust_remote_code, "--model_name_or_path")
+    if problem := position_limit_problem(config, args.max_seq_len):
+        raise UserError(problem)
     objective = objective_for(args)
     objective.check_backbone(config)
     attention = resolve_attention(args, config)

@@ -99,6 +99,26 @@ def end_of_conversation_text(config) -> str:
     return "" if config.model_type in ENCODERS else END_OF_CONVERSATION_TOKEN
 
 
+# Model types whose position ids index a learned table of `max_position_embeddings` rows (GPT-2's
+# `n_positions` under that name): a longer sequence reads past it. Rotary and relative positions
+# (Llama, GPT-NeoX, T5, DeBERTa) have no such table.
+LEARNED_POSITIONS = ("opt", "gpt2", "gpt_bigcode", "biogpt", "bert", "roberta", "xlm-roberta", "electra",
+                     "distilbert")
+
+
+def position_limit_problem(config, max_seq_len: int, flag: str = "--max_seq_len") -> str | None:
+    """Why `max_seq_len` tokens do not fit the model's position table, or None. Every batch layout
+    numbers a response's tokens from its prompt's start (packed and shared rows restart the count per
+    document and per answer), so the longest sequence, not the row, is what must fit."""
+    if config.model_type not in LEARNED_POSITIONS:
+        return None
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None or max_seq_len <= positions:
+        return None
+    return (f"{flag} {max_seq_len} is longer than the {positions} positions of model type {config.model_type}: "
+            f"pass {flag} {positions} or less")
+
+
 def prefix_sharing_problem(config) -> str | None:
     """Why a model cannot run packed prefix-shared rows, or None when it can."""
     if config.model_type in ENCODERS:

