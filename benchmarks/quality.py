@@ -165,9 +165,11 @@ def trl_python(venv: str) -> str:
     return python
 
 
-def trl(args: argparse.Namespace, python: str, variant: str, model: str, lr: float, train: str, test: str,
+def trl(args: argparse.Namespace, python: str, variant: str, model: str, lr: float, files: tuple[str, str],
         seed: int, folder: str) -> dict:
-    """One training run of TRL's RewardTrainer, scored on the held-out pairs as TRL tokenises them."""
+    """One training run of TRL's RewardTrainer on the (train, test) pair `files`, scored on the held-out
+    pairs as TRL tokenises them."""
+    train, test = files
     result_file = os.path.join(folder, "result.json")
     command = [python, os.path.join(REPO_ROOT, "benchmarks", "trl_reward.py"), "--model", model, "--train", train,
                "--eval", test, "--output", result_file, "--seed", str(seed), "--batch", str(args.batch),
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name} seed {seed} this project: {results[name]['this project'][-1]}", flush=True)
             for variant in args.compare:
                 results[name].setdefault(variant, []).append(
-                    trl(args, python, variant, model, lr, os.path.abspath(train), os.path.abspath(test), seed,
+                    trl(args, python, variant, model, lr, (os.path.abspath(train), os.path.abspath(test)), seed,
                         os.path.join(run_folder, variant)))
                 print(f"{name} seed {seed} {variant}: {results[name][variant][-1]}", flush=True)
             save(args, extra, data_path, rates, results)

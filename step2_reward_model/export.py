@@ -67,7 +67,7 @@ def convert(args: argparse.Namespace) -> None:
     if args.attribute_weights and stats is None and os.path.isfile(os.path.join(output_dir, STATS_NAME)):
         os.remove(os.path.join(output_dir, STATS_NAME))
         print(f"note: removed {STATS_NAME}, the rewards of the old weights (--data_path recomputes it)")
-    skipped = save_reward_model(model, tokenizer, output_dir, zero_stage=0, rank=0, meta=manifest, stats=stats,
+    skipped = save_reward_model(model, tokenizer, output_dir, meta=manifest, stats=stats,
                                 key_prefix=args.step3_key_prefix)
     if skipped:
         raise export_skipped_error(output_dir, skipped)

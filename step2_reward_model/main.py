@@ -42,7 +42,7 @@ from step2_reward_model.model import (
 )
 from step2_reward_model.objectives import objective_for
 from step2_reward_model.objectives.base import DataRequest, Datasets, Objective
-from step2_reward_model.output import export_skipped_error, save_reward_model
+from step2_reward_model.output import Shards, export_skipped_error, save_reward_model
 from step2_reward_model.training import Placement, Run, Start, StopRequest, train_step
 from utils.data.chat import load_chat_template
 from utils.data.collate import ACCELERATOR_CHUNK_TOKENS, CHUNK_TOKENS, EvalShard
@@ -121,8 +121,7 @@ def train(args: argparse.Namespace) -> None:
     evaluation = run.finish()
 
     if args.output_dir:
-        save_output(args, engine, objective, tokenizer, evaluation, end_text, request, data.source_names,
-                    placement.rank)
+        save_output(args, engine, data, tokenizer, evaluation, end_text, request, placement.rank)
 
 
 def start_distributed(args: argparse.Namespace) -> tuple[Placement, int]:
@@ -229,18 +228,20 @@ def train_sampler(args: argparse.Namespace, train_set, collator, share_prompt: b
     return sampler, WithDenominator(train_set)
 
 
-def save_output(args: argparse.Namespace, engine, objective: Objective, tokenizer, evaluation: Evaluation,
-                end_text: str, request: DataRequest, sources: list[str], rank: int) -> None:
+def save_output(args: argparse.Namespace, engine, data: Datasets, tokenizer, evaluation: Evaluation, end_text: str,
+                request: DataRequest, rank: int) -> None:
     """Write OUTPUT: the model (LoRA merged), its manifest and the reward statistics of the held-out set."""
     print_rank_0(f"saving the reward model to {args.output_dir}")
     if args.lora_dim > 0:
         merge_lora(engine.module, args.zero_stage)
+    objective = data.objective
     meta = {"base_model": args.model_name_or_path, "end_of_conversation_token": end_text,
-            "add_eot_token": args.add_eot_token, "max_seq_len": args.max_seq_len, "sources": sources,
+            "add_eot_token": args.add_eot_token, "max_seq_len": args.max_seq_len, "sources": data.source_names,
             **objective.manifest(), "final_eval": evaluation.metrics}
     stats = objective.statistics(evaluation.table, request.label())
-    skipped = save_reward_model(engine.module, tokenizer, args.output_dir, args.zero_stage, rank, meta, stats=stats,
-                                key_prefix=args.step3_key_prefix, hf_export=not args.no_hf_export)
+    skipped = save_reward_model(engine.module, tokenizer, args.output_dir, meta, stats=stats,
+                                key_prefix=args.step3_key_prefix, hf_export=not args.no_hf_export,
+                                shards=Shards(args.zero_stage, rank))
     if skipped:
         raise export_skipped_error(args.output_dir, skipped)
 

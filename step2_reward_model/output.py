@@ -33,6 +33,7 @@ import json
 import os
 import pickle
 import shutil
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -85,14 +86,23 @@ def step3_state(state: dict[str, torch.Tensor], key_prefix: str) -> dict[str, to
             for key, value in state.items()}
 
 
-def save_reward_model(model: nn.Module, tokenizer, output_dir: str, zero_stage: int, rank: int,
-                      meta: dict, stats: dict | None = None, key_prefix: str = BACKBONE,
-                      hf_export: bool = True) -> str | None:
+@dataclass(frozen=True)
+class Shards:
+    """Where the weights to save are: the ZeRO stage that partitions them, and this process's rank
+    (every rank takes part in gathering ZeRO-3 shards; rank 0 writes)."""
+
+    zero_stage: int = 0
+    rank: int = 0
+
+
+def save_reward_model(model: nn.Module, tokenizer, output_dir: str, meta: dict, stats: dict | None = None,
+                      key_prefix: str = BACKBONE, hf_export: bool = True, shards: Shards = Shards()) -> str | None:
     """Write OUTPUT: the step-3 `pytorch_model.bin`, config, tokenizer, the manifest, the reward
     statistics (when given) and the Hugging Face export in `hf/`. Returns why the export failed
     (on rank 0), or None; everything else is saved either way. A model type known to have no export
     gets a note and the reason in the manifest, and None."""
-    state = plain_state_dict(gather_state_dict(model, zero_stage, rank))
+    rank = shards.rank
+    state = plain_state_dict(gather_state_dict(model, shards.zero_stage, rank))
     skipped = None
     if rank == 0:
         # One tokenizer for OUTPUT and hf/, so the pad id, chat template and truncation agree everywhere.

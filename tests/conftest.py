@@ -173,7 +173,7 @@ def save_random_reward_model(folder: str, model_dir: str, seed: int = 0) -> str:
     model = create_reward_model(model_dir, tokenizer)
     torch.nn.init.normal_(model.v_head.weight, std=1.0)
     meta = {"base_model": model_dir, "end_of_conversation_token": END_OF_CONVERSATION_TOKEN, "max_seq_len": 128}
-    save_reward_model(model.eval(), tokenizer, folder, zero_stage=0, rank=0, meta=meta)
+    save_reward_model(model.eval(), tokenizer, folder, meta=meta)
     return folder
 
 

@@ -78,7 +78,7 @@ def save_with_stats(out: str, model_dir: str) -> str:
     chosen = scorer.score_ids(scorer.encode_pairs(prompts, [[assistant(a)] for a in CHOSEN]))
     rejected = scorer.score_ids(scorer.encode_pairs(prompts, [[assistant(a)] for a in REJECTED]))
     meta = {"base_model": model_dir, "end_of_conversation_token": END_OF_CONVERSATION_TOKEN, "max_seq_len": 128}
-    save_reward_model(model, tokenizer, out, zero_stage=0, rank=0, meta=meta,
+    save_reward_model(model, tokenizer, out, meta=meta,
                       stats=reward_statistics(chosen, rejected, "test pairs"))
     return out
 

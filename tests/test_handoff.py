@@ -329,7 +329,7 @@ def test_a_model_without_an_export_keeps_everything_else(saved_models, tokenizer
                            num_attention_heads=2, intermediate_size=64)
     model = RewardModel(AutoModel.from_config(config)).eval()
     meta = {"base_model": "tiny-electra", "end_of_conversation_token": "<|endoftext|>", "max_seq_len": 128}
-    skipped = save_reward_model(model, tokenizer, out, zero_stage=0, rank=0, meta=meta)
+    skipped = save_reward_model(model, tokenizer, out, meta=meta)
 
     assert skipped.startswith("cannot export as ElectraForSequenceClassification: keys without a source: ")
     assert sorted(os.listdir(out)) == ["chat_template.jinja", "config.json", "pytorch_model.bin", "reward_model.json",
