@@ -90,7 +90,9 @@ def score_split(scorer: Scorer, objective: Objective, request: DataRequest, spli
         raise UserError(f"--data_path {' '.join(request.source.paths)}: nothing to score in the {split} split")
     request.source.log(f"data: {len(dataset)} {data.objective.unit} to score in the {split} split")
     attention = getattr(model.config, "_attn_implementation", None)
-    collator = data.objective.collator(tokenizer.pad_token_id, pad_multiple(attention), None, False,
+    # Padding is masked, so its id only has to be in the embedding, which OUTPUT's own pad (added for the
+    # frameworks that need one) may not be.
+    collator = data.objective.collator(0, pad_multiple(attention), None, False,
                                        CHUNK_TOKENS.get(device.type, ACCELERATOR_CHUNK_TOKENS))
     order = np.argsort(-dataset.lengths(False), kind="stable")
     loader = DataLoader(Subset(dataset, order), batch_size=scorer.batch_size, collate_fn=collator)

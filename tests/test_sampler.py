@@ -124,11 +124,11 @@ def test_the_batch_that_costs_most_memory_runs_first_not_the_one_with_the_longes
     ordered = [LengthGroupedBatches(dataset.lengths(share_prompt), 8 // world_size, rank, world_size, seed=1,
                                     window=16, shapes=dataset.row_shapes(share_prompt)) for rank in range(world_size)]
     by_length = LengthGroupedBatches(dataset.lengths(share_prompt), 8, seed=1, window=16)
-    first_by_length = collate([dataset[i] for i in next(iter(by_length))])["input_ids"]
+    first_by_length = collate([dataset[i] for i in next(iter(by_length))]).inputs.input_ids
     for epoch in range(2):
         for sampler in ordered:
             sampler.set_epoch(epoch)
-            sizes = [collate([dataset[i] for i in batch])["input_ids"].numel() for batch in sampler]
+            sizes = [collate([dataset[i] for i in batch]).inputs.input_ids.numel() for batch in sampler]
             assert sizes[0] == max(sizes) > first_by_length.numel() // world_size
 
 
