@@ -97,7 +97,8 @@ def reward_statistics(chosen: ArrayLike, rejected: ArrayLike, data: str, all_rew
     worst), how well sigmoid(margin) works as the probability that the best answer wins."""
     chosen, rejected = _vector(chosen), _vector(rejected)
     everything = np.concatenate([chosen, rejected]) if all_rewards is None else _vector(all_rewards)
-    stats = {"data": data, "pairs": len(chosen), "all": reward_stats(everything),
+    pairs = len(chosen) if margins is None else len(_vector(margins))  # tied best answers make one pair
+    stats = {"data": data, "pairs": pairs, "all": reward_stats(everything),
              "chosen": reward_stats(chosen), "rejected": reward_stats(rejected)}
     if margins is not None:
         stats["calibration"] = {key: value for key, value in calibration(margins).items() if key != "bins"}

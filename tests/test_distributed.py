@@ -215,8 +215,8 @@ def test_steps_zero3_evaluate_mid_training_and_learn(step_run):
 @torch.no_grad()
 def test_steps_two_rank_metrics_count_every_solution_once(step_run):
     final, stats, eval_set = step_run["final"], step_run["stats"], step_run["eval_set"]
-    row_counts = rows_per_rank(step_run, lambda batch: int((batch["step_mask"] &
-                                                             batch["is_real"][batch["step_rows"]]).sum()))
+    row_counts = rows_per_rank(step_run, lambda batch: int((batch.targets.mask &
+                                                             batch.real[batch.targets.rows]).sum()))
     labels = labelled_steps(eval_set)
     assert len(eval_set) % RANKS == 1  # the last shard is padded with a repeat
     assert row_counts[0] != row_counts[1] and sum(row_counts) == len(labels)

@@ -14,8 +14,8 @@ import pytest
 from conftest import REPO_ROOT, run_cli
 from test_train import train
 
-from step2_reward_model import main
 from step2_reward_model.flags import parse_training_args
+from step2_reward_model.objectives import objective_for
 from step2_reward_model.output import load_reward_model
 from step2_reward_model.scoring import Scorer
 from utils.data.build import DataOptions, DataSource, create_reward_datasets
@@ -110,7 +110,7 @@ def test_plackett_luce_learns_conversational_ranked_lists(tmp_path, model_dirs):
     ("per_token", [], "pairs", None),
 ])
 def test_objective_and_data_mismatch_is_one_line_error(loss, flags, data, expected, tmp_path, tokenizers):
-    """main.check_objective, on the examples the data module builds, before any model is loaded."""
+    """The preference objective's data check, on the examples the data module builds, before any model is loaded."""
     rows = {"ranked": lambda seed, **kw: make_ranked_rows(40, seed, **kw),
             "margins": lambda seed, **kw: [{**row, "margin": 1.0} for row in make_pairs(40, seed, **kw)],
             "pairs": lambda seed, **kw: make_pairs(40, seed, **kw)}[data]
@@ -120,10 +120,10 @@ def test_objective_and_data_mismatch_is_one_line_error(loss, flags, data, expect
     source = DataSource((folder,), "0,1,0", 1234, str(tmp_path / "cache"), str(REPO_ROOT))
     train_set, _ = create_reward_datasets(source, tokenizers["opt"], 128, END_OF_CONVERSATION_TOKEN, options=options)
     if expected is None:
-        main.check_objective(args, train_set.data)
+        objective_for(args).check_data(train_set.data)
         return
     with pytest.raises(UserError) as excinfo:
-        main.check_objective(args, train_set.data)
+        objective_for(args).check_data(train_set.data)
     assert expected in str(excinfo.value) and "\n" not in str(excinfo.value)
 
 
