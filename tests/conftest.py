@@ -152,6 +152,18 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> sub
     return subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def rw_eval_output(args: list[str], capsys) -> str:
+    """Run rw_eval.py's main in this process, as `python rw_eval.py ARGS` runs it without starting
+    Python, torch and transformers again; it must exit 0. Its stdout. (The command line's own exit
+    status and stderr on bad input are tested as subprocesses, in tests/test_handoff.py.)"""
+    import rw_eval
+
+    status = rw_eval.main(args)
+    captured = capsys.readouterr()
+    assert status == 0, captured.err[-3000:]
+    return captured.out
+
+
 def needs_shared_data(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.exists():

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, launcher_env, objective_forward, rounding_tolerance, run_cli
+from conftest import REPO_ROOT, launcher_env, objective_forward, rounding_tolerance, run_cli, rw_eval_output
 from test_server import call, running
 from transformers import AutoModel
 
@@ -397,35 +397,35 @@ def test_step3_head_is_the_weighted_sum_of_the_attributes(regression_run):
     torch.testing.assert_close(classifier(**exported).logits, attributes, atol=rounding_tolerance(attributes), rtol=0)
 
 
-def test_export_collapses_other_weights_without_retraining(regression_run, tmp_path):
+def test_export_collapses_other_weights_without_retraining(regression_run, tmp_path, capsys):
+    """The converter and rw_eval run in-process (their main); a bad weight goes through the command line."""
     import shutil
+
+    from step2_reward_model import export
 
     _, out, _, _ = regression_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    result = run_cli([sys.executable, "step2_reward_model/export.py", str(copy), "--attribute_weights", "verbosity=1"])
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "removed reward_stats.json" in result.stdout and not (copy / "reward_stats.json").exists()
+    assert export.main([str(copy), "--attribute_weights", "verbosity=1"]) == 0
+    assert "removed reward_stats.json" in capsys.readouterr().out and not (copy / "reward_stats.json").exists()
     assert load_manifest(str(copy))["attributes"]["weights"] == [0.0, 0.0, 1.0]
     head = load_reward_model(str(copy)).v_head.weight
     saved = torch.load(copy / "pytorch_model.bin", map_location="cpu", weights_only=True)["v_head.weight"]
     torch.testing.assert_close(saved, head[2:3], atol=0, rtol=0)
-    result = run_cli([sys.executable, "rw_eval.py", "--model_path", str(copy), "--prompt", PROMPT, "--answer",
-                      " alpha beta"])
-    lines = dict(line.strip().split(": ") for line in result.stdout.splitlines() if line.startswith("  "))
+    stdout = rw_eval_output(["--model_path", str(copy), "--prompt", PROMPT, "--answer", " alpha beta"], capsys)
+    lines = dict(line.strip().split(": ") for line in stdout.splitlines() if line.startswith("  "))
     assert set(lines) == {"reward", "helpfulness", "correctness", "verbosity"}
     assert lines["reward"] == lines["verbosity"]
     bad = run_cli([sys.executable, "step2_reward_model/export.py", str(copy), "--attribute_weights", "honesty=1"])
     assert bad.returncode != 0 and "no attribute 'honesty'" in bad.stderr
 
 
-def test_rw_eval_reports_each_attribute_and_the_server_returns_them(regression_run, rated_dir):
+def test_rw_eval_reports_each_attribute_and_the_server_returns_them(regression_run, rated_dir, capsys):
     tmp_path, out, manifest, _ = regression_run
-    result = run_cli([sys.executable, "rw_eval.py", "--model_path", str(out), "--data_path", rated_dir,
-                      "--data_split", "0,1,0", "--data_output_path", str(tmp_path / "cache"), "--report",
-                      str(tmp_path / "report.json"), "--plots", str(tmp_path / "plots")])
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "== Attributes ==" in result.stdout and "== Length bias ==" in result.stdout
+    stdout = rw_eval_output(["--model_path", str(out), "--data_path", rated_dir, "--data_split", "0,1,0",
+                             "--data_output_path", str(tmp_path / "cache"), "--report", str(tmp_path / "report.json"),
+                             "--plots", str(tmp_path / "plots")], capsys)
+    assert "== Attributes ==" in stdout and "== Length bias ==" in stdout
     assert (tmp_path / "plots" / "reward_vs_length.png").is_file()
     report = json.loads((tmp_path / "report.json").read_text())
     verbosity = report["attributes"]["attributes"]["verbosity"]

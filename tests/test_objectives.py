@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, run_cli
+from conftest import REPO_ROOT, rw_eval_output
 from test_train import train
 
 from step2_reward_model.flags import parse_training_args
@@ -63,13 +62,11 @@ def test_instructgpt_loss_learns_ranked_lists_with_margins_centering_and_weights
     assert abs(stats["all"]["mean"]) < 0.5 * stats["all"]["std"], stats["all"]
 
 
-def test_rw_eval_reports_ranking_metrics(ranked_run):
+def test_rw_eval_reports_ranking_metrics(ranked_run, capsys):
     tmp_path, out, meta, _, ranked, _ = ranked_run
     report_path = tmp_path / "ranked_report.json"
-    result = run_cli([sys.executable, "rw_eval.py", "--model_path", str(out), "--data_path", ranked,
-                      "--data_split", "0,1,0", "--data_output_path", str(tmp_path / "eval_cache"),
-                      "--report", str(report_path)])
-    assert result.returncode == 0, result.stderr[-3000:]
+    rw_eval_output(["--model_path", str(out), "--data_path", ranked, "--data_split", "0,1,0", "--data_output_path",
+                    str(tmp_path / "eval_cache"), "--report", str(report_path)], capsys)
     ranking = json.loads(report_path.read_text())["ranking"]
     # every held-out list, all four answers: 6 ordered pairs when strict, 3 for best-of-N
     assert ranking["ordered_pairs"] == sum(6 if len(set(r["ranks"])) == 4 else 3
@@ -127,7 +124,7 @@ def test_objective_and_data_mismatch_is_one_line_error(loss, flags, data, expect
     assert expected in str(excinfo.value) and "\n" not in str(excinfo.value)
 
 
-def test_process_reward_model_trains_saves_and_scores_steps(tmp_path):
+def test_process_reward_model_trains_saves_and_scores_steps(tmp_path, capsys):
     """--process_reward through main.py: held-out step, first-error and solution accuracy well above
     always predicting "correct", then rw_eval scores a step list with the saved model."""
     from utils.data.synthetic import make_step_rows
@@ -150,9 +147,8 @@ def test_process_reward_model_trains_saves_and_scores_steps(tmp_path):
 
     row = next(r for r in held_out if -1 in r["labels"])
     wrong = row["labels"].index(-1)
-    result = run_cli([sys.executable, "rw_eval.py", "--model_path", str(out), "--prompt", row["prompt"],
-                      "--steps", *row["steps"][:wrong + 1]])
-    assert result.returncode == 0, result.stderr[-2000:]
-    probabilities = [float(p) for p in re.findall(r"p\(correct\) ([\d.]+)", result.stdout)]
+    stdout = rw_eval_output(["--model_path", str(out), "--prompt", row["prompt"], "--steps",
+                             *row["steps"][:wrong + 1]], capsys)
+    probabilities = [float(p) for p in re.findall(r"p\(correct\) ([\d.]+)", stdout)]
     assert len(probabilities) == wrong + 1
-    assert probabilities[wrong] < 0.5 and all(p > 0.5 for p in probabilities[:wrong]), result.stdout
+    assert probabilities[wrong] < 0.5 and all(p > 0.5 for p in probabilities[:wrong]), stdout

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import rounding_tolerance, run_cli
+from conftest import rounding_tolerance, rw_eval_output
 
 from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.public_benchmarks import (
@@ -146,21 +145,20 @@ def test_rmbench_needs_three_answers_a_side():
         score_rmbench(*items_and_rewards([("chat", "1", [1.0, 2.0], [0.0, 1.0])]))
 
 
-def test_rw_eval_benchmark_scores_each_answer_as_laid_out_and_reports_every_item(saved_models, tmp_path):
+def test_rw_eval_benchmark_scores_each_answer_as_laid_out_and_reports_every_item(saved_models, tmp_path, capsys):
     rows = [{**V1_ROW, "id": i, "subset": subset, "chosen": f"answer {i} is good", "rejected": f"bad {i}"}
             for i, subset in enumerate(["math-prm", "hep-go", "alpacaeval-easy", "donotanswer"])]
     path = write_jsonl(tmp_path / "rb.jsonl", rows)
     report = tmp_path / "report.json"
-    result = run_cli([sys.executable, "rw_eval.py", "--model_path", saved_models["opt"], "--benchmark", "rewardbench",
-                      "--benchmark_path", path, "--report", str(report)])
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "== Sections ==" in result.stdout and "missing" in result.stdout
+    stdout = rw_eval_output(["--model_path", saved_models["opt"], "--benchmark", "rewardbench", "--benchmark_path",
+                             path, "--report", str(report)], capsys)
+    assert "== Sections ==" in stdout and "missing" in stdout
     saved = json.loads(report.read_text())
     items = read_items("rewardbench", path)
     rewards = [(np.asarray(entry["chosen"]), np.asarray(entry["rejected"])) for entry in saved["items"]]
     bias = saved["result"].pop("length_bias")
     assert saved["result"] == json.loads(json.dumps(score_rewardbench(items, rewards)))  # recomputable from the items
-    assert bias["pairs_with_different_lengths"] == 4 and "== Length bias (answer tokens) ==" in result.stdout
+    assert bias["pairs_with_different_lengths"] == 4 and "== Length bias (answer tokens) ==" in stdout
     manifest = load_manifest(saved_models["opt"])
     scorer = Scorer(load_reward_model(saved_models["opt"]), load_scoring_tokenizer(saved_models["opt"]),
                     manifest["max_seq_len"], manifest["end_of_conversation_token"])
@@ -174,7 +172,7 @@ def test_rw_eval_benchmark_scores_each_answer_as_laid_out_and_reports_every_item
 
 
 def test_training_scores_a_benchmark_on_two_zero3_ranks_as_rw_eval_scores_the_saved_model(
-        model_dirs, synthetic_dir, tmp_path):
+        model_dirs, synthetic_dir, tmp_path, capsys):
     """--eval_benchmark at every evaluation, each rank scoring every second sequence (an odd count:
     one rank pads with a repeat): the final scores equal rw_eval.py's on the saved model."""
     from test_train import train, trained_dtype
@@ -188,9 +186,8 @@ def test_training_scores_a_benchmark_on_two_zero3_ranks_as_rw_eval_scores_the_sa
     assert log.count("benchmark/rewardbench2/Math") >= 3  # before training, at step 40, after the epoch
     final = {key: value for key, value in meta["final_eval"].items() if key.startswith("benchmark/")}
     report = tmp_path / "report.json"
-    result = run_cli([sys.executable, "rw_eval.py", "--model_path", str(out), "--benchmark", "rewardbench2",
-                      "--benchmark_path", path, "--report", str(report)])
-    assert result.returncode == 0, result.stderr[-2000:]
+    rw_eval_output(["--model_path", str(out), "--benchmark", "rewardbench2", "--benchmark_path", path, "--report",
+                    str(report)], capsys)
     offline = json.loads(report.read_text())
     assert set(final) == {f"benchmark/rewardbench2/{name}" for name in ("Math", "Focus", "Safety")}
     # Training evaluated in its own dtype (fp16 on a GPU): an item whose best answers lie within that

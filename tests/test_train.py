@@ -11,7 +11,15 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, launcher_env, objective_forward, rounding_tolerance, run_cli, training_device
+from conftest import (
+    REPO_ROOT,
+    launcher_env,
+    objective_forward,
+    rounding_tolerance,
+    run_cli,
+    rw_eval_output,
+    training_device,
+)
 from torch.utils.data import DataLoader
 
 from step2_reward_model.output import load_reward_model
@@ -128,10 +136,11 @@ def test_zero0_one_rank_learns_saves_and_reloads_exactly(zero0_run, synthetic_di
 
 
 def test_zero2_end_token_loss_with_accumulation_and_checkpointing(tmp_path, model_dirs, synthetic_dir):
+    """One epoch (COMMON's) of 8-pair micro-batches, two to a step: 0.82 held-out accuracy on this
+    machine, where a second epoch doubled the test's time to prove the same things."""
     out, meta, log = train(tmp_path, model_dirs["opt"], synthetic_dir, "--zero_stage", "2", "--loss", "end_token",
                            "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "8",
-                           "--num_train_epochs", "2", "--gradient_checkpointing",
-                           "--step3_key_prefix", "rwtranrsformer", "--no_hf_export")
+                           "--gradient_checkpointing", "--step3_key_prefix", "rwtranrsformer", "--no_hf_export")
     assert meta["loss"] == "end_token" and PACKED in log
     state = torch.load(out / "pytorch_model.bin", weights_only=True)  # as the newest DeepSpeed-Chat names it
     assert all(k == "v_head.weight" or k.startswith("rwtranrsformer.") for k in state)
@@ -189,15 +198,14 @@ def test_lora_only_adapters_train_and_are_merged_into_the_saved_weights(tmp_path
     assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), trained_dtype())
 
 
-def test_rw_eval_scores_what_training_saved(zero0_run):
+def test_rw_eval_scores_what_training_saved(zero0_run, capsys):
     out = zero0_run[1]
     prompt = "\n\nHuman: How do I boil an egg?\n\nAssistant:"
-    result = run_cli([sys.executable, "rw_eval.py", "--model_path", str(out), "--prompt", prompt,
-                      "--chosen", " Gladly, here you go. Put it in hot water for ten minutes.",
-                      "--rejected", " Whatever, not my problem. Put it in hot water for ten minutes."])
-    assert result.returncode == 0, result.stderr
-    assert "preferred: chosen" in result.stdout
-    rewards = [float(line.split(":")[1]) for line in result.stdout.splitlines() if "reward:" in line]
+    stdout = rw_eval_output(["--model_path", str(out), "--prompt", prompt,
+                             "--chosen", " Gladly, here you go. Put it in hot water for ten minutes.",
+                             "--rejected", " Whatever, not my problem. Put it in hot water for ten minutes."], capsys)
+    assert "preferred: chosen" in stdout
+    rewards = [float(line.split(":")[1]) for line in stdout.splitlines() if "reward:" in line]
     model = load_reward_model(str(out))
     tokenizer = load_hf_tokenizer(str(out))
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] + tokenizer(
@@ -261,7 +269,7 @@ def test_step3_style_critic_load(zero0_run):
     assert torch.equal(critic.v_head.weight, ours.v_head.weight)
 
 
-def test_saved_stats_and_full_evaluation_match_training(zero0_run, synthetic_dir):
+def test_saved_stats_and_full_evaluation_match_training(zero0_run, synthetic_dir, capsys):
     """rw_eval's full evaluation of the held-out split reproduces training's final numbers, and
     reward_stats.json describes the same rewards."""
     tmp_path, out, meta, _ = zero0_run
@@ -276,10 +284,9 @@ def test_saved_stats_and_full_evaluation_match_training(zero0_run, synthetic_dir
     assert (out / "hf" / "model.safetensors").is_file() and meta["hf_export"] == "hf"
 
     report_path, plots = tmp_path / "report.json", tmp_path / "plots"
-    result = run_cli([sys.executable, "rw_eval.py", "--model_path", str(out), "--data_path", synthetic_dir,
-                      "--data_split", "0,1,0", "--data_output_path", str(tmp_path / "cache"),
-                      "--report", str(report_path), "--plots", str(plots), "--batch_size", "32"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    stdout = rw_eval_output(["--model_path", str(out), "--data_path", synthetic_dir, "--data_split", "0,1,0",
+                             "--data_output_path", str(tmp_path / "cache"), "--report", str(report_path),
+                             "--plots", str(plots), "--batch_size", "32"], capsys)
     report = json.loads(report_path.read_text())
     summary = report["summary"]
     assert summary["pairs"] == 300
@@ -289,7 +296,7 @@ def test_saved_stats_and_full_evaluation_match_training(zero0_run, synthetic_dir
     assert [source["pairs"] for source in report["by_source"].values()] == [300]
     assert sum(bucket["pairs"] for bucket in report["by_length"]) == 300
     assert 0 <= report["calibration"]["ece"] <= 1 and report["calibration"]["brier"] < 0.25
-    assert f"{summary['accuracy']:.4f}" in result.stdout
+    assert f"{summary['accuracy']:.4f}" in stdout
     assert sorted(os.listdir(plots)) == ["reliability.png", "reward_histogram.png", "reward_vs_length.png"]
 
 
