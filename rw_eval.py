@@ -23,6 +23,8 @@ import math
 import os
 import sys
 
+from rlhf_reward.utils.errors import UserError, exit_status
+
 from step2_reward_model.flags import EVAL_FLAGS, EVAL_OVERRIDES, add_flags
 from step2_reward_model.heldout import score_split
 from step2_reward_model.objectives import saved_objective
@@ -31,7 +33,6 @@ from step2_reward_model.output import load_manifest, reward_mean_std
 from step2_reward_model.public_benchmarks import BENCHMARKS, format_result, read_items, score_items
 from step2_reward_model.report import length_bias
 from step2_reward_model.scoring import Scorer, load_scorer
-from utils.errors import UserError, exit_status
 
 BUILT_IN_EXAMPLES = [
     {"prompt": "Human: In a few sentences, what is a compiler? Assistant: ",

@@ -31,12 +31,12 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from rlhf_reward.utils.files import REPO_ROOT
 
 from step2_reward_model.integrations import RewardFunction
 from step2_reward_model.output import HF_DIR, reward_mean_std
 from step2_reward_model.scoring import load_scorer
 from step2_reward_model.server import in_thread, make_server
-from utils.files import REPO_ROOT
 
 FLASH_ATTN_STUB = ("flash_attn", "flash_attn.bert_padding", "flash_attn.utils", "flash_attn.utils.distributed")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -135,7 +135,7 @@ def openrlhf_on_cpu(dtype: torch.dtype):
     """OpenRLHF's model module, importable on the CPU and loading in `dtype` (see the module docstring)."""
     if importlib.util.find_spec("flash_attn") is None:  # the stand-in, under the names OpenRLHF imports
         for name in FLASH_ATTN_STUB:
-            sys.modules.setdefault(name, importlib.import_module(f"benchmarks.stubs.{name}"))
+            sys.modules.setdefault(name, importlib.import_module(f"rlhf_reward.benchmarks.stubs.{name}"))
     import openrlhf.models.model as model
     import openrlhf.utils.utils as utils
 
@@ -178,9 +178,8 @@ def serving(out: str, token: str | None = None, normalize: bool = False):
 def openrlhf_queries(out: str, prompts: list, answers: list) -> tuple[list[str], list[str]]:
     """What OpenRLHF's rollout posts: the policy's prompt ids and generated ids (the answer, then its eos)
     decoded with special tokens kept, beside the prompt text."""
+    from rlhf_reward.utils.data.chat import template_ends
     from transformers import AutoTokenizer
-
-    from utils.data.chat import template_ends
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(out, HF_DIR))
     _, turn_end = template_ends(tokenizer, tokenizer.chat_template)
@@ -318,7 +317,7 @@ def run_consumer(name: str, out: str, prompts: list, answers: list, dtype: torch
 def load_conversations(path: str | None, pairs: int) -> tuple[list, list, int]:
     """Prompts and answers (chosen first, then rejected) of the first `pairs` pairs of an HH-style
     JSONL(.gz) file, as chat messages; default: the HH-RLHF sample the real demo ships."""
-    from utils.data.pair_files import as_chat, read_pairs
+    from rlhf_reward.utils.data.pair_files import as_chat, read_pairs
 
     path = path or os.path.join(REPO_ROOT, "training_scripts", "cpu", "data", "hh_rlhf_harmless_sample.jsonl.gz")
     rows = [as_chat(pair) for pair in read_pairs(path)[:pairs]]

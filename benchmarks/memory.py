@@ -25,9 +25,9 @@ import random
 import re
 import sys
 
-from benchmarks.quality import run
-from utils.data.synthetic import write_jsonl
-from utils.pretrained import fetch
+from rlhf_reward.benchmarks.quality import run
+from rlhf_reward.utils.data.synthetic import write_jsonl
+from rlhf_reward.utils.pretrained import fetch
 
 WORDS = ("the river garden quietly answer because window people through morning simple question "
          "kitchen number light between under listen yellow travel market story paper winter").split()

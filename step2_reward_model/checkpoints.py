@@ -31,10 +31,9 @@ from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
-
-from utils.errors import UserError, first_line
-from utils.files import fsync_path, write_json
-from utils.runtime import barrier
+from rlhf_reward.utils.errors import UserError, first_line
+from rlhf_reward.utils.files import fsync_path, write_json
+from rlhf_reward.utils.runtime import barrier
 
 FOLDER = "checkpoints"
 MARKER = "complete.json"

@@ -10,11 +10,11 @@ import math
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from rlhf_reward.utils.ds_utils import get_train_ds_config, merge_user_config
+from rlhf_reward.utils.runtime import print_rank_0
 from transformers import get_scheduler
 
 from step2_reward_model.model import flex_attention_problem
-from utils.ds_utils import get_train_ds_config, merge_user_config
-from utils.runtime import print_rank_0
 
 LORA_NAMES = ("lora_A", "lora_B")
 

@@ -10,13 +10,13 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
+from rlhf_reward.utils.runtime import print_rank_0
 from torch.utils.data import DataLoader
 
 from step2_reward_model.heldout import batch_rows, held_out_table
 from step2_reward_model.objectives.base import Objective
 from step2_reward_model.public_benchmarks import BENCHMARKS, encode_items, per_item, read_items
 from step2_reward_model.scoring import Scorer
-from utils.runtime import print_rank_0
 
 
 @dataclass

@@ -16,6 +16,10 @@ import argparse
 import os
 import sys
 
+from rlhf_reward.utils.data.attributes import AttributeScale, parse_weights
+from rlhf_reward.utils.errors import UserError, exit_status
+from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN
+
 from step2_reward_model.flags import add_flags
 from step2_reward_model.heldout import score_split
 from step2_reward_model.hf_export import HF_DIR
@@ -32,9 +36,6 @@ from step2_reward_model.output import (
     save_reward_model,
 )
 from step2_reward_model.scoring import Scorer
-from utils.data.attributes import AttributeScale, parse_weights
-from utils.errors import UserError, exit_status
-from utils.model_files import END_OF_CONVERSATION_TOKEN
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

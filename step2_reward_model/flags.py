@@ -11,16 +11,16 @@ from __future__ import annotations
 import argparse
 import os
 
+from rlhf_reward.utils.data.attributes import RECIPES, SCALES
+from rlhf_reward.utils.data.build import MARGIN_SOURCES
+from rlhf_reward.utils.data.examples import BAD_ROWS
+from rlhf_reward.utils.data.steps import NEUTRAL
+from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN
 from transformers import SchedulerType
 
 from step2_reward_model.losses import LOSSES
 from step2_reward_model.model import BACKBONE, TYPO_BACKBONE
 from step2_reward_model.public_benchmarks import BENCHMARKS
-from utils.data.attributes import RECIPES, SCALES
-from utils.data.build import MARGIN_SOURCES
-from utils.data.examples import BAD_ROWS
-from utils.data.steps import NEUTRAL
-from utils.model_files import END_OF_CONVERSATION_TOKEN
 
 # Flags whose default is read from the environment: the reference names the variable, not its value here.
 ENV_DEFAULTS = {"token": "RW_EVAL_TOKEN"}

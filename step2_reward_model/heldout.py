@@ -18,15 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from rlhf_reward.utils.data.batch import Batch
+from rlhf_reward.utils.data.collate import ACCELERATOR_CHUNK_TOKENS, CHUNK_TOKENS
+from rlhf_reward.utils.data.packing import pad_multiple
+from rlhf_reward.utils.errors import UserError
 from torch.utils.data import DataLoader, Subset
 
 from step2_reward_model.model import RewardModel, RowValues
 from step2_reward_model.objectives.base import DataRequest, Objective
 from step2_reward_model.scoring import Scorer
-from utils.data.batch import Batch
-from utils.data.collate import ACCELERATOR_CHUNK_TOKENS, CHUNK_TOKENS
-from utils.data.packing import pad_multiple
-from utils.errors import UserError
 
 
 def batch_rows(forward: Callable[[Batch], RowValues], objective: Objective, model: RewardModel, loader,

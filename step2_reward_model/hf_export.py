@@ -21,10 +21,10 @@ import copy
 import os
 
 import torch
+from rlhf_reward.utils.errors import UserError
+from rlhf_reward.utils.model_files import special_affixes
 
 from step2_reward_model.model import BACKBONE, ENCODERS, embedding_rows
-from utils.errors import UserError
-from utils.model_files import special_affixes
 
 HF_DIR = "hf"
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>")
@@ -39,7 +39,7 @@ def handoff_tokenizer(tokenizer, end_of_conversation_token: str, max_seq_len: in
     never occurs in scored text, cutting from the left to `max_seq_len` tokens (training keeps the
     answer's end), with the chat template training read conversations through (`chat.scoring_template`:
     the model's own, trimmed after the last end-of-turn token, else DeepSpeed-Chat's layout)."""
-    from utils.data.chat import scoring_template
+    from rlhf_reward.utils.data.chat import scoring_template
 
     export = copy.deepcopy(tokenizer)
     export.padding_side, export.truncation_side, export.model_max_length = "right", "left", max_seq_len

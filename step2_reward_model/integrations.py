@@ -16,10 +16,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+from rlhf_reward.utils.data.fields import Messages
+from rlhf_reward.utils.errors import UserError
+
 from step2_reward_model.output import reward_mean_std
 from step2_reward_model.scoring import load_scorer
-from utils.data.fields import Messages
-from utils.errors import UserError
 
 
 class RewardFunction:

@@ -7,10 +7,9 @@ As in DeepSpeed-Chat: every linear layer whose name contains `--lora_module_name
 
 from __future__ import annotations
 
+from rlhf_reward.utils.errors import UserError
 from torch import nn
 from transformers.pytorch_utils import Conv1D
-
-from utils.errors import UserError
 
 
 def apply_lora(model: nn.Module, lora_dim: int, module_name: str, only_optimize_lora: bool) -> None:

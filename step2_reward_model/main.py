@@ -22,6 +22,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from rlhf_reward.utils.data.chat import load_chat_template
+from rlhf_reward.utils.data.collate import ACCELERATOR_CHUNK_TOKENS, CHUNK_TOKENS, EvalShard
+from rlhf_reward.utils.data.packing import arrangement_for, pad_multiple
+from rlhf_reward.utils.data.sampler import (
+    LengthGroupedBatches,
+    LossDenominator,
+    PackedShapes,
+    TokenBudgetBatches,
+    WithDenominator,
+)
+from rlhf_reward.utils.errors import UserError, exit_status
+from rlhf_reward.utils.model_files import load_hf_tokenizer
+from rlhf_reward.utils.runtime import init_single_process_env, print_rank_0, set_random_seed
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import SchedulerType
 
@@ -44,13 +57,6 @@ from step2_reward_model.objectives import objective_for
 from step2_reward_model.objectives.base import DataRequest, Datasets, Objective
 from step2_reward_model.output import Shards, export_skipped_error, save_reward_model
 from step2_reward_model.training import Placement, Run, Start, StopRequest, train_step
-from utils.data.chat import load_chat_template
-from utils.data.collate import ACCELERATOR_CHUNK_TOKENS, CHUNK_TOKENS, EvalShard
-from utils.data.packing import arrangement_for, pad_multiple
-from utils.data.sampler import LengthGroupedBatches, LossDenominator, PackedShapes, TokenBudgetBatches, WithDenominator
-from utils.errors import UserError, exit_status
-from utils.model_files import load_hf_tokenizer
-from utils.runtime import init_single_process_env, print_rank_0, set_random_seed
 
 
 def train(args: argparse.Namespace) -> None:

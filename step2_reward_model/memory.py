@@ -29,14 +29,14 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from rlhf_reward.utils.data.packing import VARLEN_ATTENTION
+from rlhf_reward.utils.data.sampler import LengthGroupedBatches
+from rlhf_reward.utils.errors import UserError
+from rlhf_reward.utils.runtime import print_rank_0
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from step2_reward_model.model import RewardModel
-from utils.data.packing import VARLEN_ATTENTION
-from utils.data.sampler import LengthGroupedBatches
-from utils.errors import UserError
-from utils.runtime import print_rank_0
 
 PROBE_TOKENS = (64, 128)
 PROBE_VOCAB = 128

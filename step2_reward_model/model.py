@@ -42,12 +42,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+from rlhf_reward.utils.data.batch import Layout, ModelInputs
+from rlhf_reward.utils.errors import UserError, first_line
+from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN, dequantized, pretrained_source
 from torch import nn
 
 from step2_reward_model.losses import end_index
-from utils.data.batch import Layout, ModelInputs
-from utils.errors import UserError, first_line
-from utils.model_files import END_OF_CONVERSATION_TOKEN, dequantized, pretrained_source
 
 BACKBONE, TYPO_BACKBONE = "rwtransformer", "rwtranrsformer"  # newer DeepSpeed-Chat spells it with the typo
 # Model types whose position ids and 4-D attention mask are tested to give the same scores and

@@ -36,6 +36,10 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+from rlhf_reward.utils.data.chat import own_template
+from rlhf_reward.utils.errors import UserError, first_line
+from rlhf_reward.utils.files import replace_folder, write_json
+from rlhf_reward.utils.runtime import barrier
 from torch import nn
 
 from step2_reward_model.hf_export import HF_DIR, ExportUnavailable, handoff_tokenizer, save_sequence_classification
@@ -49,10 +53,6 @@ from step2_reward_model.model import (
     load_config,
     new_backbone,
 )
-from utils.data.chat import own_template
-from utils.errors import UserError, first_line
-from utils.files import replace_folder, write_json
-from utils.runtime import barrier
 
 WEIGHTS_NAME = "pytorch_model.bin"
 MANIFEST_NAME = "reward_model.json"

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from rlhf_reward.utils.data.chat import own_template
+from rlhf_reward.utils.data.fields import Malformed, Messages, as_object, as_text, list_of, required
+from rlhf_reward.utils.data.readers import LOCAL_EXTENSIONS, place, read_file
+from rlhf_reward.utils.errors import UserError, first_line
 
 from step2_reward_model.report import text_table
-from utils.data.chat import own_template
-from utils.data.fields import Malformed, Messages, as_object, as_text, list_of, required
-from utils.data.readers import LOCAL_EXTENSIONS, place, read_file
-from utils.errors import UserError, first_line
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rlhf_reward.utils.data.attributes import AttributeScale
+from rlhf_reward.utils.data.chat import scoring_template, template_ends
+from rlhf_reward.utils.data.collate import pad_right
+from rlhf_reward.utils.data.fields import Messages
+from rlhf_reward.utils.data.tokenize import encode_examples, fit_prompt, special_affixes
+from rlhf_reward.utils.errors import UserError
 
 from step2_reward_model.model import RewardModel, position_limit_problem
-from utils.data.attributes import AttributeScale
-from utils.data.chat import scoring_template, template_ends
-from utils.data.collate import pad_right
-from utils.data.fields import Messages
-from utils.data.tokenize import encode_examples, fit_prompt, special_affixes
-from utils.errors import UserError
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Scorer:
     def score_steps(self, prompt: str, steps: list[str], separator: str) -> list[float]:
         """A process reward model's logit that each step is correct, read at the end of each step as
         in training (probability: its sigmoid)."""
-        from utils.data.steps import StepExample, tokenize_steps
+        from rlhf_reward.utils.data.steps import StepExample, tokenize_steps
 
         example = StepExample(prompt=prompt, steps=steps, labels=[1] * len(steps), source="cli")
         tokenized = tokenize_steps([example], self.tokenizer, self.max_seq_len, separator)
@@ -151,8 +151,9 @@ def load_scorer(model_path: str, tokenizer_path: str | None = None, max_seq_len:
                 batch_size: int = 16, trust_remote_code: bool = False, device: str | None = None) -> Scorer:
     """A saved reward model (OUTPUT, OUTPUT/hf or a DeepSpeed-Chat folder) ready to score, on `device`
     (default: the GPU when there is one), with the max length and end token its manifest records."""
+    from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN
+
     from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
-    from utils.model_files import END_OF_CONVERSATION_TOKEN
 
     model = load_reward_model(model_path, trust_remote_code=trust_remote_code)
     tokenizer = load_scoring_tokenizer(model_path, tokenizer_path, trust_remote_code)

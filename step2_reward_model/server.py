@@ -52,10 +52,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import numpy as np
+from rlhf_reward.utils.data.fields import describe
+from rlhf_reward.utils.errors import UserError, first_line
 
 from step2_reward_model.scoring import Scorer
-from utils.data.fields import describe
-from utils.errors import UserError, first_line
 
 BATCH_FACTOR = 4  # a model call takes up to this many scorer batches of queued requests
 HANDLER_TIMEOUT_S = 30.0  # a client silent this long on its connection is dropped

@@ -20,14 +20,14 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+from rlhf_reward.utils.data.batch import Batch
+from rlhf_reward.utils.errors import UserError
+from rlhf_reward.utils.runtime import print_rank_0
 from tqdm import tqdm
 
 from step2_reward_model import checkpoints
 from step2_reward_model.evaluate import Evaluation, log_metrics
 from step2_reward_model.objectives.base import Objective
-from utils.data.batch import Batch
-from utils.errors import UserError
-from utils.runtime import print_rank_0
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,11 +13,17 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(REPO_ROOT))
-# Commands the tests start import this checkout too, not whichever one `pip install -e .` installed.
+# Commands the tests start import rw_eval and step2_reward_model from this checkout too. utils/ and
+# benchmarks/ install as rlhf_reward.utils and rlhf_reward.benchmarks (pyproject.toml), a mapping
+# only an install makes: the suite refuses to run against another checkout's install.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+_INSTALLED = importlib.util.find_spec("rlhf_reward.utils")
+if _INSTALLED is None or Path(_INSTALLED.origin).resolve().parent != REPO_ROOT / "utils":
+    raise pytest.UsageError(f"rlhf_reward.utils is {_INSTALLED and _INSTALLED.origin}, not this checkout's "
+                            f"utils/: run `pip install --no-deps -e {REPO_ROOT}` (make install does)")
 
-from utils.data.synthetic import make_pairs, write_dataset  # noqa: E402
-from utils.tiny import save_tiny_model, train_tokenizer  # noqa: E402
+from rlhf_reward.utils.data.synthetic import make_pairs, write_dataset  # noqa: E402
+from rlhf_reward.utils.tiny import save_tiny_model, train_tokenizer  # noqa: E402
 
 FAMILIES = ("opt", "gpt2", "gpt_neox", "llama")
 # Two computations of the same float32 values that round differently (another batch layout, another
@@ -40,9 +47,9 @@ def objective_forward(model, batch, objective=None) -> dict:
     step); for responses, each example's best and worst row's score (`chosen_mean_scores`,
     `rejected_mean_scores`); for rated responses, the predicted `attributes`."""
     import torch
+    from rlhf_reward.utils.data.batch import Ranking
 
     from step2_reward_model.objectives.preference import Preference
-    from utils.data.batch import Ranking
 
     objective = objective or Preference()
     rows = model(batch.inputs, batch.layout)
@@ -61,8 +68,7 @@ def objective_forward(model, batch, objective=None) -> dict:
 def pair_batch(input_ids, attention_mask):
     """DeepSpeed-Chat's pair batch as a `Batch`: every chosen row, then as many rejected rows."""
     import torch
-
-    from utils.data.batch import Batch, Layout, ModelInputs, Ranking
+    from rlhf_reward.utils.data.batch import Batch, Layout, ModelInputs, Ranking
 
     pairs = len(input_ids) // 2
     ranking = Ranking(group=torch.arange(pairs).repeat(2), rank=torch.arange(2).repeat_interleave(pairs),
@@ -83,8 +89,7 @@ def assert_chunks_change_nothing(model, items: list[dict], pad_token_id: int = 0
     """A float64 model's loss, scores and gradients on a batch of unpacked rows are the same run in
     the collator's length chunks as in one padded forward, and the rows really are split."""
     import torch
-
-    from utils.data.collate import CHUNK_TOKENS, PairCollator
+    from rlhf_reward.utils.data.collate import CHUNK_TOKENS, PairCollator
 
     chunked = PairCollator(pad_token_id, chunk_tokens=CHUNK_TOKENS["cpu"])(items)
     assert len(chunked.layout.chunks or []) > 1, "rows too alike to split"
@@ -175,10 +180,10 @@ def save_random_reward_model(folder: str, model_dir: str, seed: int = 0) -> str:
     """A step-2 OUTPUT folder without training: the backbone in `model_dir` and a random value head,
     saved exactly as training saves (for tests of loading, exports, evaluation and serving)."""
     import torch
+    from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 
     from step2_reward_model.model import create_reward_model
     from step2_reward_model.output import save_reward_model
-    from utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 
     tokenizer = load_hf_tokenizer(model_dir)
     torch.manual_seed(seed)

@@ -19,6 +19,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO_ROOT, launcher_env, objective_forward, rounding_tolerance, run_cli, rw_eval_output
+from rlhf_reward.utils.data.attributes import (
+    AttributeDataset,
+    AttributeScale,
+    attribute_names,
+    group_by_prompt,
+    judge_rated_rows,
+    parse_weights,
+)
+from rlhf_reward.utils.data.build import AttributeOptions, DataSource, create_attribute_datasets
+from rlhf_reward.utils.data.collate import PairCollator
+from rlhf_reward.utils.data.examples import tally
+from rlhf_reward.utils.data.synthetic import make_attribute_rows, write_jsonl
+from rlhf_reward.utils.data.tokenize import load_tokenized, save_tokenized, tokenize_examples
+from rlhf_reward.utils.errors import UserError
+from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN
+from rlhf_reward.utils.tiny import tiny_config, train_tokenizer
 from test_server import call, running
 from transformers import AutoModel
 
@@ -30,22 +46,6 @@ from step2_reward_model.objectives.regression import Regression
 from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.report import attribute_report
 from step2_reward_model.scoring import Scorer
-from utils.data.attributes import (
-    AttributeDataset,
-    AttributeScale,
-    attribute_names,
-    group_by_prompt,
-    judge_rated_rows,
-    parse_weights,
-)
-from utils.data.build import AttributeOptions, DataSource, create_attribute_datasets
-from utils.data.collate import PairCollator
-from utils.data.examples import tally
-from utils.data.synthetic import make_attribute_rows, write_jsonl
-from utils.data.tokenize import load_tokenized, save_tokenized, tokenize_examples
-from utils.errors import UserError
-from utils.model_files import END_OF_CONVERSATION_TOKEN
-from utils.tiny import tiny_config, train_tokenizer
 
 PROMPT = "\n\nHuman: Tell me about item 5.\n\nAssistant:"
 
@@ -204,7 +204,7 @@ def test_masked_labels_add_nothing_to_loss_or_gradient(tokenizers):
 
 
 def _tokenized(items: list[dict]):
-    from utils.data.tokenize import TokenizedExamples
+    from rlhf_reward.utils.data.tokenize import TokenizedExamples
 
     return TokenizedExamples(prompts=[item["prompt"] for item in items],
                              responses=[item["responses"] for item in items], ranks=[item["ranks"] for item in items],

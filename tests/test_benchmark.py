@@ -30,7 +30,7 @@ def test_throughput_benchmark_prints_every_mode(tmp_path):
 
 def test_gpu_table_runs_every_preset_length_and_mix(capsys):
     """The GPU table's loop and summary, on the tiny preset (the real presets need a GPU)."""
-    from benchmarks import throughput
+    from rlhf_reward.benchmarks import throughput
 
     assert throughput.main(["--gpu_table", "--table_presets", "tiny", "--table_lengths", "256", "--pairs", "16",
                             "--warmup_steps", "1"]) == 0

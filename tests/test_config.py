@@ -10,13 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
+from rlhf_reward.utils.ds_utils import merge_user_config
+from rlhf_reward.utils.errors import UserError
 from test_scripts import dry_run_json
 
 from step2_reward_model.engine import build_ds_config
 from step2_reward_model.flags import parse_training_args
 from step2_reward_model.main import main
-from utils.ds_utils import merge_user_config
-from utils.errors import UserError
 
 FLAGS = ["--model_name_or_path", "unused", "--dtype", "fp32", "--zero_stage", "3", "--offload",
          "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]

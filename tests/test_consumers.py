@@ -15,16 +15,16 @@ import re
 import pytest
 import torch
 from conftest import REPO_ROOT, corpus, rounding_tolerance
+from rlhf_reward.benchmarks.consumers import CONSUMERS, openrlhf_on_cpu, run_consumer, rw_eval_rewards, serving
+from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
+from rlhf_reward.utils.tiny import save_tiny_model
 from transformers import AutoTokenizer
 
-from benchmarks.consumers import CONSUMERS, openrlhf_on_cpu, run_consumer, rw_eval_rewards, serving
 from step2_reward_model.integrations import RewardFunction
 from step2_reward_model.model import create_reward_model
 from step2_reward_model.output import STATS_NAME, reward_mean_std, save_reward_model
 from step2_reward_model.report import reward_statistics
 from step2_reward_model.scoring import Scorer
-from utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
-from utils.tiny import save_tiny_model
 
 CHATML = ("{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
           "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"

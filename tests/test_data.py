@@ -16,23 +16,22 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAMILIES, needs_shared_data
-
-from utils.data import build as build_module
-from utils.data import split as split_module
-from utils.data.adapters import SOURCES, Adapter, split_hh_dialogue
-from utils.data.build import DataSource, create_reward_datasets
-from utils.data.collate import EvalShard, PairCollator, PairDataset
-from utils.data.examples import Example, judge_rows, row_problem, summarise, tally
-from utils.data.sources import RawSplits, load_source
-from utils.data.split import parse_split, phase_indices, shuffle_order, split_bounds
-from utils.data.tokenize import (
+from rlhf_reward.utils.data import build as build_module
+from rlhf_reward.utils.data import split as split_module
+from rlhf_reward.utils.data.adapters import SOURCES, Adapter, split_hh_dialogue
+from rlhf_reward.utils.data.build import DataSource, create_reward_datasets
+from rlhf_reward.utils.data.collate import EvalShard, PairCollator, PairDataset
+from rlhf_reward.utils.data.examples import Example, judge_rows, row_problem, summarise, tally
+from rlhf_reward.utils.data.sources import RawSplits, load_source
+from rlhf_reward.utils.data.split import parse_split, phase_indices, shuffle_order, split_bounds
+from rlhf_reward.utils.data.tokenize import (
     TokenizedExamples,
     load_tokenized,
     save_tokenized,
     special_affixes,
     tokenize_examples,
 )
-from utils.errors import UserError
+from rlhf_reward.utils.errors import UserError
 
 EOT = "<|endoftext|>"
 

@@ -15,6 +15,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, rounding_tolerance
+from rlhf_reward.utils.data.build import DataSource, StepOptions, create_reward_datasets, create_step_datasets
+from rlhf_reward.utils.data.collate import PairCollator
+from rlhf_reward.utils.data.sampler import LengthGroupedBatches
+from rlhf_reward.utils.data.steps import UNLABELLED, StepCollator
+from rlhf_reward.utils.data.synthetic import CONTENT, POLITE, REQUESTS, RUDE, is_held_out, make_pairs, make_ranked_rows
+from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 from test_objectives import write_source
 from test_train import COMMON, assert_reproduces, train, trained_dtype
 from torch.utils.data import DataLoader
@@ -27,12 +33,6 @@ from step2_reward_model.objectives.base import Datasets
 from step2_reward_model.objectives.process import Process, step_counts
 from step2_reward_model.output import load_reward_model
 from step2_reward_model.training import Placement
-from utils.data.build import DataSource, StepOptions, create_reward_datasets, create_step_datasets
-from utils.data.collate import PairCollator
-from utils.data.sampler import LengthGroupedBatches
-from utils.data.steps import UNLABELLED, StepCollator
-from utils.data.synthetic import CONTENT, POLITE, REQUESTS, RUDE, is_held_out, make_pairs, make_ranked_rows
-from utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 
 RANKS, BATCH, EVAL_INTERVAL = 2, 8, 10
 FLAGS = ["--zero_stage", "3", "--per_device_train_batch_size", str(BATCH), "--eval_interval", str(EVAL_INTERVAL),

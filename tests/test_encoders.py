@@ -23,6 +23,11 @@ from conftest import (
     rounding_tolerance,
     run_cli,
 )
+from rlhf_reward.utils.data.build import DataSource
+from rlhf_reward.utils.data.collate import pad_right
+from rlhf_reward.utils.data.synthetic import make_pairs, make_ranked_rows, write_jsonl
+from rlhf_reward.utils.errors import UserError
+from rlhf_reward.utils.model_files import load_hf_tokenizer
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModel,
@@ -54,11 +59,6 @@ from step2_reward_model.objectives.base import DataRequest
 from step2_reward_model.objectives.preference import Preference
 from step2_reward_model.output import load_manifest, load_reward_model
 from step2_reward_model.scoring import Scorer
-from utils.data.build import DataSource
-from utils.data.collate import pad_right
-from utils.data.synthetic import make_pairs, make_ranked_rows, write_jsonl
-from utils.errors import UserError
-from utils.model_files import load_hf_tokenizer
 
 FAMILIES = ("bert", "deberta-v2", "t5")
 FIRST_TOKEN = {"bert": True, "deberta-v2": True, "t5": False}  # [CLS] in front, or T5's </s> at the end

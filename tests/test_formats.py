@@ -11,13 +11,12 @@ from collections import Counter
 
 import pytest
 from conftest import needs_shared_data
-
-from utils.data.adapters import columns
-from utils.data.chat import LAYOUT_MARK, layout_template, load_chat_template, own_template, render
-from utils.data.examples import Example, judge_rows, row_problem, summarise, tally
-from utils.data.sources import RawSplits, load_source
-from utils.data.tokenize import encode_examples, special_affixes
-from utils.errors import UserError
+from rlhf_reward.utils.data.adapters import columns
+from rlhf_reward.utils.data.chat import LAYOUT_MARK, layout_template, load_chat_template, own_template, render
+from rlhf_reward.utils.data.examples import Example, judge_rows, row_problem, summarise, tally
+from rlhf_reward.utils.data.sources import RawSplits, load_source
+from rlhf_reward.utils.data.tokenize import encode_examples, special_affixes
+from rlhf_reward.utils.errors import UserError
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -434,7 +433,7 @@ def test_real_oasst_groups_become_ranked_chat_examples(tmp_path, tokenizers):
 
 
 def test_margin_source_picks_the_margin_the_loss_uses():
-    from utils.data.build import apply_margin
+    from rlhf_reward.utils.data.build import apply_margin
 
     example = Example(prompt="p", responses=["a", "b"], ranks=[0, 1], margin=1.5, score_margin=3.0, source="s")
     assert apply_margin(example, "column")["margin"] == 1.5
@@ -444,7 +443,7 @@ def test_margin_source_picks_the_margin_the_loss_uses():
 
 
 def test_limit_responses_keeps_best_worst_and_evenly_spaced():
-    from utils.data.build import limit_responses
+    from rlhf_reward.utils.data.build import limit_responses
 
     example = Example(prompt="p", responses=list("abcdefg"), ranks=[0, 1, 2, 3, 3, 4, 5], source="s")
     limited = limit_responses(example, 3)
@@ -453,7 +452,7 @@ def test_limit_responses_keeps_best_worst_and_evenly_spaced():
 
 
 def test_weigh_sources_resamples_to_shares_deterministically():
-    from utils.data.build import weigh_sources
+    from rlhf_reward.utils.data.build import weigh_sources
 
     small = [Example(prompt=f"s{i}", responses=["a", "b"], ranks=[0, 1], source="small") for i in range(10)]
     large = [Example(prompt=f"l{i}", responses=["a", "b"], ranks=[0, 1], source="large") for i in range(90)]
@@ -466,7 +465,7 @@ def test_weigh_sources_resamples_to_shares_deterministically():
 
 
 def test_pretokenized_examples_split_at_their_shared_prefix(tokenizers):
-    from utils.data.tokenize import tokenize_examples
+    from rlhf_reward.utils.data.tokenize import tokenize_examples
 
     example = Example(prompt="", responses=["", ""], ranks=[0, 1], token_ids=[[5, 6, 7, 8, 9], [5, 6, 7, 4]],
                       source="ids")
@@ -481,7 +480,7 @@ def test_pretokenized_examples_split_at_their_shared_prefix(tokenizers):
 
 
 def test_an_over_long_answer_leaves_a_ranked_list_but_drops_a_pair(tokenizers):
-    from utils.data.tokenize import tokenize_examples
+    from rlhf_reward.utils.data.tokenize import tokenize_examples
 
     tokenizer, long = tokenizers["gpt2"], " word" * 60
     ranked = Example(prompt="Q:", responses=[" good", long, " bad"], ranks=[0, 1, 2], source="s")

@@ -17,6 +17,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import corpus, rounding_tolerance, run_cli
+from rlhf_reward.utils.data.synthetic import write_dataset
+from rlhf_reward.utils.errors import UserError
+from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
+from rlhf_reward.utils.tiny import tiny_config
 from test_train import assert_reproduces, rescore
 from transformers import AutoModel
 
@@ -24,10 +28,6 @@ from step2_reward_model import export
 from step2_reward_model.model import create_reward_model, load_config
 from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.scoring import Scorer
-from utils.data.synthetic import write_dataset
-from utils.errors import UserError
-from utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
-from utils.tiny import tiny_config
 
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
 PROMPT = "\n\nHuman: How do I boil an egg?\n\nAssistant:"

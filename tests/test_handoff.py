@@ -13,13 +13,13 @@ import sys
 import pytest
 import torch
 from conftest import REPO_ROOT, rounding_tolerance, run_cli, save_random_reward_model
+from rlhf_reward.utils.data.tokenize import special_affixes
+from rlhf_reward.utils.errors import UserError
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from step2_reward_model.model import RewardModel
 from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.scoring import Scorer
-from utils.data.tokenize import special_affixes
-from utils.errors import UserError
 
 # DeepSpeed-Chat's layout: the prompt ends at "Assistant:" and the answer starts with its space, so the
 # prompt's tokens are the same whether it is tokenised alone (as PPO's prompt) or with the answer.
@@ -267,7 +267,7 @@ def test_save_replaces_an_existing_export(model_dirs, tmp_path):
 
 
 def test_rw_eval_report_breaks_accuracy_down_by_source(saved_models, tmp_path):
-    from utils.data.synthetic import make_pairs, write_jsonl
+    from rlhf_reward.utils.data.synthetic import make_pairs, write_jsonl
 
     sources = {}
     for name, count in (("alpha", 12), ("beta", 20)):
@@ -294,8 +294,7 @@ def test_rw_eval_report_breaks_accuracy_down_by_source(saved_models, tmp_path):
 
 def test_rw_eval_on_real_hh_rlhf_pairs(saved_models, tmp_path):
     from conftest import needs_shared_data
-
-    from utils.data.sources import load_source
+    from rlhf_reward.utils.data.sources import load_source
 
     data = needs_shared_data("hh_rlhf_harmless_sample.jsonl.gz")
     report_path = tmp_path / "report.json"

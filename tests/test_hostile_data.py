@@ -34,13 +34,12 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-from utils.data import tokenize as tokenize_module
-from utils.data.adapters import SOURCES
-from utils.data.build import DataSource, create_reward_datasets, create_step_datasets
-from utils.data.examples import BAD_ROWS, describe_drops, judge_rows, row_problem, tally
-from utils.data.tokenize import tokenize_examples
-from utils.errors import UserError
+from rlhf_reward.utils.data import tokenize as tokenize_module
+from rlhf_reward.utils.data.adapters import SOURCES
+from rlhf_reward.utils.data.build import DataSource, create_reward_datasets, create_step_datasets
+from rlhf_reward.utils.data.examples import BAD_ROWS, describe_drops, judge_rows, row_problem, tally
+from rlhf_reward.utils.data.tokenize import tokenize_examples
+from rlhf_reward.utils.errors import UserError
 
 EOT = "<|endoftext|>"
 MAX_SEQ_LEN = 64
@@ -412,8 +411,7 @@ def outcome_table(tokenizer=None) -> str:
     """Every case's outcome in both modes, as a Markdown table."""
     if tokenizer is None:
         from conftest import corpus
-
-        from utils.tiny import train_tokenizer
+        from rlhf_reward.utils.tiny import train_tokenizer
 
         tokenizer = train_tokenizer(corpus(), "gpt2")
     lines = ["| case | --bad_rows error (default) | --bad_rows skip |", "|---|---|---|"]
@@ -648,13 +646,13 @@ def test_step_rows_end_in_an_error_or_a_full_count(tokenizer, case):
 
 
 def load(path: str, mode: str, data_split: str, cache: str) -> tuple[list, list]:
-    from utils.data.build import load_examples
+    from rlhf_reward.utils.data.build import load_examples
 
     return load_examples(DataSource((path,), data_split, 1234, cache, cache, bad_rows=mode, log=lambda _: None))
 
 
 def test_error_mode_reports_a_broken_line_that_another_phase_would_read(tmp_path):
-    from utils.data.split import phase_indices
+    from rlhf_reward.utils.data.split import phase_indices
 
     rows = [json.dumps(pair(i)).encode() for i in range(40)]
     train_part = phase_indices(40, "9,1,0", 0, 1234)  # single file: a tenth is held out, then --data_split
@@ -706,13 +704,14 @@ def test_every_adapter_drops_or_names_a_bad_row(rows, dataset_id):
 
 def test_rw_eval_scoring_follows_bad_rows_for_token_ids(saved_models, tmp_path):
     """Scoring a data file (rw_eval, the converter) applies --bad_rows to pretokenized ids too."""
+    from rlhf_reward.utils.data.build import DataSource
+    from rlhf_reward.utils.model_files import load_hf_tokenizer
+
     from step2_reward_model.heldout import score_split
     from step2_reward_model.objectives.base import DataRequest
     from step2_reward_model.objectives.preference import Preference
     from step2_reward_model.output import load_reward_model
     from step2_reward_model.scoring import Scorer
-    from utils.data.build import DataSource
-    from utils.model_files import load_hf_tokenizer
 
     folder = str(tmp_path / "data")
     write_folder(folder, "jsonl", jsonl([{"input_ids_chosen": [5, 6, i], "input_ids_rejected": [5, 7, i]}

@@ -6,6 +6,8 @@ pyproject.toml sets)."""
 from __future__ import annotations
 
 import ast
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,8 +21,13 @@ OUTSIDE_TESTS = [path for path in REPO_ROOT.rglob("*.py")
                  if path.relative_to(REPO_ROOT).parts[0] in (*PACKAGES, "training_scripts", "rw_eval.py")]
 
 
+# Folders that install under another name (pyproject.toml's package-dir).
+INSTALLED_AS = {"utils": "rlhf_reward.utils", "benchmarks": "rlhf_reward.benchmarks"}
+
+
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+    parts[0] = INSTALLED_AS.get(parts[0], parts[0])
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -94,3 +101,27 @@ def test_no_function_is_too_complex():
         pytest.skip("ruff is not installed (requirements-dev.txt)")
     result = subprocess.run([ruff, "check", "--select", "C901", "."], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_the_install_claims_no_generic_top_level_name(tmp_path):
+    """`pip install -e .` puts step2_reward_model, rw_eval and rlhf_reward on the path, and nothing named
+    `utils` or `benchmarks` (PyPI has a `utils` project; any checkout has such folders): from another
+    folder, without this checkout on the path, those names are not ours, and rlhf_reward.* is."""
+    import tomllib
+
+    setup = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert {name.split(".")[0] for name in setup["packages"]} | set(setup["py-modules"]) == {
+        "step2_reward_model", "rlhf_reward", "rw_eval"}
+    found = [folder.relative_to(REPO_ROOT).as_posix() for folder in REPO_ROOT.glob("*/**/__init__.py")
+             if folder.parts[len(REPO_ROOT.parts)] in ("step2_reward_model", *INSTALLED_AS)]
+    listed = {module_name(REPO_ROOT / path) for path in found}
+    assert listed == set(setup["packages"])  # every package folder installs
+    probe = ("import importlib.util, json; print(json.dumps({name: getattr(importlib.util.find_spec(name), 'origin', "
+             "None) for name in ('utils', 'benchmarks', 'rlhf_reward.utils', 'rlhf_reward.benchmarks')}))")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            check=True)
+    origins = json.loads(result.stdout)
+    assert origins["utils"] is None and origins["benchmarks"] is None
+    assert origins["rlhf_reward.utils"] == str(REPO_ROOT / "utils" / "__init__.py")
+    assert origins["rlhf_reward.benchmarks"] == str(REPO_ROOT / "benchmarks" / "__init__.py")

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
+from rlhf_reward.utils.data.collate import RowShapes
+from rlhf_reward.utils.data.sampler import LengthGroupedBatches
+from rlhf_reward.utils.data.synthetic import write_dataset
+from rlhf_reward.utils.errors import UserError
 from transformers import AutoModel, GPT2Config, LlamaConfig
 
 from step2_reward_model import memory
 from step2_reward_model.flags import parse_training_args
 from step2_reward_model.model import RewardModel
-from utils.data.collate import RowShapes
-from utils.data.sampler import LengthGroupedBatches
-from utils.data.synthetic import write_dataset
-from utils.errors import UserError
 
 MIB = 2 ** 20
 CONFIGS = {

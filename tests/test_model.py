@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_chunks_change_nothing, objective_forward, pair_batch, rounding_tolerance
+from rlhf_reward.utils.data.collate import length_chunks
+from rlhf_reward.utils.data.synthetic import make_pairs
+from rlhf_reward.utils.errors import UserError
+from rlhf_reward.utils.model_files import load_hf_tokenizer
+from rlhf_reward.utils.tiny import tiny_config
 from transformers import AutoModel
 
 from step2_reward_model.model import RewardModel, create_reward_model
 from step2_reward_model.objectives.preference import Preference
 from step2_reward_model.output import WEIGHTS_NAME, load_reward_model
-from utils.data.collate import length_chunks
-from utils.data.synthetic import make_pairs
-from utils.errors import UserError
-from utils.model_files import load_hf_tokenizer
-from utils.tiny import tiny_config
 
 FAMILIES = ("opt", "gpt2", "gpt_neox", "llama")
 HIDDEN = 64

@@ -11,17 +11,17 @@ import re
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, rw_eval_output
+from rlhf_reward.utils.data.build import DataOptions, DataSource, create_reward_datasets
+from rlhf_reward.utils.data.chat import TRIM_MARK
+from rlhf_reward.utils.data.synthetic import make_pairs, make_ranked_rows, write_jsonl
+from rlhf_reward.utils.errors import UserError
+from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 from test_train import train
 
 from step2_reward_model.flags import parse_training_args
 from step2_reward_model.objectives import objective_for
 from step2_reward_model.output import load_reward_model
 from step2_reward_model.scoring import Scorer
-from utils.data.build import DataOptions, DataSource, create_reward_datasets
-from utils.data.chat import TRIM_MARK
-from utils.data.synthetic import make_pairs, make_ranked_rows, write_jsonl
-from utils.errors import UserError
-from utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -127,8 +127,8 @@ def test_objective_and_data_mismatch_is_one_line_error(loss, flags, data, expect
 def test_process_reward_model_trains_saves_and_scores_steps(tmp_path, capsys):
     """--process_reward through main.py: held-out step, first-error and solution accuracy well above
     always predicting "correct", then rw_eval scores a step list with the saved model."""
-    from utils.data.synthetic import make_step_rows
-    from utils.tiny import save_tiny_model
+    from rlhf_reward.utils.data.synthetic import make_step_rows
+    from rlhf_reward.utils.tiny import save_tiny_model
 
     model_dir = str(tmp_path / "model")
     save_tiny_model(model_dir, [" ".join([r["prompt"], *r["steps"]]) for r in make_step_rows(500, 2)], "opt")

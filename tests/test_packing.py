@@ -13,6 +13,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import forward_backward, launcher_env, objective_forward, rounding_tolerance, run_cli
+from rlhf_reward.utils.data.batch import Batch
+from rlhf_reward.utils.data.collate import PairCollator
+from rlhf_reward.utils.data.packing import first_fit
+from rlhf_reward.utils.data.sampler import LossDenominator, TokenBudgetBatches, WithDenominator
+from rlhf_reward.utils.data.steps import UNLABELLED, StepCollator
 from test_prefix_sharing import CONFIGS, FLOAT32_NORMS, LOSS_LAYOUTS, VOCAB, assert_close, make_items, reward_model
 from transformers import AutoModel, GPT2Config
 
@@ -25,11 +30,6 @@ from step2_reward_model.model import (
 )
 from step2_reward_model.objectives.preference import Preference
 from step2_reward_model.objectives.process import Process
-from utils.data.batch import Batch
-from utils.data.collate import PairCollator
-from utils.data.packing import first_fit
-from utils.data.sampler import LossDenominator, TokenBudgetBatches, WithDenominator
-from utils.data.steps import UNLABELLED, StepCollator
 
 VENV_BIN = os.path.dirname(sys.executable)
 TESTS = os.path.dirname(os.path.abspath(__file__))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_chunks_change_nothing, forward_backward
+from rlhf_reward.utils.data.collate import PairCollator
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoModel,
@@ -23,7 +24,6 @@ from transformers import (
 from step2_reward_model.losses import ranked_pair_loss
 from step2_reward_model.model import PREFIX_SHARING_MODELS, RewardModel, prefix_sharing_problem
 from step2_reward_model.objectives.preference import Preference
-from utils.data.collate import PairCollator
 
 pytestmark = pytest.mark.numerics
 

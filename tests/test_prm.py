@@ -16,15 +16,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, needs_shared_data, objective_forward, rounding_tolerance
-from transformers import AutoModel
-
-from step2_reward_model.heldout import batch_rows, held_out_table
-from step2_reward_model.model import RewardModel
-from step2_reward_model.objectives.process import Process, step_counts
-from utils.data.collate import EvalShard
-from utils.data.examples import tally
-from utils.data.sources import load_source
-from utils.data.steps import (
+from rlhf_reward.utils.data.collate import EvalShard
+from rlhf_reward.utils.data.examples import tally
+from rlhf_reward.utils.data.sources import load_source
+from rlhf_reward.utils.data.steps import (
     StepCollator,
     StepDataset,
     StepExample,
@@ -34,10 +29,15 @@ from utils.data.steps import (
     save_steps,
     tokenize_steps,
 )
-from utils.data.synthetic import make_step_rows
-from utils.data.tokenize import special_affixes
-from utils.errors import UserError
-from utils.tiny import tiny_config, train_tokenizer
+from rlhf_reward.utils.data.synthetic import make_step_rows
+from rlhf_reward.utils.data.tokenize import special_affixes
+from rlhf_reward.utils.errors import UserError
+from rlhf_reward.utils.tiny import tiny_config, train_tokenizer
+from transformers import AutoModel
+
+from step2_reward_model.heldout import batch_rows, held_out_table
+from step2_reward_model.model import RewardModel
+from step2_reward_model.objectives.process import Process, step_counts
 
 SEP = "\n\n"
 EXAMPLES = [

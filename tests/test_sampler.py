@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from utils.data.collate import PairCollator, PairDataset, RowShapes
-from utils.data.sampler import LengthGroupedBatches
-from utils.data.tokenize import TokenizedExamples
+from rlhf_reward.utils.data.collate import PairCollator, PairDataset, RowShapes
+from rlhf_reward.utils.data.sampler import LengthGroupedBatches
+from rlhf_reward.utils.data.tokenize import TokenizedExamples
 
 
 def lengths(count: int = 1000, seed: int = 0) -> np.ndarray:

@@ -20,12 +20,12 @@ from contextlib import contextmanager
 
 import pytest
 from conftest import REPO_ROOT, rounding_tolerance
+from rlhf_reward.utils.errors import UserError
+from rlhf_reward.utils.runtime import free_port
 
 from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
 from step2_reward_model.scoring import Scorer
 from step2_reward_model.server import in_thread, make_server
-from utils.errors import UserError
-from utils.runtime import free_port
 
 TOKEN = "s3cret-token"
 PAIRS = [("Human: What is a compiler? Assistant: ", "A program that translates source code into machine code."),

@@ -20,12 +20,12 @@ from conftest import (
     rw_eval_output,
     training_device,
 )
+from rlhf_reward.utils.data.build import DataSource, create_reward_datasets
+from rlhf_reward.utils.data.collate import EvalShard, PairCollator
+from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 from torch.utils.data import DataLoader
 
 from step2_reward_model.output import load_reward_model
-from utils.data.build import DataSource, create_reward_datasets
-from utils.data.collate import EvalShard, PairCollator
-from utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 
 VENV_BIN = os.path.dirname(sys.executable)
 COMMON = ["--data_split", "0,1,0", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
@@ -304,9 +304,10 @@ def test_saved_stats_and_full_evaluation_match_training(zero0_run, synthetic_dir
 def test_a_max_seq_len_past_the_position_table_is_one_line_at_start(layout, tmp_path, synthetic_dir, capsys):
     """OPT's learned position table has 64 rows here: --max_seq_len 128 stops before any data is read,
     with one line naming both numbers and the flag, whether rows are padded, share prompts or are packed."""
+    from rlhf_reward.utils.data.synthetic import make_pairs
+    from rlhf_reward.utils.tiny import save_tiny_model
+
     from step2_reward_model.main import main
-    from utils.data.synthetic import make_pairs
-    from utils.tiny import save_tiny_model
 
     model_dir = str(tmp_path / "opt64")
     save_tiny_model(model_dir, [row["prompt"] + row["chosen"] for row in make_pairs(100, 0)], "opt",

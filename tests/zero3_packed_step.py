@@ -11,9 +11,8 @@ import sys
 import deepspeed
 import torch
 import torch.distributed as dist
+from rlhf_reward.utils.data.collate import PairCollator
 from test_packing import END_TOKEN, budget_parts, packing_items, reward_model
-
-from utils.data.collate import PairCollator
 
 WORLD_SIZE, ACCUMULATION, BUDGET = 2, 2, 70
 

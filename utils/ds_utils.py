@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from utils.errors import UserError, first_line
+from rlhf_reward.utils.errors import UserError, first_line
 
 DTYPE_SECTIONS = {"fp16": ("fp16", {"enabled": True, "loss_scale_window": 100}),
                   "bf16": ("bf16", {"enabled": True}),

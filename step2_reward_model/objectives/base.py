@@ -7,11 +7,11 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from rlhf_reward.utils.data.batch import Batch
+from rlhf_reward.utils.data.build import DataSource
+from rlhf_reward.utils.files import REPO_ROOT
 
 from step2_reward_model.model import Attributes, RewardModel, RowValues
-from utils.data.batch import Batch
-from utils.data.build import DataSource
-from utils.files import REPO_ROOT
 
 
 @dataclass(frozen=True)

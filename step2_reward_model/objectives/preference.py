@@ -12,17 +12,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rlhf_reward.utils.data.batch import Batch
+from rlhf_reward.utils.data.build import DataOptions, create_reward_datasets
+from rlhf_reward.utils.data.collate import PairCollator
+from rlhf_reward.utils.data.tokenize import TokenizedExamples, has_ranked_lists
+from rlhf_reward.utils.errors import UserError
 
 from step2_reward_model.losses import per_token_loss, plackett_luce_loss, ranked_pair_loss
 from step2_reward_model.metrics import ranking_accuracies, ranking_counts
 from step2_reward_model.model import ENCODERS, RewardModel, RowValues
 from step2_reward_model.objectives.base import DataRequest, Datasets, Loss, Report
 from step2_reward_model.report import format_report, pair_report, reward_statistics
-from utils.data.batch import Batch
-from utils.data.build import DataOptions, create_reward_datasets
-from utils.data.collate import PairCollator
-from utils.data.tokenize import TokenizedExamples, has_ranked_lists
-from utils.errors import UserError
 
 SCORE, EXAMPLE, RANK, SOURCE = range(4)
 

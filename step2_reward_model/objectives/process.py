@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rlhf_reward.utils.data.batch import Batch
+from rlhf_reward.utils.data.build import StepOptions, create_step_datasets
+from rlhf_reward.utils.data.steps import StepCollator
+from rlhf_reward.utils.errors import UserError
 
 from step2_reward_model.losses import step_loss
 from step2_reward_model.model import ENCODERS, RewardModel, RowValues
 from step2_reward_model.objectives.base import DataRequest, Datasets, Loss, Report
 from step2_reward_model.objectives.preference import fp32_loss
 from step2_reward_model.report import reward_statistics
-from utils.data.batch import Batch
-from utils.data.build import StepOptions, create_step_datasets
-from utils.data.steps import StepCollator
-from utils.errors import UserError
 
 LOGIT, SOLUTION, LABEL, STEP = range(4)
 

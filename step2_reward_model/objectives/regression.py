@@ -14,6 +14,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from rlhf_reward.utils.data.attributes import AttributeDataset, AttributeScale, parse_weights
+from rlhf_reward.utils.data.batch import Batch
+from rlhf_reward.utils.data.build import AttributeOptions, create_attribute_datasets
+from rlhf_reward.utils.data.collate import PairCollator
 
 from step2_reward_model.losses import attribute_loss, combined_labels, ranked_pair_loss
 from step2_reward_model.model import Attributes, RewardModel, RowValues
@@ -27,10 +31,6 @@ from step2_reward_model.report import (
     pair_report,
     rated_statistics,
 )
-from utils.data.attributes import AttributeDataset, AttributeScale, parse_weights
-from utils.data.batch import Batch
-from utils.data.build import AttributeOptions, create_attribute_datasets
-from utils.data.collate import PairCollator
 
 REWARD, PROMPT, TARGET = range(3)
 

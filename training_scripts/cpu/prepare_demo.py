@@ -7,8 +7,8 @@ import argparse
 import json
 import os
 
-from utils.data.synthetic import write_dataset
-from utils.tiny import save_tiny_model
+from rlhf_reward.utils.data.synthetic import write_dataset
+from rlhf_reward.utils.tiny import save_tiny_model
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from utils.data.pair_files import HH_HUB_ID, HH_SUBSET, hub_hh_pairs, read_pairs, write_split
+from rlhf_reward.utils.data.pair_files import HH_HUB_ID, HH_SUBSET, hub_hh_pairs, read_pairs, write_split
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hh_rlhf_harmless_sample.jsonl.gz")
 

@@ -13,7 +13,7 @@ ZERO_STAGE=${2:-0}
 shift $(( $# > 2 ? 2 : $# ))
 mkdir -p "$OUTPUT"
 
-MODEL=$(python -m utils.pretrained smollm2)
+MODEL=$(python -m rlhf_reward.utils.pretrained smollm2)
 python training_scripts/cpu/prepare_real_demo.py "$OUTPUT/data" --train_pairs 400 --eval_pairs 200
 
 deepspeed --num_gpus 1 step2_reward_model/main.py \

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from utils.data.fields import (
+from rlhf_reward.utils.data.fields import (
     Malformed,
     Messages,
     Row,

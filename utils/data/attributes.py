@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from utils.data.collate import PairDataset
-from utils.data.examples import Outcome, is_blank, judge_rows
-from utils.data.fields import Malformed, as_content, as_object, describe, required
-from utils.errors import UserError
+from rlhf_reward.utils.data.collate import PairDataset
+from rlhf_reward.utils.data.examples import Outcome, is_blank, judge_rows
+from rlhf_reward.utils.data.fields import Malformed, as_content, as_object, describe, required
+from rlhf_reward.utils.errors import UserError
 
 HELPSTEER = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 # Named weightings for --attribute_weights. helpsteer2: the combination NVIDIA recommends for its

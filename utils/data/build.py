@@ -18,11 +18,10 @@ from functools import partial
 from typing import TypeVar
 
 import numpy as np
-
-from utils.data.attributes import attribute_names, group_by_prompt, judge_rated_rows
-from utils.data.chat import is_conversation, own_template
-from utils.data.collate import PairDataset
-from utils.data.examples import (
+from rlhf_reward.utils.data.attributes import attribute_names, group_by_prompt, judge_rated_rows
+from rlhf_reward.utils.data.chat import is_conversation, own_template
+from rlhf_reward.utils.data.collate import PairDataset
+from rlhf_reward.utils.data.examples import (
     Example,
     Outcome,
     describe_drops,
@@ -33,9 +32,9 @@ from utils.data.examples import (
     summarise,
     tally,
 )
-from utils.data.sources import RawSplits, load_source, local_path
-from utils.data.split import parse_split, phase_indices, shuffle_order
-from utils.data.steps import (
+from rlhf_reward.utils.data.sources import RawSplits, load_source, local_path
+from rlhf_reward.utils.data.split import parse_split, phase_indices, shuffle_order
+from rlhf_reward.utils.data.steps import (
     StepDataset,
     StepExample,
     TokenizedSteps,
@@ -44,9 +43,9 @@ from utils.data.steps import (
     save_steps,
     tokenize_steps,
 )
-from utils.data.tokenize import TokenizedExamples, load_tokenized, save_tokenized, tokenize_examples
-from utils.errors import UserError
-from utils.runtime import barrier
+from rlhf_reward.utils.data.tokenize import TokenizedExamples, load_tokenized, save_tokenized, tokenize_examples
+from rlhf_reward.utils.errors import UserError
+from rlhf_reward.utils.runtime import barrier
 
 SPLITS = ("train", "eval")
 Built = TypeVar("Built")  # what a cache build makes of one split

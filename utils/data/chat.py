@@ -19,11 +19,10 @@ from __future__ import annotations
 import json
 
 from jinja2 import TemplateError
-
-from utils.data.examples import Example
-from utils.data.fields import Messages
-from utils.errors import UserError, first_line
-from utils.model_files import special_affixes
+from rlhf_reward.utils.data.examples import Example
+from rlhf_reward.utils.data.fields import Messages
+from rlhf_reward.utils.errors import UserError, first_line
+from rlhf_reward.utils.model_files import special_affixes
 
 
 def _as_messages(value: str | Messages, role: str) -> Messages:

@@ -29,11 +29,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from rlhf_reward.utils.data.batch import Batch, Layout, ModelInputs, Ranking
+from rlhf_reward.utils.data.packing import Document, pack_documents, plain_document, round_up
+from rlhf_reward.utils.data.tokenize import TokenizedExamples
 from torch.utils.data import Dataset
-
-from utils.data.batch import Batch, Layout, ModelInputs, Ranking
-from utils.data.packing import Document, pack_documents, plain_document, round_up
-from utils.data.tokenize import TokenizedExamples
 
 # The padded length at which a row's attention costs as much memory as the rest of its
 # activations, for ordering batches. Eager attention keeps heads x length^2 scores per layer beside

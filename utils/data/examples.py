@@ -21,11 +21,11 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypedDict
 
-from utils.data.adapters import ACCEPTED_LAYOUTS, Adapter
-from utils.data.fields import Malformed, Messages, as_object
-from utils.data.readers import place
-from utils.data.sources import RawSplits
-from utils.errors import UserError
+from rlhf_reward.utils.data.adapters import ACCEPTED_LAYOUTS, Adapter
+from rlhf_reward.utils.data.fields import Malformed, Messages, as_object
+from rlhf_reward.utils.data.readers import place
+from rlhf_reward.utils.data.sources import RawSplits
+from rlhf_reward.utils.errors import UserError
 
 BAD_ROWS = ("error", "skip")
 SKIP_HINT = "(--bad_rows skip drops such rows and counts them)"

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from utils.data.batch import Layout, ModelInputs
+from rlhf_reward.utils.data.batch import Layout, ModelInputs
 
 # FlexAttention's block size: a flat row is padded to a multiple of it, so no block is partial and
 # the compiled kernel sees few distinct lengths.

@@ -13,8 +13,8 @@ import os
 import random
 import re
 
-from utils.data.adapters import split_hh_dialogue
-from utils.errors import UserError
+from rlhf_reward.utils.data.adapters import split_hh_dialogue
+from rlhf_reward.utils.errors import UserError
 
 HH_HUB_ID = "Anthropic/hh-rlhf"
 HH_SUBSET = "harmless-base"

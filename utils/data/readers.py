@@ -15,8 +15,8 @@ import json
 import zlib
 from typing import Any
 
-from utils.data.fields import Unreadable
-from utils.errors import UserError, first_line
+from rlhf_reward.utils.data.fields import Unreadable
+from rlhf_reward.utils.errors import UserError, first_line
 
 LOCAL_EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
 CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB) rejects long texts; this reads any field

@@ -26,10 +26,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from rlhf_reward.utils.data.collate import ATTENTION_WIDTH, RowShapes, padded_cost
+from rlhf_reward.utils.data.packing import arrange, round_up
 from torch.utils.data import Dataset, Sampler
-
-from utils.data.collate import ATTENTION_WIDTH, RowShapes, padded_cost
-from utils.data.packing import arrange, round_up
 
 
 class LengthGroupedBatches(Sampler[list[int]]):

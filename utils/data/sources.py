@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from utils.data.adapters import SOURCES, Adapter, Source, columns
-from utils.data.readers import LOCAL_EXTENSIONS, read_file
-from utils.errors import UserError, first_line
+from rlhf_reward.utils.data.adapters import SOURCES, Adapter, Source, columns
+from rlhf_reward.utils.data.readers import LOCAL_EXTENSIONS, read_file
+from rlhf_reward.utils.errors import UserError, first_line
 
 EVAL_SPLIT_NAMES = ("eval", "test", "validation", "valid")
 

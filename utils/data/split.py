@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
-from utils.errors import UserError
-from utils.files import atomic_write
+from rlhf_reward.utils.errors import UserError
+from rlhf_reward.utils.files import atomic_write
 
 
 def parse_split(data_split: str) -> list[float]:

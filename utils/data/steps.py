@@ -19,16 +19,15 @@ from typing import Any, TypedDict
 
 import numpy as np
 import torch
+from rlhf_reward.utils.data.batch import Batch, Layout, ModelInputs, Steps
+from rlhf_reward.utils.data.collate import RowShapes, bookkeeping, pad_right
+from rlhf_reward.utils.data.examples import Outcome, judge_rows
+from rlhf_reward.utils.data.fields import Malformed, as_object, as_text, list_of, required
+from rlhf_reward.utils.data.packing import pack_documents, plain_document
+from rlhf_reward.utils.data.ragged import pack, unpack
+from rlhf_reward.utils.data.tokenize import encode_bounded, encode_tails, special_affixes
+from rlhf_reward.utils.files import atomic_write
 from torch.utils.data import Dataset
-
-from utils.data.batch import Batch, Layout, ModelInputs, Steps
-from utils.data.collate import RowShapes, bookkeeping, pad_right
-from utils.data.examples import Outcome, judge_rows
-from utils.data.fields import Malformed, as_object, as_text, list_of, required
-from utils.data.packing import pack_documents, plain_document
-from utils.data.ragged import pack, unpack
-from utils.data.tokenize import encode_bounded, encode_tails, special_affixes
-from utils.files import atomic_write
 
 NEUTRAL = ("positive", "negative", "ignore")
 UNLABELLED = -1.0  # stored label of a step that is not scored

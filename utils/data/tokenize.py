@@ -20,12 +20,11 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from utils.data.examples import Example, malformed_error
-from utils.data.fields import Malformed
-from utils.data.ragged import offsets, pack, unpack
-from utils.files import atomic_write
-from utils.model_files import special_affixes
+from rlhf_reward.utils.data.examples import Example, malformed_error
+from rlhf_reward.utils.data.fields import Malformed
+from rlhf_reward.utils.data.ragged import offsets, pack, unpack
+from rlhf_reward.utils.files import atomic_write
+from rlhf_reward.utils.model_files import special_affixes
 
 # More characters per token than real vocabularies average: a text longer than max_seq_len * CHARS_PER_TOKEN
 # characters holds more than max_seq_len tokens.
@@ -182,7 +181,7 @@ def encode_examples(examples: list[Example], tokenizer, max_seq_len: int, end_of
     share. A prompt longer than max_seq_len * CHARS_PER_TOKEN characters is tokenised on its own, by its
     tail (it is cut anyway); a response that long cannot fit and gets max_seq_len + 1 stand-in ids, unless
     `whole_responses` asks for all of it (to cut it, as benchmark runners do)."""
-    from utils.data.chat import is_conversation, render
+    from rlhf_reward.utils.data.chat import is_conversation, render
 
     prefix, suffix = special_affixes(tokenizer)
     encoded: list = [None] * len(examples)
