@@ -5,27 +5,12 @@ The counts are integers (or halves) held in float64, so they must match exactly.
 import numpy as np
 import pytest
 import torch
+from rlhf_reward.benchmarks.metrics import quadratic_ranking_metrics  # the former implementation: the definition
 
 from step2_reward_model import report
 from step2_reward_model.metrics import _segment_inversions, ranking_metrics
 
 KEYS = ("pairs_correct", "pairs", "top1_correct", "groups_with_top1")
-
-
-def quadratic_ranking_metrics(scores: torch.Tensor, group: torch.Tensor, rank: torch.Tensor) -> dict:
-    """The former implementation, word for word: the definition of every count."""
-    scores = scores.detach()
-    same = group[:, None] == group[None, :]
-    ordered = same & (rank[:, None] < rank[None, :])
-    above = scores[:, None] > scores[None, :]
-    tied = scores[:, None] == scores[None, :]
-    pairs_correct = (ordered & above).sum().double() + 0.5 * (ordered & tied).sum().double()
-    best_rank = torch.where(same, rank[None, :], torch.iinfo(rank.dtype).max).amin(-1)
-    is_best = rank == best_rank
-    sole_best = is_best & ((same & is_best[None, :]).sum(-1) == 1) & (same.sum(-1) >= 2)
-    top1_correct = sole_best & (above | ~ordered).all(-1)
-    return {"pairs_correct": pairs_correct, "pairs": ordered.sum().double(),
-            "top1_correct": top1_correct.sum().double(), "groups_with_top1": sole_best.sum().double()}
 
 
 def assert_same_counts(scores: torch.Tensor, group: torch.Tensor, rank: torch.Tensor) -> dict:

@@ -17,12 +17,11 @@ import torch
 from rlhf_reward.utils.data.attributes import AttributeDataset, AttributeScale, parse_weights
 from rlhf_reward.utils.data.batch import Batch
 from rlhf_reward.utils.data.build import AttributeOptions, create_attribute_datasets
-from rlhf_reward.utils.data.collate import PairCollator
 
 from step2_reward_model.losses import attribute_loss, combined_labels, ranked_pair_loss
 from step2_reward_model.model import Attributes, RewardModel, RowValues
 from step2_reward_model.objectives.base import DataRequest, Datasets, Loss, Report
-from step2_reward_model.objectives.preference import answer_positions, fp32_loss
+from step2_reward_model.objectives.preference import Preference, answer_positions, fp32_loss
 from step2_reward_model.report import (
     attribute_report,
     best_worst,
@@ -85,13 +84,9 @@ class Regression:
         return Datasets(AttributeDataset(train, scale), AttributeDataset(held_out, scale), held_out.source_names,
                         head=head, objective=settled)
 
-    def collator(self, pad_token_id: int, pad_multiple: int, arrangement: str | None, share_prompt: bool,
-                 chunk_tokens: int | None) -> PairCollator:
-        return PairCollator(pad_token_id, pad_to_multiple_of=pad_multiple, share_prompt=share_prompt,
-                            chunk_tokens=chunk_tokens, arrangement=arrangement)
-
-    def shares_prompts(self) -> bool:
-        return True
+    # Rated responses batch as a prompt's ranked answers do, with their labels (`PairCollator`).
+    collator = Preference.collator
+    shares_prompts = Preference.shares_prompts
 
     def predictions(self, model: RewardModel, rows: RowValues) -> torch.Tensor:
         predicted = model.end_outputs(rows)
