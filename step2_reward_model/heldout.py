@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from rlhf_reward.utils.data.batch import Batch
-from rlhf_reward.utils.data.collate import ACCELERATOR_CHUNK_TOKENS, CHUNK_TOKENS
+from rlhf_reward.utils.data.collate import chunk_tokens_for
 from rlhf_reward.utils.data.packing import pad_multiple
 from rlhf_reward.utils.errors import UserError
 from torch.utils.data import DataLoader, Subset
@@ -93,7 +93,7 @@ def score_split(scorer: Scorer, objective: Objective, request: DataRequest, spli
     # Padding is masked, so its id only has to be in the embedding, which OUTPUT's own pad (added for the
     # frameworks that need one) may not be.
     collator = data.objective.collator(0, pad_multiple(attention), None, False,
-                                       CHUNK_TOKENS.get(device.type, ACCELERATOR_CHUNK_TOKENS))
+                                       chunk_tokens_for(device.type))
     order = np.argsort(-dataset.lengths(False), kind="stable")
     loader = DataLoader(Subset(dataset, order), batch_size=scorer.batch_size, collate_fn=collator)
     with torch.inference_mode():

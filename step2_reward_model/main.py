@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from rlhf_reward.utils.data.chat import load_chat_template
-from rlhf_reward.utils.data.collate import ACCELERATOR_CHUNK_TOKENS, CHUNK_TOKENS, EvalShard
+from rlhf_reward.utils.data.collate import EvalShard, chunk_tokens_for
 from rlhf_reward.utils.data.packing import arrangement_for, pad_multiple
 from rlhf_reward.utils.data.sampler import (
     LengthGroupedBatches,
@@ -167,10 +167,9 @@ def make_collator(args: argparse.Namespace, objective: Objective, model: RewardM
             print_rank_0(f"note: prefix sharing is off ({problem}): every response gets its own row with the prompt")
         share_prompt = args.prefix_sharing and problem is None
     # ZeRO-3 gathers every layer's weights once per forward, so it runs each batch as one.
-    chunk_tokens = CHUNK_TOKENS.get(device.type, ACCELERATOR_CHUNK_TOKENS) if args.zero_stage < 3 else None
-    return objective.collator(pad_token_id if pad_token_id is not None else 0,
-                              pad_multiple(model.config._attn_implementation), arrangement, share_prompt,
-                              chunk_tokens), share_prompt
+    chunk_tokens = chunk_tokens_for(device.type) if args.zero_stage < 3 else None
+    return objective.collator(pad_token_id, pad_multiple(model.config._attn_implementation), arrangement,
+                              share_prompt, chunk_tokens), share_prompt
 
 
 def packing_arrangement(args: argparse.Namespace, config) -> str | None:

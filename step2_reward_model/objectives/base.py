@@ -80,7 +80,7 @@ class Objective(Protocol):
     def datasets(self, request: DataRequest, tokenizer, end_text: str) -> Datasets:
         """Read, clean, split, tokenise and cache the data; the phase-2 train and held-out sets."""
 
-    def collator(self, pad_token_id: int, pad_multiple: int, arrangement: str | None, share_prompt: bool,
+    def collator(self, pad_token_id: int | None, pad_multiple: int, arrangement: str | None, share_prompt: bool,
                  chunk_tokens: int | None):
         """The batches this objective's data goes into (`utils/data/collate.py`, `utils/data/steps.py`)."""
 

@@ -78,7 +78,7 @@ class Preference:
         if self.loss_name == "plackett_luce" and margins:
             raise UserError("--loss plackett_luce has no margin: pass --margin_source none or --loss end_token")
 
-    def collator(self, pad_token_id: int, pad_multiple: int, arrangement: str | None, share_prompt: bool,
+    def collator(self, pad_token_id: int | None, pad_multiple: int, arrangement: str | None, share_prompt: bool,
                  chunk_tokens: int | None) -> PairCollator:
         return PairCollator(pad_token_id, pad_to_multiple_of=pad_multiple, share_prompt=share_prompt,
                             chunk_tokens=chunk_tokens, arrangement=arrangement)
@@ -119,12 +119,13 @@ class Preference:
         reward, top-1 accuracy where there are lists of three or more, and accuracy per source."""
         counts, accuracies = ranking(table)
         best, worst = best_worst_rows(table)
+        answers = np.unique(table[:, EXAMPLE], return_counts=True)[1]  # per example
         summary = {"accuracy": accuracies["pairwise_accuracy"] or 0.0,
                    "chosen": float(table[best, SCORE].mean()) if best.any() else 0.0,
                    "rejected": float(table[worst, SCORE].mean()) if worst.any() else 0.0,
-                   "pairs": len(np.unique(table[:, EXAMPLE])), "ordered_pairs": int(counts["pairs"])}
+                   "pairs": len(answers), "ordered_pairs": int(counts["pairs"])}
         summary["difference"] = summary["chosen"] - summary["rejected"]
-        if accuracies["top1_accuracy"] is not None and (np.unique(table[:, EXAMPLE], return_counts=True)[1] > 2).any():
+        if accuracies["top1_accuracy"] is not None and (answers > 2).any():
             summary["top1_accuracy"] = accuracies["top1_accuracy"]
         sources = np.unique(table[:, SOURCE])
         if len(sources) > 1:
@@ -160,9 +161,7 @@ class Preference:
         """The pair diagnostics (`report.pair_report`) of each example's best against its worst answers,
         and over ranked lists, accuracy on every ordered pair and top-1 accuracy."""
         data: TokenizedExamples = held_out.data
-        example = table[:, EXAMPLE].astype(np.int64)
-        lengths = np.array([len(data.responses[e][k]) for e, k in zip(example, answer_positions(example),
-                                                                      strict=True)], dtype=np.float64)
+        lengths = answer_lengths(data, table[:, EXAMPLE].astype(np.int64))
         best, worst = best_worst_rows(table)
         chosen, chosen_lengths, examples = per_example_means(table, best, lengths)
         rejected, rejected_lengths, _ = per_example_means(table, worst, lengths)
@@ -208,20 +207,26 @@ def best_worst_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def per_example_means(table: np.ndarray, members: np.ndarray,
-                      lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per example (sorted by index), the mean reward and mean length of its rows in `members`."""
+                      lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Per example (sorted by index), the mean reward of its rows in `members`, their mean length
+    (with `lengths`, per row), and the examples' indices."""
     examples, example = np.unique(table[members, EXAMPLE], return_inverse=True)
     counts = np.bincount(example, minlength=len(examples))
-    return (np.bincount(example, table[members, SCORE], len(examples)) / counts,
-            np.bincount(example, lengths[members], len(examples)) / counts, examples.astype(np.int64))
+    mean_length = None if lengths is None else np.bincount(example, lengths[members], len(examples)) / counts
+    return np.bincount(example, table[members, SCORE], len(examples)) / counts, mean_length, examples.astype(np.int64)
 
 
 def best_worst_margins(table: np.ndarray) -> np.ndarray:
     """Per example, the mean reward of its best-ranked answers minus that of its worst: the margin of
     its pair, whatever order the rows come in and however many answers tie."""
     best, worst = best_worst_rows(table)
-    lengths = np.zeros(len(table))
-    return per_example_means(table, best, lengths)[0] - per_example_means(table, worst, lengths)[0]
+    return per_example_means(table, best)[0] - per_example_means(table, worst)[0]
+
+
+def answer_lengths(data: TokenizedExamples, example: np.ndarray) -> np.ndarray:
+    """The token length of each table row's answer, for rows in the order they were scored."""
+    return np.array([len(data.responses[e][k]) for e, k in zip(example, answer_positions(example), strict=True)],
+                    dtype=np.float64)
 
 
 def answer_positions(example: np.ndarray) -> np.ndarray:

@@ -59,7 +59,7 @@ class Process:
                                                local_rank=request.local_rank)
         return Datasets(train, held_out, held_out.data.source_names, objective=self)
 
-    def collator(self, pad_token_id: int, pad_multiple: int, arrangement: str | None, share_prompt: bool,
+    def collator(self, pad_token_id: int | None, pad_multiple: int, arrangement: str | None, share_prompt: bool,
                  chunk_tokens: int | None) -> StepCollator:
         return StepCollator(pad_token_id, pad_multiple, arrangement)
 

@@ -21,7 +21,7 @@ from rlhf_reward.utils.data.build import AttributeOptions, create_attribute_data
 from step2_reward_model.losses import attribute_loss, combined_labels, ranked_pair_loss
 from step2_reward_model.model import Attributes, RewardModel, RowValues
 from step2_reward_model.objectives.base import DataRequest, Datasets, Loss, Report
-from step2_reward_model.objectives.preference import Preference, answer_positions, fp32_loss
+from step2_reward_model.objectives.preference import Preference, answer_lengths, fp32_loss
 from step2_reward_model.report import (
     attribute_report,
     best_worst,
@@ -157,7 +157,7 @@ class Regression:
         has two answers with different combined labels."""
         data = held_out.data
         prompt = table[:, PROMPT].astype(np.int64)
-        lengths = np.array([len(data.responses[p][k]) for p, k in zip(prompt, answer_positions(prompt), strict=True)])
+        lengths = answer_lengths(data, prompt)
         predicted, labels = (self.scale.invert(values) for values in self.split(table))
         rewards = table[:, REWARD]
         report = {"attributes": attribute_report(predicted, labels, self.head.names, rewards, prompt,

@@ -46,6 +46,11 @@ CHUNK_TOKENS = {"cpu": 32}
 ACCELERATOR_CHUNK_TOKENS = 2048
 
 
+def chunk_tokens_for(device_type: str) -> int:
+    """`CHUNK_TOKENS` of a device type: the CPU's, or any accelerator's."""
+    return CHUNK_TOKENS.get(device_type, ACCELERATOR_CHUNK_TOKENS)
+
+
 def padded_cost(rows: int, width: int) -> float:
     """Memory of `rows` rows padded to `width`, in tokens, their attention counted as tokens too."""
     return rows * width * (1 + width / ATTENTION_WIDTH)
