@@ -113,6 +113,15 @@ def launcher_env(ranks: int) -> dict[str, str]:
     return {}
 
 
+def launcher(ranks: int) -> list[str]:
+    """The deepspeed launcher for `ranks` processes on this machine. Its rendezvous port is a free
+    one, not the fixed default, so that runs started side by side (pytest -n) do not meet."""
+    from rlhf_reward.utils.runtime import free_port
+
+    return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks),
+            "--master_port", str(free_port())]
+
+
 def training_device(ranks: int = 1) -> str:
     """Where a training subprocess of `ranks` processes runs: 'cuda' or 'cpu' (see launcher_env)."""
     import torch

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import replace
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, launcher_env, objective_forward, rounding_tolerance, run_cli, rw_eval_output
+from conftest import REPO_ROOT, launcher, launcher_env, objective_forward, rounding_tolerance, run_cli, rw_eval_output
 from rlhf_reward.utils.data.attributes import (
     AttributeDataset,
     AttributeScale,
@@ -301,7 +300,7 @@ def train(tmp_path, model_dir: str, rated_dir: str, *extra: str, ranks: int = 0)
     """A regression run as a user starts it (through the deepspeed launcher with `ranks`): its
     OUTPUT, manifest and log."""
     out = tmp_path / "out"
-    command = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks)] if ranks \
+    command = launcher(ranks) if ranks \
         else [sys.executable]
     result = run_cli([*command, "step2_reward_model/main.py", "--model_name_or_path", model_dir, "--data_path",
                       rated_dir, "--data_output_path", str(tmp_path / "cache"), "--output_dir", str(out), *COMMON,

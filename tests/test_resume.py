@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, launcher_env, run_cli
+from conftest import REPO_ROOT, launcher, launcher_env, run_cli
 from rlhf_reward.utils.errors import UserError
 
 from step2_reward_model import checkpoints
@@ -54,7 +54,7 @@ def command(out: Path, model_dir: str, data: str, ds_config: str, *extra: str, r
             "--output_dir", str(out), "--tensorboard_path", str(out) + "-tb", *FLAGS,
             "--deepspeed_config", ds_config, *extra]
     if ranks:
-        return [os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", str(ranks), "step2_reward_model/main.py", *args]
+        return [*launcher(ranks), "step2_reward_model/main.py", *args]
     return [sys.executable, "step2_reward_model/main.py", *args]
 
 

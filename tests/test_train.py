@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import (
     REPO_ROOT,
+    launcher,
     launcher_env,
     objective_forward,
     rounding_tolerance,
@@ -47,7 +48,7 @@ def train(tmp_path, model_dir: str, data_dir: str, *extra: str, ranks: int | Non
     args = ["--model_name_or_path", model_dir, "--data_path", data_dir, "--data_output_path",
             str(tmp_path / "cache"), "--output_dir", str(out), *COMMON, *extra]
     if ranks:
-        command = [os.path.join(VENV_BIN, "deepspeed"), "--num_gpus", str(ranks), "step2_reward_model/main.py", *args]
+        command = [*launcher(ranks), "step2_reward_model/main.py", *args]
     else:
         command = [sys.executable, "step2_reward_model/main.py", *args]
     result = run_cli(command, env={"PATH": f"{VENV_BIN}:{os.environ['PATH']}", **launcher_env(ranks or 1)})
