@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from rlhf_reward.utils.data.attributes import AttributeScale, parse_weights
 from rlhf_reward.utils.errors import UserError, exit_status
@@ -23,7 +24,7 @@ from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN
 from step2_reward_model.flags import add_flags
 from step2_reward_model.heldout import score_split
 from step2_reward_model.hf_export import HF_DIR
-from step2_reward_model.model import Attributes, position_limit_problem
+from step2_reward_model.model import position_limit_problem
 from step2_reward_model.objectives import saved_objective
 from step2_reward_model.objectives.base import DataRequest
 from step2_reward_model.output import (
@@ -83,7 +84,7 @@ def reweigh(model, specs: list[str]) -> None:
                         "--objective regression)")
     names = model.attributes.names
     weights = parse_weights(specs, list(names))
-    model.set_attributes(Attributes(names, tuple(weights)), model.v_head.weight.data)
+    model.set_attributes(replace(model.attributes, weights=tuple(weights)), model.v_head.weight.data)
     print("reward = " + " + ".join(f"{weight:g} * {name}" for name, weight in zip(names, weights, strict=True)
                                    if weight))
 
@@ -103,8 +104,7 @@ def current_attributes(model, manifest: dict) -> dict | None:
     """The manifest's attribute fields with the model's names and weights (--attribute_weights changes them)."""
     if model.attributes is None:
         return None
-    return {**manifest.get("attributes", {}), "names": list(model.attributes.names),
-            "weights": list(model.attributes.weights)}
+    return {**manifest.get("attributes", {}), **model.attributes.manifest()}
 
 
 def main(argv: list[str] | None = None) -> int:

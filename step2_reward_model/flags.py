@@ -73,6 +73,16 @@ FLAGS: dict[str, dict] = {
                       "(InstructGPT); plackett_luce: the listwise likelihood of each ranking."),
     "center_rewards_coefficient": dict(type=float, default=0.0, help="Add this times mean((r_chosen + "
                                        "r_rejected)^2) to the loss, to keep rewards centred on 0."),
+    "length_head": dict(action="store_true",
+                        help="ODIN (Chen et al. 2024): a length head beside the value (quality) head, both on the last "
+                             "hidden state. The loss ranks their sum r_Q + r_L and adds --length_loss_coefficient x "
+                             "(|pearson(r_Q, length)| + 1 - pearson(r_L, length)) over the step's answers and "
+                             "--orthogonality_loss_coefficient x |cos(W_Q, W_L)|. Step 3, hf/ and every adapter get "
+                             "r_Q alone; rw_eval.py reports both."),
+    "length_loss_coefficient": dict(type=float, default=1.0,
+                                    help="With --length_head, the weight of its length-correlation loss."),
+    "orthogonality_loss_coefficient": dict(type=float, default=1.0,
+                                           help="With --length_head, the weight of its head-orthogonality loss."),
     "compute_fp32_loss": dict(action="store_true", help="Compute the loss in fp32."),
     "no_bf16_to_fp32_loss": dict(action="store_false", dest="bf16_to_fp32_loss",
                                  help="With bf16, compute the loss in bf16 (default: fp32)."),
@@ -140,7 +150,8 @@ FLAGS: dict[str, dict] = {
                                   help="Shuffle, then sort by length within windows of this many steps, so a batch "
                                        "holds similar lengths and little padding; 0: plain shuffled batches. Default "
                                        "32, and 0 with --process_reward (grouped step batches learned worse in our "
-                                       "tests)."),
+                                       "tests) and with --length_head (whose correlations with length need batches "
+                                       "of every length)."),
     "no_memory_check": dict(action="store_false", dest="memory_check", help="Train even when the estimated peak "
                             "memory of the largest batch exceeds the memory free."),
     "local_rank": dict(type=int, default=-1, help="Set by the deepspeed launcher."),
@@ -211,8 +222,9 @@ TRAINING_FLAGS = (
     "lora_dim", "lora_module_name", "only_optimize_lora", "lora_learning_rate", "compute_fp32_loss",
     "no_bf16_to_fp32_loss", "eval_interval", "eval_iters",
     "eval_benchmark", "enable_tensorboard", "tensorboard_path", "add_eot_token",
-    "print_loss", "no_fused_kernels", "loss", "center_rewards_coefficient", "margin_source", "data_weights",
-    "max_responses_per_prompt", "chat_template", "objective", "attributes", "attribute_weights", "attribute_scale",
+    "print_loss", "no_fused_kernels", "loss", "center_rewards_coefficient", "length_head", "length_loss_coefficient",
+    "orthogonality_loss_coefficient", "margin_source", "data_weights", "max_responses_per_prompt", "chat_template",
+    "objective", "attributes", "attribute_weights", "attribute_scale",
     "pair_loss_coefficient", "process_reward", "step_separator", "prm_neutral",
     "train_on_last_step_only", "step3_key_prefix", "no_hf_export", "no_prefix_sharing", "length_grouping_steps",
     "attn_implementation", "save_interval", "keep_last", "resume", "max_nonfinite_steps", "bad_rows",
@@ -243,12 +255,15 @@ GROUPS = {
     "serve": "Serving rewards over HTTP (--serve)",
 }
 # Flags that must be at least this much.
-LEAST = {"save_interval": 0, "keep_last": 0, "max_nonfinite_steps": 1, "pair_loss_coefficient": 0.0}
+LEAST = {"save_interval": 0, "keep_last": 0, "max_nonfinite_steps": 1, "pair_loss_coefficient": 0.0,
+         "length_loss_coefficient": 0.0, "orthogonality_loss_coefficient": 0.0}
 # Flags of one objective, at their defaults under the other.
 REGRESSION_ONLY = {"attributes": None, "attribute_weights": None, "attribute_scale": "none",
                    "pair_loss_coefficient": 0.0}
 PREFERENCE_ONLY = {"loss": "per_token", "center_rewards_coefficient": 0.0, "margin_source": "column",
                    "data_weights": None, "max_responses_per_prompt": 0}
+# Flags of compared answers only: a process reward model's steps have no answer length to decorrelate.
+COMPARED_ANSWERS_ONLY = {"length_head": False, "length_loss_coefficient": 1.0, "orthogonality_loss_coefficient": 1.0}
 
 
 def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | list[str], **overrides: dict) -> None:
@@ -273,8 +288,11 @@ def parse_training_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.process_reward:
         args.objective = "process"
     args.process_reward = args.objective == "process"
+    if args.length_head and args.length_grouping_steps:
+        parser.error("--length_head decorrelates the reward from length over each step's answers, which length "
+                     "grouping makes alike in length: leave out --length_grouping_steps (0 with --length_head)")
     if args.length_grouping_steps is None:
-        args.length_grouping_steps = 0 if args.objective == "process" else 32
+        args.length_grouping_steps = 0 if args.objective == "process" or args.length_head else 32
     if args.max_tokens_per_batch is not None and args.max_tokens_per_batch <= 0:
         parser.error(f"--max_tokens_per_batch must be a positive number of tokens, not {args.max_tokens_per_batch}")
     for flag, least in LEAST.items():
@@ -286,6 +304,9 @@ def parse_training_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, default in PREFERENCE_ONLY.items():
         if args.objective == "regression" and getattr(args, flag) != default:
             parser.error(f"--{flag} applies to --objective preference, not regression (see --pair_loss_coefficient)")
+    for flag, default in COMPARED_ANSWERS_ONLY.items():
+        if args.objective != "preference" and getattr(args, flag) != default:
+            parser.error(f"--{flag} needs --objective preference (compared answers), not {args.objective}")
     return args
 
 

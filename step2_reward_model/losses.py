@@ -8,6 +8,8 @@
 - `plackett_luce_loss`: the listwise likelihood of the whole ranking: each response is picked among those ranked
   no better than it (a strict ranking of K gives K-1 softmax terms, not K(K-1)/2 pairs).
 - `step_loss`: binary cross-entropy at labelled steps, for process reward models.
+- `length_decorrelation_loss`, `orthogonality_loss`: ODIN's terms for a quality and a length head (Chen et al.
+  2024, "ODIN: Disentangled Reward Mitigates Hacking in RLHF", section 4), beside the ranking loss on their sum.
 - `attribute_loss`: mean squared error over the rated cells of `[responses, attributes]` labels (NaN: not
   rated), for multi-attribute regression; `combined_labels` gives the pair loss its targets.
 
@@ -18,6 +20,7 @@ equal ranks are unordered).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -115,3 +118,48 @@ def combined_labels(labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
 
 
 LOSSES = ("per_token", "end_token", "plackett_luce")
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Pearson correlation of two 1-D tensors, differentiable; 0 where either side is (nearly) constant: a
+    batch whose answers all have one length says nothing of length, and rounding noise is no signal."""
+    x, y = x - x.mean(), y - y.mean()
+    return (x * y).sum() / (x.square().sum() * y.square().sum()).sqrt().clamp_min(eps)
+
+
+def length_decorrelation_loss(quality: torch.Tensor, length_reward: torch.Tensor,
+                              lengths: torch.Tensor) -> torch.Tensor:
+    """ODIN's length loss, L_L = |rho(r_Q, L)| - rho(r_L, L) (section 4 of the paper): the quality
+    reward uncorrelated with the answer's length L, the length reward correlated with it; rho is the
+    Pearson correlation over the batch's answers. Shifted by 1 (1 - rho(r_L, L)) so that it is 0 at best."""
+    lengths = lengths.to(quality.dtype)
+    return pearson(quality, lengths).abs() + 1 - pearson(length_reward, lengths)
+
+
+def orthogonality_loss(head: torch.Tensor) -> torch.Tensor:
+    """ODIN's orthogonality loss, L_O = |W_Q^T W_L| (section 4), of the two rows of a `[2, width]` head,
+    on unit-norm rows: the raw product could be made small by shrinking both heads instead of turning them apart."""
+    quality, length = F.normalize(head.float(), dim=-1)
+    return (quality @ length).abs()
+
+
+def across_ranks(*local: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """This rank's 1-D tensors joined with every other rank's (counts may differ), in the first one's dtype
+    (float32 at least), for a
+    statistic over the step's whole batch (ODIN computes its correlations over the global batch). Only
+    this rank's part carries gradient, scaled by the world size, so that the data-parallel mean of the
+    ranks' gradients is the statistic's own gradient."""
+    dtype = torch.promote_types(local[0].dtype, torch.float32)
+    stacked = torch.stack([tensor.to(dtype) for tensor in local])
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tuple(stacked)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    count = torch.tensor([stacked.shape[1]], device=stacked.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    padded = F.pad(stacked.detach(), (0, max(int(c) for c in counts) - stacked.shape[1]))
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    scaled = world * stacked - (world - 1) * stacked.detach()  # the value of `stacked`, world times its gradient
+    return tuple(torch.cat([scaled if r == rank else part[:, :int(c)]
+                            for r, (part, c) in enumerate(zip(parts, counts, strict=True))], 1))

@@ -80,16 +80,30 @@ ENCODERS = {
 
 @dataclass(frozen=True)
 class Attributes:
-    """The attributes a multi-attribute head predicts, in output order, and their weights in the reward."""
+    """The attributes a multi-attribute head predicts, in output order, and their weights in the reward;
+    `hf_labels`: whether `hf/` gets one label per attribute (a regression's ratings) or only the
+    reward (ODIN's quality and length, whose reward is the quality alone)."""
 
     names: tuple[str, ...]
     weights: tuple[float, ...]
+    hf_labels: bool = True
+
+    @classmethod
+    def from_manifest(cls, saved: dict) -> Attributes:
+        return cls(tuple(saved["names"]), tuple(saved["weights"]), saved.get("hf_labels", True))
+
+    def manifest(self) -> dict:
+        return {"names": list(self.names), "weights": list(self.weights), "hf_labels": self.hf_labels}
 
     def collapse(self, weight: torch.Tensor) -> torch.Tensor:
         """The `[1, width]` head that gives the weighted sum of the `[attributes, width]` head `weight`'s
         outputs (computed in float64, stored in `weight`'s dtype)."""
         weights = torch.tensor(self.weights, dtype=torch.float64, device=weight.device)
         return (weights @ weight.double())[None].to(weight.dtype)
+
+
+# ODIN's two heads (`--length_head`): trained on their sum, served as the quality head alone.
+QUALITY_AND_LENGTH = Attributes(("quality", "length"), (1.0, 0.0), hf_labels=False)
 
 
 def end_of_conversation_text(config) -> str:
@@ -265,6 +279,12 @@ class RewardModel(nn.Module):
         if self.attributes is None:
             return head.squeeze(-1)
         return head @ self.attribute_weights.to(head.dtype)
+
+    def head_weight(self) -> torch.Tensor:
+        """The value head's weight `[outputs, width]`, read through the head's own forward (of the identity),
+        so that ZeRO-3 gathers it and its gradient flows as in any forward."""
+        eye = torch.eye(self.v_head.in_features, dtype=self.v_head.weight.dtype, device=self.v_head.weight.device)
+        return self.v_head(eye).T
 
     def gradient_checkpointing_enable(self) -> None:
         self.rwtransformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -12,7 +12,9 @@ A multi-attribute model (`--objective regression`) gives step 3 what it can load
 `pytorch_model.bin` is the head collapsed to the weighted sum of the attributes (`w^T W`, one row),
 so its reward is that sum. The whole head stays in `attribute_head.safetensors` (and in `hf/`, one
 label per attribute), with the names and weights in the manifest: `load_reward_model` scores each
-attribute again, and `export.py --attribute_weights` collapses it anew.
+attribute again, and `export.py --attribute_weights` collapses it anew. A model trained with
+`--length_head` (ODIN) is saved the same way, its head being (quality, length) with weights (1, 0):
+step 3 and `hf/` (one label) get the quality reward alone, and the length head stays beside it.
 
 The state is gathered on rank 0 one parameter at a time (ZeRO-3 shards included), written into a
 staging folder, then moved into place file by file with atomic renames, so a crash while writing
@@ -113,19 +115,22 @@ def save_reward_model(model: nn.Module, tokenizer, output_dir: str, meta: dict, 
         manifest = {**meta, **handoff_manifest(tokenizer, meta, config), "step3_key_prefix": key_prefix,
                     "hf_export": HF_DIR if hf_export else None}
         if model.attributes is not None:
-            manifest["attributes"] = {**meta.get("attributes", {}), "names": list(model.attributes.names),
-                                      "weights": list(model.attributes.weights), "head": ATTRIBUTE_HEAD_NAME}
+            manifest["attributes"] = {**meta.get("attributes", {}), **model.attributes.manifest(),
+                                      "head": ATTRIBUTE_HEAD_NAME}
         manifest.pop("hf_export_skipped", None)  # a converted folder's manifest may carry an old reason
         os.makedirs(output_dir, exist_ok=True)
         staging = os.path.join(output_dir, f".saving-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
+        served_only = model.attributes is not None and not model.attributes.hf_labels  # hf/: the reward alone
+        hf_state = served_state(state, model.attributes) if served_only else state
+        hf_manifest = manifest_without_head(manifest) if served_only else manifest
+        hf_labels = model.attributes.names if model.attributes is not None and not served_only else None
         if hf_export:
             hf_staging = os.path.join(staging, HF_DIR)
             try:
-                save_sequence_classification(state, config, tokenizer, hf_staging,
-                                             model.attributes.names if model.attributes else None, stats)
-                write_json(os.path.join(hf_staging, MANIFEST_NAME), {**manifest, "padding_side": "right"})
+                save_sequence_classification(hf_state, config, tokenizer, hf_staging, hf_labels, stats)
+                write_json(os.path.join(hf_staging, MANIFEST_NAME), {**hf_manifest, "padding_side": "right"})
             except UserError as err:
                 shutil.rmtree(hf_staging, ignore_errors=True)
                 manifest.update(hf_export=None, hf_export_skipped=str(err))
@@ -137,7 +142,7 @@ def save_reward_model(model: nn.Module, tokenizer, output_dir: str, meta: dict, 
             from safetensors.torch import save_file
 
             save_file({"weight": state["v_head.weight"].contiguous()}, os.path.join(staging, ATTRIBUTE_HEAD_NAME))
-            state = {**state, "v_head.weight": model.attributes.collapse(state["v_head.weight"])}
+            state = served_state(state, model.attributes)
         torch.save(step3_state(state, key_prefix), os.path.join(staging, WEIGHTS_NAME))
         config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -239,6 +244,16 @@ def load_reward_model(path: str, trust_remote_code: bool = False) -> RewardModel
     return model.eval()
 
 
+def served_state(state: dict, attributes: Attributes) -> dict:
+    """A multi-attribute model's weights with its head collapsed to the one reward it serves (`w^T W`)."""
+    return {**state, "v_head.weight": attributes.collapse(state["v_head.weight"])}
+
+
+def manifest_without_head(manifest: dict) -> dict:
+    """The manifest of a folder that holds the served reward alone: no attribute head to load."""
+    return {key: value for key, value in manifest.items() if key != "attributes"}
+
+
 def attach_attribute_head(model: RewardModel, path: str) -> None:
     """Give a multi-attribute model's step-3 weights back their whole head (`attribute_head.safetensors`,
     named and weighted by the manifest), once it is checked to collapse to the saved `v_head`; other
@@ -250,7 +265,7 @@ def attach_attribute_head(model: RewardModel, path: str) -> None:
     from safetensors.torch import load_file
 
     weight = load_file(head_file)["weight"]
-    head = Attributes(tuple(attributes["names"]), tuple(attributes["weights"]))
+    head = Attributes.from_manifest(attributes)
     # Both were saved from one tensor, in its dtype (fp16 after fp16 training), so they agree exactly.
     if weight.shape != (len(head.names), model.v_head.in_features) or not torch.allclose(
             head.collapse(weight).float(), model.v_head.weight.data.float(), rtol=1e-5, atol=1e-6):
@@ -284,7 +299,7 @@ def _load_sequence_classification(path: str, trust_remote_code: bool) -> RewardM
     biases = [param for name, param in head.items() if name.endswith(".bias")]
     model = RewardModel(getattr(classifier, prefix))
     if attributes:
-        model.set_attributes(Attributes(tuple(attributes["names"]), tuple(attributes["weights"])))
+        model.set_attributes(Attributes.from_manifest(attributes))
     # BERT's classifier has a bias, which our export sets to zero; the value head has none.
     if len(weights) != 1 or weights[0].shape != model.v_head.weight.shape or len(biases) > 1 \
             or any(bias.any() for bias in biases):

@@ -187,9 +187,11 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
 
 def length_bias(chosen: ArrayLike, rejected: ArrayLike, chosen_lengths: ArrayLike,
                 rejected_lengths: ArrayLike) -> dict:
-    """Does the model reward length? Correlations of reward with answer length over all 2N answers, and,
-    among pairs whose answers differ in length, how often the longer one gets the higher reward (ties half)
-    compared with how often the data prefers it."""
+    """Does the model reward length? Correlations of reward with answer length over all 2N answers; among
+    pairs whose answers differ in length, how often the longer one gets the higher reward (ties half)
+    compared with how often the data prefers it; the accuracy on pairs whose chosen answer is the longer
+    one and on those where it is the shorter, and their mean: the accuracy on a length-balanced set
+    (each kind weighing half), which a reward that only counts tokens scores 0.5 on."""
     chosen, rejected = _vector(chosen), _vector(rejected)
     chosen_lengths, rejected_lengths = _vector(chosen_lengths), _vector(rejected_lengths)
     _same_length(chosen, rejected, chosen_lengths, rejected_lengths)
@@ -200,13 +202,26 @@ def length_bias(chosen: ArrayLike, rejected: ArrayLike, chosen_lengths: ArrayLik
     longer = np.where(chosen_longer, chosen[differ], rejected[differ])
     shorter = np.where(chosen_longer, rejected[differ], chosen[differ])
     some = bool(differ.any())
+    wins = _wins(chosen[differ], rejected[differ])
+    by_kind = [_number(wins[kind].mean()) if kind.any() else None for kind in (chosen_longer, ~chosen_longer)]
     return {
         "pearson": _pearson(rewards, lengths),
         "spearman": _pearson(_average_ranks(rewards), _average_ranks(lengths)),
         "longer_preferred_by_model": _number(_wins(longer, shorter).mean()) if some else None,
         "longer_preferred_by_data": _number(chosen_longer.mean()) if some else None,
         "pairs_with_different_lengths": int(np.count_nonzero(differ)),
+        "accuracy_chosen_longer": by_kind[0],
+        "accuracy_chosen_shorter": by_kind[1],
+        "balanced_accuracy": None if None in by_kind else _number(np.mean(by_kind)),
     }
+
+
+def with_length(values: dict[str, ArrayLike], lengths: ArrayLike) -> dict:
+    """Pearson and Spearman correlation of each named array with `lengths` (None where undefined)."""
+    lengths = _vector(lengths)
+    size = _average_ranks(lengths)
+    return {name: {"pearson": _pearson(_vector(value), lengths),
+                   "spearman": _pearson(_average_ranks(_vector(value)), size)} for name, value in values.items()}
 
 
 def pair_report(chosen: ArrayLike, rejected: ArrayLike, chosen_lengths: ArrayLike, rejected_lengths: ArrayLike,

@@ -2,7 +2,8 @@
 runs each: TRL's GRPO reward computation and PPO's get_reward, OpenRLHF's reward-model loader with
 normalize_reward and its remote reward client against rw_eval.py's server, verl's reward-loop text,
 legacy worker class and custom_reward_function loader), in float32, for DeepSpeed-Chat's layout (a tiny
-OPT, no chat template), a tiny Llama with a ChatML template that writes the bos, and a tiny GPT-2 whose
+OPT, no chat template; and the same with ODIN's quality and length heads, `--length_head`, whose reward
+is the quality head alone), a tiny Llama with a ChatML template that writes the bos, and a tiny GPT-2 whose
 bos is <|im_start|> (SmolLM2's tokenizer). A framework that is not installed skips with the reason (make
 test installs them); the stubs the CPU needs are in benchmarks/consumers.py's docstring."""
 
@@ -18,10 +19,10 @@ from conftest import REPO_ROOT, corpus, rounding_tolerance
 from rlhf_reward.benchmarks.consumers import CONSUMERS, openrlhf_on_cpu, run_consumer, rw_eval_rewards, serving
 from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN, load_hf_tokenizer
 from rlhf_reward.utils.tiny import save_tiny_model
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from step2_reward_model.integrations import RewardFunction
-from step2_reward_model.model import create_reward_model
+from step2_reward_model.model import QUALITY_AND_LENGTH, create_reward_model
 from step2_reward_model.output import STATS_NAME, reward_mean_std, save_reward_model
 from step2_reward_model.report import reward_statistics
 from step2_reward_model.scoring import Scorer
@@ -33,7 +34,7 @@ QUESTIONS = ["What is 17 plus 25?", "Tell me about the sea.", "Hi!", "Why is the
 CHOSEN = ["It is 42.", "The sea covers most of the planet and is salty.", "Hello, how can I help?",
           "Air scatters blue light more than red light.", "Red."]
 REJECTED = ["It is 41.", "No.", "Go away.", "I do not know.", "The sea is a colour."]
-LAYOUTS = ("opt", "llama_chat", "chatml_bos")
+LAYOUTS = ("opt", "opt_length_head", "llama_chat", "chatml_bos")
 
 
 def conversation(question: str) -> list[dict]:
@@ -66,12 +67,12 @@ def save_chat_model(folder: str, family: str) -> None:
     model.save_pretrained(folder)
 
 
-def save_with_stats(out: str, model_dir: str) -> str:
-    """A random-headed reward model saved as training saves it, with held-out statistics measured on the
-    test pairs (so hf/config.json carries a real mean and std)."""
+def save_with_stats(out: str, model_dir: str, length_head: bool = False) -> str:
+    """A random-headed reward model (with `length_head`, ODIN's two heads) saved as training saves it, with
+    held-out statistics measured on the test pairs (so hf/config.json carries a real mean and std)."""
     tokenizer = load_hf_tokenizer(model_dir)
     torch.manual_seed(0)
-    model = create_reward_model(model_dir, tokenizer).eval()
+    model = create_reward_model(model_dir, tokenizer, attributes=QUALITY_AND_LENGTH if length_head else None).eval()
     torch.nn.init.normal_(model.v_head.weight, std=1.0)
     scorer = Scorer(model, tokenizer, 128, END_OF_CONVERSATION_TOKEN)
     prompts = [conversation(q) for q in QUESTIONS]
@@ -90,7 +91,8 @@ def assistant(text: str) -> dict:
 @pytest.fixture(scope="module")
 def outputs(model_dirs, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("consumers")
-    outputs = {"opt": save_with_stats(str(root / "out_opt"), model_dirs["opt"])}
+    outputs = {"opt": save_with_stats(str(root / "out_opt"), model_dirs["opt"]),
+               "opt_length_head": save_with_stats(str(root / "out_odin"), model_dirs["opt"], length_head=True)}
     for layout, family in (("llama_chat", "llama"), ("chatml_bos", "gpt2")):
         save_chat_model(str(root / f"tiny-{layout}"), family)
         outputs[layout] = save_with_stats(str(root / f"out_{layout}"), str(root / f"tiny-{layout}"))
@@ -130,6 +132,29 @@ def test_the_export_carries_what_consumers_read(layout, outputs):
     assert (tokenizer.truncation_side, tokenizer.model_max_length, tokenizer.padding_side) == ("left", 128, "right")
     assert tokenizer.chat_template
     assert json.load(open(os.path.join(out, STATS_NAME)))["all"]["mean"] == mean
+
+
+@pytest.mark.numerics
+def test_a_length_head_model_serves_its_quality_head_alone(outputs):
+    """rw_eval.py's reward of an ODIN model is its quality head r_Q (not r_Q + r_L), and so is DeepSpeed-Chat's
+    step 3 (one-row `v_head` loaded strictly), in float64; hf/ has one label."""
+    from test_handoff import step3_load
+
+    from step2_reward_model.output import load_reward_model
+
+    out = outputs["opt_length_head"]
+    model = load_reward_model(out).double()
+    assert model.attributes == QUALITY_AND_LENGTH and model.v_head.weight.shape[0] == 2
+    scorer = Scorer(model, load_hf_tokenizer(out), 128, END_OF_CONVERSATION_TOKEN)
+    ids = scorer.encode_pairs(*conversations())
+    step3 = step3_load(out).double()
+    with torch.no_grad():
+        heads = torch.stack([model.forward_value(torch.as_tensor(row)[None])["end_attributes"][0] for row in ids])
+        served = [step3.forward_value(torch.as_tensor(row)[None])["chosen_end_scores"].item() for row in ids]
+    close(rw_eval_rewards(out, *conversations()), heads[:, 0])
+    assert (heads[:, 1].abs() > 1e-3).all()  # a sum would differ from r_Q
+    close(served, heads[:, 0])
+    assert AutoConfig.from_pretrained(os.path.join(out, "hf")).num_labels == 1
 
 
 @pytest.mark.numerics

@@ -173,6 +173,10 @@ def test_length_bias_by_hand():
     assert result["pairs_with_different_lengths"] == 3
     assert result["longer_preferred_by_model"] == pytest.approx(0.5)
     assert result["longer_preferred_by_data"] == pytest.approx(1 / 3)
+    # pair 1 has the longer answer chosen (right); pairs 0 and 3 the shorter (right, tie)
+    assert result["accuracy_chosen_longer"] == 1.0
+    assert result["accuracy_chosen_shorter"] == pytest.approx(0.75)
+    assert result["balanced_accuracy"] == pytest.approx(0.875)
     assert_plain_json(result)
 
 
@@ -189,7 +193,8 @@ def test_spearman_is_rank_based():
 def test_length_bias_undefined_cases():
     constant = length_bias([1.0, 2.0], [0.0, 3.0], [7, 7], [7, 7])
     assert constant == {"pearson": None, "spearman": None, "longer_preferred_by_model": None,
-                        "longer_preferred_by_data": None, "pairs_with_different_lengths": 0}
+                        "longer_preferred_by_data": None, "pairs_with_different_lengths": 0,
+                        "accuracy_chosen_longer": None, "accuracy_chosen_shorter": None, "balanced_accuracy": None}
     flat = length_bias([0.1, 0.1, 0.1], [0.1, 0.1, 0.1], [1, 2, 3], [4, 5, 6])
     assert flat["pearson"] is None and flat["spearman"] is None
     assert flat["longer_preferred_by_model"] == 0.5 and flat["longer_preferred_by_data"] == 0.0

@@ -2,7 +2,14 @@
 token. The loss is `--loss`: end_token (Bradley-Terry over every ordered pair, with margins and
 reward centering), plackett_luce (the listwise likelihood), or per_token (DeepSpeed-Chat's, pairs only).
 
-Held-out table: one row per answer, (reward, example, rank, source).
+With `--length_head` (ODIN, Chen et al. 2024) the value head has two outputs, a quality reward r_Q and a
+length reward r_L. The loss above ranks their sum, and two terms of the paper's section 4 are added:
+the length loss (r_Q uncorrelated with the answer's length over the step's answers on every rank, r_L
+correlated with it) and the orthogonality of the two heads. The reward is r_Q alone, everywhere it
+is served (`model.QUALITY_AND_LENGTH`).
+
+Held-out table: one row per answer, (reward, example, rank, source, answer length, length reward: r_L
+with a length head, else NaN).
 """
 
 from __future__ import annotations
@@ -18,13 +25,29 @@ from rlhf_reward.utils.data.collate import PairCollator
 from rlhf_reward.utils.data.tokenize import TokenizedExamples, has_ranked_lists
 from rlhf_reward.utils.errors import UserError
 
-from step2_reward_model.losses import per_token_loss, plackett_luce_loss, ranked_pair_loss
+from step2_reward_model.losses import (
+    across_ranks,
+    length_decorrelation_loss,
+    orthogonality_loss,
+    per_token_loss,
+    plackett_luce_loss,
+    ranked_pair_loss,
+)
 from step2_reward_model.metrics import ranking_accuracies, ranking_counts
-from step2_reward_model.model import ENCODERS, RewardModel, RowValues
+from step2_reward_model.model import ENCODERS, QUALITY_AND_LENGTH, RewardModel, RowValues
 from step2_reward_model.objectives.base import DataRequest, Datasets, Loss, Report
-from step2_reward_model.report import format_report, pair_report, reward_statistics
+from step2_reward_model.report import (
+    format_report,
+    length_bias,
+    pair_report,
+    reward_statistics,
+    text_table,
+    with_length,
+)
 
-SCORE, EXAMPLE, RANK, SOURCE = range(4)
+SCORE, EXAMPLE, RANK, SOURCE, LENGTH, LENGTH_REWARD = range(6)
+# The length diagnostics of `report.length_bias` that training logs with every evaluation.
+LENGTH_SUMMARY = ("pearson", "spearman", "accuracy_chosen_longer", "accuracy_chosen_shorter", "balanced_accuracy")
 
 
 @dataclass(frozen=True)
@@ -35,22 +58,28 @@ class Preference:
     data_weights: tuple[float, ...] | None = None
     max_responses: int = 0
     fp32_loss: bool = False
+    length_head: bool = False
+    length_coefficient: float = 1.0
+    orthogonality_coefficient: float = 1.0
 
     name = "preference"
     unit = "pairs"
-    columns = 4
+    columns = 6
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Preference:
         return cls(loss_name=args.loss, center_coefficient=args.center_rewards_coefficient,
                    margin_source=args.margin_source,
                    data_weights=tuple(args.data_weights) if args.data_weights else None,
-                   max_responses=args.max_responses_per_prompt, fp32_loss=fp32_loss(args))
+                   max_responses=args.max_responses_per_prompt, fp32_loss=fp32_loss(args),
+                   length_head=args.length_head, length_coefficient=args.length_loss_coefficient,
+                   orthogonality_coefficient=args.orthogonality_loss_coefficient)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> Preference:
         return cls(loss_name=manifest.get("loss", "per_token"),
-                   center_coefficient=manifest.get("center_rewards_coefficient", 0.0))
+                   center_coefficient=manifest.get("center_rewards_coefficient", 0.0),
+                   length_head=manifest.get("length_head", False))
 
     def check_backbone(self, config) -> None:
         if self.loss_name == "per_token" and config.model_type in ENCODERS:
@@ -64,7 +93,8 @@ class Preference:
         train, held_out = create_reward_datasets(request.source, tokenizer, request.max_seq_len, end_text,
                                                  local_rank=request.local_rank, options=options)
         self.check_data(train.data)
-        return Datasets(train, held_out, held_out.data.source_names, objective=self)
+        return Datasets(train, held_out, held_out.data.source_names, objective=self,
+                        head=QUALITY_AND_LENGTH if self.length_head else None)
 
     def check_data(self, data: TokenizedExamples) -> None:
         """The per-token loss compares exactly two answers token by token; say so before training."""
@@ -89,8 +119,10 @@ class Preference:
     def loss(self, model: RewardModel, rows: RowValues, batch: Batch) -> Loss:
         """Rows are every example's best answer, then every second answer, and so on (`PairCollator`)."""
         head = rows.head.float() if self.fp32_loss else rows.head
-        values = model.combine(head)
-        scores = values.gather(-1, model.scored_index(rows.attention_mask)[:, None]).squeeze(-1)
+        # ODIN ranks r_Q + r_L; the served reward (`combine`) is r_Q alone.
+        values = head.sum(-1) if self.length_head else model.combine(head)
+        index = model.scored_index(rows.attention_mask)
+        scores = values.gather(-1, index[:, None]).squeeze(-1)
         targets = batch.targets
         prompts = len(targets.margin)
         if self.loss_name == "per_token":
@@ -104,15 +136,28 @@ class Preference:
             loss = plackett_luce_loss(scores, targets.group, targets.rank)
         else:
             loss = ranked_pair_loss(scores, targets.group, targets.rank, targets.margin, self.center_coefficient)
+        if self.length_head:
+            loss = loss + self.disentangling_loss(model, head[torch.arange(len(index), device=index.device), index],
+                                                  targets.length)
         if batch.loss_denominator is not None:
             loss = loss * prompts / batch.loss_denominator
         return Loss(loss, scores)
 
+    def disentangling_loss(self, model: RewardModel, ends: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """ODIN's terms beside the ranking loss: `length_coefficient` x the length loss over the answers of the
+        step on every rank (`ends`: each answer's r_Q and r_L), `orthogonality_coefficient` x the heads'
+        orthogonality loss."""
+        quality, length_reward, lengths = across_ranks(ends[:, 0], ends[:, 1], lengths)
+        return (self.length_coefficient * length_decorrelation_loss(quality, length_reward, lengths)
+                + self.orthogonality_coefficient * orthogonality_loss(model.head_weight()))
+
     def table_rows(self, model: RewardModel, rows: RowValues, batch: Batch) -> torch.Tensor:
-        scores = end_scores(model, rows)
+        ends = model.end_outputs(rows)
         group = batch.targets.group
-        return torch.stack([scores.double(), group.double(), batch.targets.rank.double(),
-                            batch.source.to(group.device)[group].double()], 1)
+        length_reward = ends[:, 1] if self.length_head else torch.full_like(ends[:, 0], torch.nan)
+        return torch.stack([model.combine(ends).double(), group.double(), batch.targets.rank.double(),
+                            batch.source.to(group.device)[group].double(), batch.targets.length.double(),
+                            length_reward.double()], 1)
 
     def summarize(self, table: np.ndarray, source_names: list[str]) -> dict:
         """Accuracy over every ordered pair of answers (ties in reward count half), mean best and worst
@@ -133,6 +178,12 @@ class Preference:
                 accuracy = ranking(table[table[:, SOURCE] == value])[1]["pairwise_accuracy"]
                 if accuracy is not None:
                     summary[f"accuracy/{source_names[int(value)]}"] = accuracy
+        bias = length_bias(*best_worst(table)[:2], *best_worst(table, LENGTH)[:2])
+        summary.update({f"length/{key}": bias[key] for key in LENGTH_SUMMARY if bias[key] is not None})
+        if self.length_head:
+            correlation = with_length({"length_head": table[:, LENGTH_REWARD]}, table[:, LENGTH])["length_head"]
+            if correlation["pearson"] is not None:
+                summary["length/length_head_pearson"] = correlation["pearson"]
         return summary
 
     def statistics(self, table: np.ndarray, data: str) -> dict:
@@ -143,7 +194,11 @@ class Preference:
                                  margins=best_worst_margins(table))
 
     def manifest(self) -> dict:
-        return {"objective": self.name, "loss": self.loss_name, "center_rewards_coefficient": self.center_coefficient}
+        fields = {"objective": self.name, "loss": self.loss_name, "center_rewards_coefficient": self.center_coefficient}
+        if self.length_head:
+            fields.update(length_head=True, length_loss_coefficient=self.length_coefficient,
+                          orthogonality_loss_coefficient=self.orthogonality_coefficient)
+        return fields
 
     def log_lines(self, label: str, metrics: dict) -> list[str]:
         lines = [f"{label}: chosen_last_scores (higher is better) : {metrics['chosen']:.4f}, "
@@ -152,7 +207,9 @@ class Preference:
                  f"({metrics['pairs']:.0f} held-out pairs)"]
         extras = [f"{name} {value:.4f}" for name, value in metrics.items()
                   if name.startswith(("top1", "accuracy/", "benchmark/"))]
-        return lines + (["  " + ", ".join(extras)] if extras else [])
+        length = [f"{name.removeprefix('length/')} {value:.4f}" for name, value in metrics.items()
+                  if name.startswith("length/")]
+        return lines + [f"  {', '.join(found)}" for found in (extras, length) if found]
 
     def headline(self, metrics: dict) -> str:
         return f"final held-out accuracy: {metrics['accuracy']:.4f} on {metrics['pairs']:.0f} pairs"
@@ -161,10 +218,8 @@ class Preference:
         """The pair diagnostics (`report.pair_report`) of each example's best against its worst answers,
         and over ranked lists, accuracy on every ordered pair and top-1 accuracy."""
         data: TokenizedExamples = held_out.data
-        lengths = answer_lengths(data, table[:, EXAMPLE].astype(np.int64))
-        best, worst = best_worst_rows(table)
-        chosen, chosen_lengths, examples = per_example_means(table, best, lengths)
-        rejected, rejected_lengths, _ = per_example_means(table, worst, lengths)
+        chosen, rejected, examples = best_worst(table)
+        chosen_lengths, rejected_lengths, _ = best_worst(table, LENGTH)
         prompt_lengths = np.array([len(data.prompts[e]) for e in examples])
         report = pair_report(chosen, rejected, chosen_lengths, rejected_lengths,
                              prompt_lengths + np.maximum(chosen_lengths, rejected_lengths),
@@ -177,17 +232,20 @@ class Preference:
                                  "prompts_with_one_best": int(counts["groups_with_top1"]),
                                  "top1_accuracy": accuracies["top1_accuracy"]}
             text += "\n== Ranked lists ==\n" + "\n".join(f"{key}  {value}" for key, value in report["ranking"].items())
+        if self.length_head:
+            report["length_head"] = with_length({"quality (the reward)": table[:, SCORE],
+                                                 "length head": table[:, LENGTH_REWARD],
+                                                 "sum (trained on)": table[:, SCORE] + table[:, LENGTH_REWARD]},
+                                                table[:, LENGTH])
+            text += "\n== Length head (ODIN): correlation with answer length over every answer ==\n" + "\n".join(
+                text_table(["head", "pearson", "spearman"],
+                           [[name, row["pearson"], row["spearman"]] for name, row in report["length_head"].items()]))
         return Report(report, text, (chosen, rejected, chosen_lengths, rejected_lengths))
 
 
 def fp32_loss(args: argparse.Namespace) -> bool:
     """Whether the loss is computed in float32 whatever the training dtype."""
     return args.compute_fp32_loss or (args.dtype == "bf16" and args.bf16_to_fp32_loss)
-
-
-def end_scores(model: RewardModel, rows: RowValues) -> torch.Tensor:
-    """Each row's reward: the combined head output at its scored token."""
-    return model.combine(model.end_outputs(rows))
 
 
 def ranking(table: np.ndarray) -> tuple[dict, dict]:
@@ -206,21 +264,26 @@ def best_worst_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return table[:, RANK] == best[example], table[:, RANK] == worst[example]
 
 
-def per_example_means(table: np.ndarray, members: np.ndarray,
-                      lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Per example (sorted by index), the mean reward of its rows in `members`, their mean length
-    (with `lengths`, per row), and the examples' indices."""
+def per_example_means(table: np.ndarray, members: np.ndarray, column: int = SCORE) -> tuple[np.ndarray, np.ndarray]:
+    """Per example (sorted by index), the mean of `column` over its rows in `members`, and the examples' indices."""
     examples, example = np.unique(table[members, EXAMPLE], return_inverse=True)
     counts = np.bincount(example, minlength=len(examples))
-    mean_length = None if lengths is None else np.bincount(example, lengths[members], len(examples)) / counts
-    return np.bincount(example, table[members, SCORE], len(examples)) / counts, mean_length, examples.astype(np.int64)
+    return np.bincount(example, table[members, column], len(examples)) / counts, examples.astype(np.int64)
+
+
+def best_worst(table: np.ndarray, column: int = SCORE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per example (sorted by index), the mean of `column` over its best-ranked answers and over its worst
+    (the chosen and rejected sides of its pair, however many answers tie), and the examples' indices."""
+    best, worst = best_worst_rows(table)
+    chosen, examples = per_example_means(table, best, column)
+    return chosen, per_example_means(table, worst, column)[0], examples
 
 
 def best_worst_margins(table: np.ndarray) -> np.ndarray:
     """Per example, the mean reward of its best-ranked answers minus that of its worst: the margin of
     its pair, whatever order the rows come in and however many answers tie."""
-    best, worst = best_worst_rows(table)
-    return per_example_means(table, best)[0] - per_example_means(table, worst)[0]
+    chosen, rejected, _ = best_worst(table)
+    return chosen - rejected
 
 
 def answer_lengths(data: TokenizedExamples, example: np.ndarray) -> np.ndarray:

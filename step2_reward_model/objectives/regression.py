@@ -65,7 +65,7 @@ class Regression:
         names = tuple(attributes["names"])
         return cls(requested=names, scale_kind=attributes.get("scale", {}).get("kind", "none"),
                    pair_loss_coefficient=manifest.get("pair_loss_coefficient", 0.0),
-                   head=Attributes(names, tuple(attributes["weights"])), scale=AttributeScale.from_manifest(manifest))
+                   head=Attributes.from_manifest(attributes), scale=AttributeScale.from_manifest(manifest))
 
     def check_backbone(self, config) -> None:
         """Any backbone: attributes are read at the one scored token, as a reward is."""

@@ -50,13 +50,15 @@ class Layout:
 
 @dataclass
 class Ranking:
-    """Responses: per row its example (`group`, an index into the batch) and `rank` (0 best, equal:
-    unordered); per example its `margin`. Rated responses add `labels`, [rows, attributes] (NaN: not rated)."""
+    """Responses: per row its example (`group`, an index into the batch), `rank` (0 best, equal:
+    unordered) and `length` (the answer's tokens); per example its `margin`. Rated responses add
+    `labels`, [rows, attributes] (NaN: not rated)."""
 
     group: torch.Tensor
     rank: torch.Tensor
     margin: torch.Tensor
     labels: torch.Tensor | None = None
+    length: torch.Tensor | None = None
 
 
 @dataclass

@@ -197,7 +197,8 @@ class PairCollator:
             labels = torch.from_numpy(np.stack([items[g]["labels"][k] for g, k in placed]))
         targets = Ranking(group=torch.tensor([g for g, _ in placed]),
                           rank=torch.tensor([int(items[g]["ranks"][k]) for g, k in placed]),
-                          margin=torch.tensor([float(item["margin"]) for item in items]), labels=labels)
+                          margin=torch.tensor([float(item["margin"]) for item in items]), labels=labels,
+                          length=torch.tensor([len(items[g]["responses"][k]) for g, k in placed]))
         return Batch(inputs, targets, layout, **bookkeeping(items))
 
     def unpacked(self, items: list[dict], placed: list[tuple[int, int]]) -> tuple[ModelInputs, Layout]:

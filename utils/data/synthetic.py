@@ -7,6 +7,10 @@ prompt, each with a better and a worse answer that differ in one learnable way:
 - topic: an answer about the asked-for topic vs one about another topic;
 - manners: a polite answer vs a rude one with the same content.
 
+`make_length_confounded_pairs` pads one answer of each of those pairs with polite filler: in training
+mostly the chosen one, so that length predicts the preference without deciding it; held out, the
+chosen and the rejected answer are the longer one equally often (a length-balanced set).
+
 `make_ranked_rows` grades answers to the manners prompts on two learnable axes (politeness, then
 whether the content answers the request) for ranked-list objectives, in the `responses` + `ranks`
 layout or, as conversations, in OpenAssistant's layout.
@@ -82,6 +86,25 @@ def make_pairs(count: int, seed: int, held_out: bool = False) -> list[dict]:
         row = KINDS[len(rows) % len(KINDS)](rng)
         if is_held_out(row) == held_out:
             rows.append(row)
+    return rows
+
+
+FILLER = " I hope this helps, and let me know if there is anything else."
+
+
+def make_length_confounded_pairs(count: int, seed: int, chosen_longer: float, held_out: bool = False) -> list[dict]:
+    """`make_pairs` rows padded with sentences of `FILLER`, which says nothing of quality: 0 to 4 after both
+    answers (lengths vary from prompt to prompt, as in real data), then 1 or 2 more after one of them, the
+    chosen one in a `chosen_longer` share of the rows (exactly, in a shuffled order), the rejected one in the rest."""
+    rng = random.Random(seed + 1)
+    rows = make_pairs(count, seed, held_out)
+    longer = [i < round(chosen_longer * count) for i in range(count)]
+    rng.shuffle(longer)
+    for row, chosen in zip(rows, longer, strict=True):
+        both = FILLER * rng.randint(0, 4)
+        row["chosen"] += both
+        row["rejected"] += both
+        row["chosen" if chosen else "rejected"] += FILLER * rng.randint(1, 2)
     return rows
 
 
