@@ -44,7 +44,8 @@ WHOLE = "whole case"
 
 
 def table_of(prompts: int, answers: int, seed: int = 0) -> np.ndarray:
-    """(score, prompt, rank, source) rows, prompts in shuffled order and ids spread out, as `evaluate` gathers."""
+    """The preference objective's held-out rows (score, prompt, rank, source, answer length, length reward:
+    none), prompts in shuffled order and ids spread out, as `evaluate` gathers."""
     rng = np.random.default_rng(seed)
     rank = np.tile(np.arange(answers, dtype=np.float64), prompts).reshape(prompts, answers)
     if answers > 2:  # a quarter of the lists tie two neighbouring ranks
@@ -57,7 +58,8 @@ def table_of(prompts: int, answers: int, seed: int = 0) -> np.ndarray:
     score[rounded] = np.round(score[rounded], 1)
     prompt = np.repeat(rng.permutation(prompts) * 3.0 + 7.0, answers).reshape(prompts, answers)
     source = np.repeat(rng.integers(0, len(SOURCES), prompts).astype(np.float64), answers).reshape(prompts, answers)
-    return np.stack([score, prompt, rank, source], -1).reshape(-1, 4)
+    length = rng.integers(20, 400, (prompts, answers)).astype(np.float64)
+    return np.stack([score, prompt, rank, source, length, np.full_like(score, np.nan)], -1).reshape(-1, 6)
 
 
 def rss_mib(field: str) -> float:
@@ -85,7 +87,7 @@ def run_case(name: str, function: str, repeat: int) -> dict:
     rows = table_of(prompts, answers)
     table = torch.from_numpy(rows)
     first, last = rows[0::answers], rows[answers - 1::answers]  # each prompt's best and worst answer
-    lengths = np.random.default_rng(1).integers(20, 400, (2, prompts))
+    lengths = np.stack([first[:, 4], last[:, 4]])
     sources = [SOURCES[int(s)] for s in first[:, 3]]
     objective = Preference()
     calls = {
