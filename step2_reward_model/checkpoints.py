@@ -51,7 +51,8 @@ RUN_FLAGS = ("model_name_or_path", "data_path", "data_split", "seed", "per_devic
              "margin_source", "data_weights", "max_responses_per_prompt", "process_reward", "zero_stage",
              "dtype", "lora_dim", "only_optimize_lora", "lora_learning_rate", "prefix_sharing",
              "length_grouping_steps", "dropout", "max_tokens_per_batch", "objective", "attributes",
-             "attribute_weights", "attribute_scale", "pair_loss_coefficient")
+             "attribute_weights", "attribute_scale", "pair_loss_coefficient", "length_head", "length_loss_coefficient",
+             "orthogonality_loss_coefficient")
 
 
 @dataclass
