@@ -26,6 +26,11 @@ def cpu_share() -> int:
     return max(1, len(os.sched_getaffinity(0)) // workers)
 
 
+# Under pytest-xdist (`make test` runs it) torch would start a thread per core in every worker, and
+# workers that outnumber the cores would spin waiting on each other: each worker, and every process
+# it starts, takes its share. Set before torch is first imported, which reads it.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(cpu_share())
 _INSTALLED = importlib.util.find_spec("rlhf_reward.utils")
 if _INSTALLED is None or Path(_INSTALLED.origin).resolve().parent != REPO_ROOT / "utils":
     raise pytest.UsageError(f"rlhf_reward.utils is {_INSTALLED and _INSTALLED.origin}, not this checkout's "
