@@ -31,6 +31,10 @@ def cpu_share() -> int:
 # it starts, takes its share. Set before torch is first imported, which reads it.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(cpu_share())
+# DeepSpeed compiles its CPU ops (the shared-memory collectives of two ranks) into one cache per user,
+# named by the Python and torch versions only: a second checkout's virtualenv has other include
+# paths, so each would rebuild the op (a minute of compiling) after every run of the other's.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 _INSTALLED = importlib.util.find_spec("rlhf_reward.utils")
 if _INSTALLED is None or Path(_INSTALLED.origin).resolve().parent != REPO_ROOT / "utils":
     raise pytest.UsageError(f"rlhf_reward.utils is {_INSTALLED and _INSTALLED.origin}, not this checkout's "
