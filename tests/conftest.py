@@ -35,6 +35,10 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 # named by the Python and torch versions only: a second checkout's virtualenv has other include
 # paths, so each would rebuild the op (a minute of compiling) after every run of the other's.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+# Every command the tests start finds this virtualenv's tools first, as under `make test`: it builds
+# those ops with the virtualenv's ninja, and a build by the system's ninja, whose log it cannot
+# read, would make the next one compile them again.
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 _INSTALLED = importlib.util.find_spec("rlhf_reward.utils")
 if _INSTALLED is None or Path(_INSTALLED.origin).resolve().parent != REPO_ROOT / "utils":
     raise pytest.UsageError(f"rlhf_reward.utils is {_INSTALLED and _INSTALLED.origin}, not this checkout's "
