@@ -45,8 +45,10 @@ demo-real: install
 NUMERICS_ISAS := "avx2:avx512f|avx_vnni|avx_vnni_int8|avx_ne_convert|amx_[a-z0-9]+:ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2" \
                  "avx512f:.+:ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE"
 
+# One pytest process per core (pytest-xdist), each with its share of the threads (tests/conftest.py);
+# a test file stays in one process, so the runs its tests share are trained once.
 test: install-dev
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n auto --dist loadfile
 	$(MAKE) --no-print-directory test-numerics
 
 test-numerics: install-dev

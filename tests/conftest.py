@@ -17,6 +17,28 @@ sys.path.insert(0, str(REPO_ROOT))
 # benchmarks/ install as rlhf_reward.utils and rlhf_reward.benchmarks (pyproject.toml), a mapping
 # only an install makes: the suite refuses to run against another checkout's install.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+
+
+def cpu_share() -> int:
+    """The cores this pytest process may keep busy: all of them, or its share when pytest-xdist
+    runs several processes side by side."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+# Under pytest-xdist (`make test` runs it) torch would start a thread per core in every worker, and
+# workers that outnumber the cores would spin waiting on each other: each worker, and every process
+# it starts, takes its share. Set before torch is first imported, which reads it.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(cpu_share())
+# DeepSpeed compiles its CPU ops (the shared-memory collectives of two ranks) into one cache per user,
+# named by the Python and torch versions only: a second checkout's virtualenv has other include
+# paths, so each would rebuild the op (a minute of compiling) after every run of the other's.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+# Every command the tests start finds this virtualenv's tools first, as under `make test`: it builds
+# those ops with the virtualenv's ninja, and a build by the system's ninja, whose log it cannot
+# read, would make the next one compile them again.
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 _INSTALLED = importlib.util.find_spec("rlhf_reward.utils")
 if _INSTALLED is None or Path(_INSTALLED.origin).resolve().parent != REPO_ROOT / "utils":
     raise pytest.UsageError(f"rlhf_reward.utils is {_INSTALLED and _INSTALLED.origin}, not this checkout's "
@@ -105,12 +127,15 @@ def assert_chunks_change_nothing(model, items: list[dict], pad_token_id: int = 0
 
 def launcher_env(ranks: int) -> dict[str, str]:
     """Environment for a run of `ranks` processes: DeepSpeed gives each rank a GPU where there are
-    enough, and otherwise runs on its CPU accelerator (as on a machine without a GPU)."""
+    enough, and otherwise runs on its CPU accelerator (as on a machine without a GPU). Each rank
+    gets its part of this process's cores for its threads: left to their default, every rank would
+    start a thread per core, and ranks that outnumber the cores spin waiting for each other."""
     import torch
 
+    env = {"OMP_NUM_THREADS": str(max(1, cpu_share() // ranks))}
     if 0 < torch.cuda.device_count() < ranks:
-        return {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    return {}
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    return env
 
 
 def launcher(ranks: int) -> list[str]:
