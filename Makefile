@@ -62,7 +62,7 @@ test-numerics: install-dev
 			continue; \
 		fi; \
 		echo "numerics tests with $$settings"; \
-		env $$settings $(BIN)/python -m pytest -q -m numerics || exit 1; \
+		env $$settings $(BIN)/python -m pytest -q -n auto --dist loadfile -m numerics || exit 1; \
 	done
 
 lint: install-dev
