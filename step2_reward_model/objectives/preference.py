@@ -209,7 +209,7 @@ class Preference:
                   if name.startswith(("top1", "accuracy/", "benchmark/"))]
         length = [f"{name.removeprefix('length/')} {value:.4f}" for name, value in metrics.items()
                   if name.startswith("length/")]
-        return lines + [f"  {', '.join(found)}" for found in (extras, length) if found]
+        return lines + [f"  {head}{', '.join(found)}" for head, found in (("", extras), ("length: ", length)) if found]
 
     def headline(self, metrics: dict) -> str:
         return f"final held-out accuracy: {metrics['accuracy']:.4f} on {metrics['pairs']:.0f} pairs"
