@@ -145,10 +145,9 @@ def orthogonality_loss(head: torch.Tensor) -> torch.Tensor:
 
 def across_ranks(*local: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """This rank's 1-D tensors joined with every other rank's (counts may differ), in the first one's dtype
-    (float32 at least), for a
-    statistic over the step's whole batch (ODIN computes its correlations over the global batch). Only
-    this rank's part carries gradient, scaled by the world size, so that the data-parallel mean of the
-    ranks' gradients is the statistic's own gradient."""
+    (float32 at least), for a statistic over the step's whole batch (ODIN computes its correlations over
+    the global batch). Only this rank's part carries gradient, scaled by the world size, so that the
+    data-parallel mean of the ranks' gradients is the statistic's own gradient."""
     dtype = torch.promote_types(local[0].dtype, torch.float32)
     stacked = torch.stack([tensor.to(dtype) for tensor in local])
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -250,8 +250,9 @@ def served_state(state: dict, attributes: Attributes) -> dict:
 
 
 def manifest_without_head(manifest: dict) -> dict:
-    """The manifest of a folder that holds the served reward alone: no attribute head to load."""
-    return {key: value for key, value in manifest.items() if key != "attributes"}
+    """The manifest of a folder that holds the served reward alone: no attribute head to load, no length
+    head to report."""
+    return {key: value for key, value in manifest.items() if key not in ("attributes", "length_head")}
 
 
 def attach_attribute_head(model: RewardModel, path: str) -> None:

@@ -175,6 +175,13 @@ def test_zero3_two_ranks_with_token_budgets_train_and_hand_on_the_quality_head(t
     assert report["length_head"]["length head"]["pearson"] == pytest.approx(final["length/length_head_pearson"])
     for key in ("accuracy", "length/pearson", "length/balanced_accuracy"):
         assert report["held_out"][key] == pytest.approx(final[key]), key
+    # hf/ holds the quality head alone, and evaluates as OUTPUT's reward does
+    text = rw_eval_output(["--model_path", str(out / "hf"), "--data_path", str(data), "--data_split", "0,1,0",
+                           "--data_output_path", str(tmp_path / "cache"), "--report", str(tmp_path / "hf.json")],
+                          capsys)
+    exported = json.loads((tmp_path / "hf.json").read_text())
+    assert "Length head" not in text and "length_head" not in exported
+    assert exported["held_out"]["length/pearson"] == pytest.approx(final["length/pearson"], abs=1e-4)
 
 
 def test_length_head_flags_are_checked(capsys):
