@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from rlhf_reward.utils.data.batch import Batch
 from rlhf_reward.utils.data.collate import chunk_tokens_for
 from rlhf_reward.utils.data.packing import pad_multiple
 from rlhf_reward.utils.errors import UserError
+from rlhf_reward.utils.runtime import gather_uneven
 from torch.utils.data import DataLoader, Subset
 
 from step2_reward_model.model import RewardModel, RowValues
@@ -52,16 +52,7 @@ def batch_rows(forward: Callable[[Batch], RowValues], objective: Objective, mode
 
 def gather_rows(local: torch.Tensor) -> torch.Tensor:
     """Every rank's rows (their counts may differ: ranked lists vary in length), on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local.cpu()
-    counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([len(local)], device=local.device))
-    longest = max(int(c) for c in counts)
-    padded = torch.zeros((longest, local.shape[1]), dtype=local.dtype, device=local.device)
-    padded[:len(local)] = local
-    gathered = [torch.zeros_like(padded) for _ in counts]
-    dist.all_gather(gathered, padded)
-    return torch.cat([rows[:int(c)] for rows, c in zip(gathered, counts, strict=True)]).cpu()
+    return torch.cat(gather_uneven(local)).cpu()
 
 
 def held_out_table(local: torch.Tensor) -> np.ndarray:

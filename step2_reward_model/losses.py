@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rlhf_reward.utils.runtime import gather_uneven
 
 
 def end_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -149,16 +150,8 @@ def across_ranks(*local: torch.Tensor) -> tuple[torch.Tensor, ...]:
     the global batch). Only this rank's part carries gradient, scaled by the world size, so that the
     data-parallel mean of the ranks' gradients is the statistic's own gradient."""
     dtype = torch.promote_types(local[0].dtype, torch.float32)
-    stacked = torch.stack([tensor.to(dtype) for tensor in local])
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tuple(stacked)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    count = torch.tensor([stacked.shape[1]], device=stacked.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    padded = F.pad(stacked.detach(), (0, max(int(c) for c in counts) - stacked.shape[1]))
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    scaled = world * stacked - (world - 1) * stacked.detach()  # the value of `stacked`, world times its gradient
-    return tuple(torch.cat([scaled if r == rank else part[:, :int(c)]
-                            for r, (part, c) in enumerate(zip(parts, counts, strict=True))], 1))
+    stacked = torch.stack([tensor.to(dtype) for tensor in local], 1)  # [answers, statistics]
+    parts = gather_uneven(stacked)
+    world = len(parts)
+    parts[dist.get_rank() if world > 1 else 0] = world * stacked - (world - 1) * stacked.detach()  # world x gradient
+    return tuple(torch.cat(parts).T)

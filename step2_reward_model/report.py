@@ -205,8 +205,7 @@ def length_bias(chosen: ArrayLike, rejected: ArrayLike, chosen_lengths: ArrayLik
     wins = _wins(chosen[differ], rejected[differ])
     by_kind = [_number(wins[kind].mean()) if kind.any() else None for kind in (chosen_longer, ~chosen_longer)]
     return {
-        "pearson": _pearson(rewards, lengths),
-        "spearman": _pearson(_average_ranks(rewards), _average_ranks(lengths)),
+        **with_length({"reward": rewards}, lengths)["reward"],
         "longer_preferred_by_model": _number(_wins(longer, shorter).mean()) if some else None,
         "longer_preferred_by_data": _number(chosen_longer.mean()) if some else None,
         "pairs_with_different_lengths": int(np.count_nonzero(differ)),

@@ -28,6 +28,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_uneven(local: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `local` rows (their counts may differ from rank to rank), in rank order, on every
+    rank; detached. One process: `local` alone."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [local.detach()]
+    counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(local)], device=local.device))
+    padded = local.detach().new_zeros((max(int(c) for c in counts), *local.shape[1:]))
+    padded[:len(local)] = local.detach()
+    gathered = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return [rows[:int(c)] for rows, c in zip(gathered, counts, strict=True)]
+
+
 def set_random_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
