@@ -178,7 +178,8 @@ class Preference:
                 accuracy = ranking(table[table[:, SOURCE] == value])[1]["pairwise_accuracy"]
                 if accuracy is not None:
                     summary[f"accuracy/{source_names[int(value)]}"] = accuracy
-        bias = length_bias(*best_worst(table)[:2], *best_worst(table, LENGTH)[:2])
+        chosen, rejected, _ = best_worst(table, (SCORE, LENGTH))
+        bias = length_bias(chosen[:, 0], rejected[:, 0], chosen[:, 1], rejected[:, 1])
         summary.update({f"length/{key}": bias[key] for key in LENGTH_SUMMARY if bias[key] is not None})
         if self.length_head:
             correlation = with_length({"length_head": table[:, LENGTH_REWARD]}, table[:, LENGTH])["length_head"]
@@ -218,8 +219,8 @@ class Preference:
         """The pair diagnostics (`report.pair_report`) of each example's best against its worst answers,
         and over ranked lists, accuracy on every ordered pair and top-1 accuracy."""
         data: TokenizedExamples = held_out.data
-        chosen, rejected, examples = best_worst(table)
-        chosen_lengths, rejected_lengths, _ = best_worst(table, LENGTH)
+        best_means, worst_means, examples = best_worst(table, (SCORE, LENGTH))
+        (chosen, chosen_lengths), (rejected, rejected_lengths) = best_means.T, worst_means.T
         prompt_lengths = np.array([len(data.prompts[e]) for e in examples])
         report = pair_report(chosen, rejected, chosen_lengths, rejected_lengths,
                              prompt_lengths + np.maximum(chosen_lengths, rejected_lengths),
@@ -264,26 +265,30 @@ def best_worst_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return table[:, RANK] == best[example], table[:, RANK] == worst[example]
 
 
-def per_example_means(table: np.ndarray, members: np.ndarray, column: int = SCORE) -> tuple[np.ndarray, np.ndarray]:
-    """Per example (sorted by index), the mean of `column` over its rows in `members`, and the examples' indices."""
+def per_example_means(table: np.ndarray, members: np.ndarray,
+                      columns: tuple[int, ...] = (SCORE,)) -> tuple[np.ndarray, np.ndarray]:
+    """Per example (sorted by index), the means of `columns` over its rows in `members`, `[examples,
+    columns]`, and the examples' indices."""
     examples, example = np.unique(table[members, EXAMPLE], return_inverse=True)
     counts = np.bincount(example, minlength=len(examples))
-    return np.bincount(example, table[members, column], len(examples)) / counts, examples.astype(np.int64)
+    sums = np.stack([np.bincount(example, table[members, column], len(examples)) for column in columns], -1)
+    return sums / counts[:, None], examples.astype(np.int64)
 
 
-def best_worst(table: np.ndarray, column: int = SCORE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per example (sorted by index), the mean of `column` over its best-ranked answers and over its worst
-    (the chosen and rejected sides of its pair, however many answers tie), and the examples' indices."""
+def best_worst(table: np.ndarray, columns: tuple[int, ...] = (SCORE,)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per example (sorted by index), the means of `columns` over its best-ranked answers and over its worst
+    (the chosen and rejected sides of its pair, however many answers tie), `[examples, columns]` each, and
+    the examples' indices."""
     best, worst = best_worst_rows(table)
-    chosen, examples = per_example_means(table, best, column)
-    return chosen, per_example_means(table, worst, column)[0], examples
+    chosen, examples = per_example_means(table, best, columns)
+    return chosen, per_example_means(table, worst, columns)[0], examples
 
 
 def best_worst_margins(table: np.ndarray) -> np.ndarray:
     """Per example, the mean reward of its best-ranked answers minus that of its worst: the margin of
     its pair, whatever order the rows come in and however many answers tie."""
     chosen, rejected, _ = best_worst(table)
-    return chosen - rejected
+    return (chosen - rejected)[:, 0]
 
 
 def answer_lengths(data: TokenizedExamples, example: np.ndarray) -> np.ndarray:
