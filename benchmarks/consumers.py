@@ -157,14 +157,15 @@ def openrlhf_loader(out: str, prompts: list, answers: list, dtype: torch.dtype) 
     model.mean.fill_(model.config.mean)
     model.std.fill_(model.config.std)
     scorer = load_scorer(out, device="cpu")
-    sequences = scorer.encode_pairs(prompts, answers)
+    encoded = scorer.encode_pairs(prompts, answers)
+    sequences = encoded.sequences
     width = max(map(len, sequences))
     ids = torch.tensor([list(s) + [scorer.tokenizer.pad_token_id] * (width - len(s)) for s in sequences])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
     with torch.no_grad():
         rewards = model(ids, attention_mask=mask).float().numpy()
     mean, std = reward_mean_std(out)
-    return rewards, (np.asarray(scorer.score_ids(sequences)) - mean) / std
+    return rewards, (np.asarray(scorer.score_ids(encoded)) - mean) / std
 
 
 @contextmanager

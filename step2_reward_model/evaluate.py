@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from step2_reward_model.heldout import batch_rows, held_out_table
 from step2_reward_model.objectives.base import Objective
 from step2_reward_model.public_benchmarks import BENCHMARKS, encode_items, per_item, read_items
-from step2_reward_model.scoring import Scorer
+from step2_reward_model.scoring import Encoded, Scorer
 
 
 @dataclass
@@ -62,7 +62,7 @@ class BenchmarkEval:
         self.name, _, path = spec.partition(":")
         self.items = read_items(self.name, path or None)
         self.scorer = Scorer(None, tokenizer, max_seq_len, end_text, batch_size=batch_size)
-        self.sequences = encode_items(self.scorer, self.items)
+        self.sequences = encode_items(self.scorer, self.items).sequences
 
     def rewards(self, engine, device: torch.device) -> np.ndarray:
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -70,7 +70,8 @@ class BenchmarkEval:
         mine = [(rank + k * world_size) % len(self.sequences) for k in range(per_rank)]
         scorer = replace(self.scorer, model=engine.module, device=device, grad_mode=partial(inference, engine))
         engine.eval()
-        local = torch.tensor(scorer.score_ids([self.sequences[i] for i in mine]), dtype=torch.float64, device=device)
+        rewards = scorer.score_ids(Encoded([self.sequences[i] for i in mine]))
+        local = torch.tensor(rewards, dtype=torch.float64, device=device)
         engine.train()
         gathered = [torch.zeros_like(local) for _ in range(world_size)]
         dist.all_gather(gathered, local)

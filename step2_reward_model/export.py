@@ -3,11 +3,15 @@
 
     python step2_reward_model/export.py OUTPUT [--data_path DATA] [--step3_key_prefix rwtranrsformer]
     python step2_reward_model/export.py OUTPUT --attribute_weights helpfulness=1 verbosity=-0.5
+    python step2_reward_model/export.py OUTPUT --length_calibration --data_path DATA
 
 It writes step-3 weights, tokenizer, manifest and the Hugging Face export `hf/` and, with
 --data_path, the reward statistics over that data's held-out split. For a multi-attribute model,
 --attribute_weights sets new weights of the reward, collapsed into the step-3 value head without
-retraining; reward statistics of the old weights are then removed unless --data_path recomputes them.
+retraining. --length_calibration fits the reward's dependence on answer length over the held-out
+split and stores it in the manifest, from where every reward `Scorer` gives is calibrated
+(`calibration.py`); --remove_length_calibration takes it out. Reward statistics of a changed reward
+are removed unless --data_path recomputes them.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from rlhf_reward.utils.data.attributes import AttributeScale, parse_weights
 from rlhf_reward.utils.errors import UserError, exit_status
 from rlhf_reward.utils.model_files import END_OF_CONVERSATION_TOKEN
 
+from step2_reward_model.calibration import LengthCalibration, fit_length_calibration
 from step2_reward_model.flags import add_flags
-from step2_reward_model.heldout import score_split
+from step2_reward_model.heldout import HeldOut, length_columns, score_split
 from step2_reward_model.hf_export import HF_DIR
 from step2_reward_model.model import position_limit_problem
 from step2_reward_model.objectives import saved_objective
@@ -36,6 +41,7 @@ from step2_reward_model.output import (
     load_stats,
     save_reward_model,
 )
+from step2_reward_model.report import calibration_effect, format_calibration_effect
 from step2_reward_model.scoring import Scorer
 
 
@@ -43,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Write the current export layout for an existing reward model folder.")
     p.add_argument("model_path", help="A step-2 output folder, or one DeepSpeed-Chat's step 2 wrote.")
     p.add_argument("--output_dir", default=None, help="Where to write (default: model_path itself).")
+    calibration = p.add_mutually_exclusive_group()
+    calibration.add_argument("--length_calibration", action="store_true",
+                             help="Fit a length calibration on the held-out split of --data_path (a preference "
+                                  "model): the reward minus its local mean at the answer's length.")
+    calibration.add_argument("--remove_length_calibration", action="store_true",
+                             help="Take the length calibration out of the manifest: the reward is the model's again.")
     add_flags(p, ["tokenizer_path", "data_path", "data_split", "data_output_path", "bad_rows", "seed", "max_seq_len",
                   "step3_key_prefix", "trust_remote_code", "attribute_weights"],
               data_path={"default": None, "help": "Compute reward statistics on this data."},
@@ -58,17 +70,27 @@ def convert(args: argparse.Namespace) -> None:
     manifest["max_seq_len"] = args.max_seq_len or manifest.get("max_seq_len", 512)
     if problem := position_limit_problem(model.config, manifest["max_seq_len"]):
         raise UserError(problem)
+    if args.length_calibration and not args.data_path:
+        raise UserError("--length_calibration is fitted on held-out data: give --data_path")
     if args.attribute_weights:
         reweigh(model, args.attribute_weights)
+        if manifest.pop("length_calibration", None) is not None:
+            print("note: removed the length calibration of the old weights (--length_calibration fits it anew)")
+    if args.remove_length_calibration or args.length_calibration:
+        manifest.pop("length_calibration", None)
+    changed = args.attribute_weights or args.remove_length_calibration or args.length_calibration
     stats = None
     if args.data_path:
-        stats = data_statistics(model, tokenizer, manifest, args)
-    elif not args.attribute_weights:  # the held-out statistics still hold: they go into hf/config.json too
+        held_out, label = score_held_out(model, tokenizer, manifest, args)
+        if args.length_calibration:
+            manifest["length_calibration"] = calibrate(held_out, label).manifest()
+        stats = held_out.objective.statistics(held_out.table, label)
+    elif not changed:  # the held-out statistics still hold: they go into hf/config.json too
         stats = load_stats(args.model_path)
     output_dir = args.output_dir or args.model_path
-    if args.attribute_weights and stats is None and os.path.isfile(os.path.join(output_dir, STATS_NAME)):
+    if changed and stats is None and os.path.isfile(os.path.join(output_dir, STATS_NAME)):
         os.remove(os.path.join(output_dir, STATS_NAME))
-        print(f"note: removed {STATS_NAME}, the rewards of the old weights (--data_path recomputes it)")
+        print(f"note: removed {STATS_NAME}, the rewards before this change (--data_path recomputes it)")
     skipped = save_reward_model(model, tokenizer, output_dir, meta=manifest, stats=stats,
                                 key_prefix=args.step3_key_prefix)
     if skipped:
@@ -89,15 +111,27 @@ def reweigh(model, specs: list[str]) -> None:
                                    if weight))
 
 
-def data_statistics(model, tokenizer, manifest: dict, args: argparse.Namespace) -> dict:
-    """The reward statistics over the held-out split of --data_path, computed as training computes them
-    (`step2_reward_model/heldout.py`), with the model's current weights."""
+def score_held_out(model, tokenizer, manifest: dict, args: argparse.Namespace) -> tuple[HeldOut, str]:
+    """The held-out split of --data_path scored as training scores it (`step2_reward_model/heldout.py`),
+    with the model's current weights and the manifest's length calibration, and what that data was."""
     scorer = Scorer(model, tokenizer, manifest["max_seq_len"], manifest["end_of_conversation_token"],
-                    scale=AttributeScale.from_manifest(manifest))
+                    scale=AttributeScale.from_manifest(manifest),
+                    length_calibration=LengthCalibration.from_manifest(manifest))
     request = DataRequest.from_args(args, scorer.max_seq_len, log=lambda message: print(message, file=sys.stderr))
     objective = saved_objective({**manifest, "attributes": current_attributes(model, manifest)})
-    held_out = score_split(scorer, objective, request, "eval")
-    return held_out.objective.statistics(held_out.table, request.label())
+    return score_split(scorer, objective, request, "eval"), request.label()
+
+
+def calibrate(held_out: HeldOut, label: str) -> LengthCalibration:
+    """Fit the length calibration on a held-out table of uncalibrated rewards and calibrate the table."""
+    reward, length = length_columns(held_out.objective)
+    table = held_out.table
+    calibration = fit_length_calibration(table[:, length], table[:, reward], label)
+    held_out.uncalibrated = table[:, reward].copy()
+    table[:, reward] = calibration.apply(held_out.uncalibrated, table[:, length])
+    print(f"length calibration: fitted on {calibration.answers} answers ({label}), {len(calibration.lengths)} knots")
+    print(format_calibration_effect(calibration_effect(held_out.uncalibrated, table[:, reward], table[:, length])))
+    return calibration
 
 
 def current_attributes(model, manifest: dict) -> dict | None:

@@ -7,7 +7,8 @@ scores its shard (`EvalShard` pads the shards to equal length with repeats flagg
 rows are gathered on every rank and the repeats dropped, so the metrics are computed once from the
 whole table: accuracies are exact, not averages of per-rank averages. The table holds one row per
 scored answer or step, so what is computed from it (`Objective.summarize`, `Objective.statistics`)
-grows as R log R at most.
+grows as R log R at most. A length-calibrated model's rewards are calibrated in the table
+(`calibration.py`), as `Scorer` calibrates every reward it gives.
 """
 
 from __future__ import annotations
@@ -63,12 +64,22 @@ def held_out_table(local: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class HeldOut:
-    """A scored split of a data set: its table, the data set and the objective with the data's settings."""
+    """A scored split of a data set: its table, the data set and the objective with the data's settings;
+    for a length-calibrated model, the rewards before calibration too."""
 
     table: np.ndarray
     dataset: object
     source_names: list[str]
     objective: Objective
+    uncalibrated: np.ndarray | None = None
+
+
+def length_columns(objective: Objective) -> tuple[int, int]:
+    """The table's (reward, answer length) columns; a UserError for an objective whose rewards have none."""
+    if objective.length_columns is None:
+        raise UserError(f"length calibration is for preference models (pairs or ranked answers), not "
+                        f"--objective {objective.name}")
+    return objective.length_columns
 
 
 def score_split(scorer: Scorer, objective: Objective, request: DataRequest, split: str) -> HeldOut:
@@ -90,4 +101,9 @@ def score_split(scorer: Scorer, objective: Objective, request: DataRequest, spli
     with torch.inference_mode():
         local = batch_rows(lambda batch: model(batch.inputs, batch.layout), data.objective, model, loader, device,
                            progress=True)
-    return HeldOut(held_out_table(local), dataset, data.source_names, data.objective)
+    held_out = HeldOut(held_out_table(local), dataset, data.source_names, data.objective)
+    if scorer.length_calibration is not None:
+        reward, length = length_columns(data.objective)
+        held_out.uncalibrated = held_out.table[:, reward].copy()
+        held_out.table[:, reward] = scorer.length_calibration.apply(held_out.uncalibrated, held_out.table[:, length])
+    return held_out

@@ -104,8 +104,9 @@ def layout(item: Item, tokenizer) -> tuple[str | Messages, list[str | Messages]]
     return f" Human: {item.prompt} Assistant:", [f" {answer}" for answer in answers]
 
 
-def encode_items(encoder, items: list[Item]) -> list[np.ndarray]:
-    """Token ids of every answer of every item, in order (`encoder`: a `Scorer`)."""
+def encode_items(encoder, items: list[Item]):
+    """Token ids of every answer of every item, in order, and the answers' lengths (`encoder`: a `Scorer`;
+    an `Encoded`)."""
     prompts, answers = [], []
     for item in items:
         prompt, texts = layout(item, encoder.tokenizer)

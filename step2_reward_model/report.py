@@ -223,6 +223,17 @@ def with_length(values: dict[str, ArrayLike], lengths: ArrayLike) -> dict:
                    "spearman": _pearson(_average_ranks(_vector(value)), size)} for name, value in values.items()}
 
 
+def calibration_effect(uncalibrated: ArrayLike, calibrated: ArrayLike, lengths: ArrayLike) -> dict:
+    """How a length calibration changed the rewards' correlation with answer length, over every answer."""
+    return with_length({"before calibration": uncalibrated, "after calibration (the reward)": calibrated}, lengths)
+
+
+def format_calibration_effect(effect: dict) -> str:
+    return "\n".join(["== Length calibration: correlation with answer length over every answer =="]
+                     + text_table(["reward", "pearson", "spearman"],
+                                  [[name, row["pearson"], row["spearman"]] for name, row in effect.items()]))
+
+
 def pair_report(chosen: ArrayLike, rejected: ArrayLike, chosen_lengths: ArrayLike, rejected_lengths: ArrayLike,
                 pair_lengths: ArrayLike, sources: Sequence[str]) -> dict:
     """All of the above for one evaluation set, ready for `format_report` and `json.dump`."""

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,10 +21,19 @@ from rlhf_reward.utils.data.attributes import AttributeScale
 from rlhf_reward.utils.data.chat import scoring_template, template_ends
 from rlhf_reward.utils.data.collate import pad_right
 from rlhf_reward.utils.data.fields import Messages
-from rlhf_reward.utils.data.tokenize import encode_examples, fit_prompt, special_affixes
+from rlhf_reward.utils.data.tokenize import encode_examples, fit_prompt, shared_length, special_affixes
 from rlhf_reward.utils.errors import UserError
 
+from step2_reward_model.calibration import LengthCalibration
 from step2_reward_model.model import RewardModel, position_limit_problem
+
+
+class Encoded(NamedTuple):
+    """Token ids to score, and each answer's length in tokens after its prompt (None for whole texts,
+    whose prompt is unknown): what a length-calibrated reward needs besides the model's score."""
+
+    sequences: list[np.ndarray]
+    answer_lengths: np.ndarray | None = None
 
 
 @dataclass
@@ -38,6 +48,8 @@ class Scorer:
     grad_mode: Callable[[], AbstractContextManager] = torch.inference_mode
     # A multi-attribute model's label scale, to report its attributes in the data's units.
     scale: AttributeScale | None = None
+    # `export.py --length_calibration`'s curve, subtracted from every reward (see calibration.py).
+    length_calibration: LengthCalibration | None = None
 
     @property
     def attribute_names(self) -> tuple[str, ...]:
@@ -46,7 +58,7 @@ class Scorer:
         return attributes.names if attributes else ()
 
     def encode_pairs(self, prompts: list[str | Messages], answers: list[str | Messages],
-                     cut_long: bool = False) -> list[np.ndarray]:
+                     cut_long: bool = False) -> Encoded:
         """Token ids of each prompt + answer exactly as training reads them (`encode_examples`): text in
         DeepSpeed-Chat's layout, or chat messages through the chat template. An answer that cannot fit
         is a UserError naming its position, or with `cut_long` (as benchmark runners do) loses its start
@@ -55,7 +67,7 @@ class Scorer:
                     for index, (prompt, answer) in enumerate(zip(prompts, answers, strict=True))]
         encoded = encode_examples(examples, self.tokenizer, self.max_seq_len, self.end_of_conversation_token,
                                   whole_responses=cut_long)
-        sequences = []
+        sequences, answer_lengths = [], []
         for index, (lead, prompt, (response,)) in enumerate(encoded):
             fitted = fit_prompt(prompt, [response], len(lead), self.max_seq_len)
             if fitted is None and cut_long:
@@ -64,9 +76,10 @@ class Scorer:
                 raise UserError(f"item {index}: the answer is {len(response)} tokens, longer than "
                                 f"max_seq_len {self.max_seq_len}")
             sequences.append(np.asarray(lead + fitted + response, dtype=np.int64))
-        return sequences
+            answer_lengths.append(len(response))
+        return Encoded(sequences, np.asarray(answer_lengths, dtype=np.int64))
 
-    def encode_texts(self, texts: list[str]) -> list[np.ndarray]:
+    def encode_texts(self, texts: list[str]) -> Encoded:
         """Token ids of whole texts, scored as given (no end token added); a text longer than
         `max_seq_len` loses its left part, after the tokenizer's leading special tokens."""
         prefix, _ = special_affixes(self.tokenizer)
@@ -75,39 +88,56 @@ class Scorer:
             if len(ids) > self.max_seq_len:
                 ids = ids[:len(prefix)] + ids[len(ids) - (self.max_seq_len - len(prefix)):]
             sequences.append(np.asarray(ids, dtype=np.int64))
-        return sequences
+        return Encoded(sequences)
 
-    def encode_rendered(self, texts: list[str]) -> list[np.ndarray]:
+    def encode_rendered(self, texts: list[str], prompts: list[str] | None = None) -> Encoded:
         """Token ids of whole conversations as a PPO step decodes its sequences (OpenRLHF's remote reward
         queries): the prompt laid out by the chat template, the policy's answer, then whatever end or
         pad tokens the policy emitted. Those special tokens (and an end of turn already there) are
         replaced by the template's end of an assistant turn, DeepSpeed-Chat's layout gets its leading
         special tokens back where they are missing, and the text is tokenised without special tokens,
-        as training read it; a text longer than `max_seq_len` loses its left part after those."""
+        as training read it; a text longer than `max_seq_len` loses its left part after those. With the
+        prompt of each query (the text it begins with), each answer's length is known as well."""
         template = scoring_template(self.tokenizer, None, self.end_of_conversation_token)
         lead, turn_end = template_ends(self.tokenizer, template)
         endings = sorted({*self.tokenizer.all_special_tokens, turn_end} - {""}, key=len, reverse=True)
         lead_length = len(self.tokenizer(lead, add_special_tokens=False)["input_ids"]) if lead else 0
-        sequences = []
-        for text in texts:
+        sequences, answer_lengths = [], []
+        for index, text in enumerate(texts):
             while ending := next((end for end in endings if text.endswith(end)), None):
                 text = text[:-len(ending)]
             text = ("" if text.startswith(lead) else lead) + text + turn_end
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if prompts is not None:
+                prompt = ("" if prompts[index].startswith(lead) else lead) + prompts[index]
+                if not text.startswith(prompt):
+                    raise UserError(f"item {index}: the query does not begin with its prompt")
+                prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                answer_lengths.append(min(len(ids) - shared_length(prompt_ids, [ids]), self.max_seq_len - lead_length))
             if len(ids) > self.max_seq_len:
                 ids = ids[:lead_length] + ids[len(ids) - (self.max_seq_len - lead_length):]
             sequences.append(np.asarray(ids, dtype=np.int64))
-        return sequences
+        return Encoded(sequences, np.asarray(answer_lengths, dtype=np.int64) if prompts is not None else None)
 
-    def score_ids(self, sequences: list[np.ndarray], progress: bool = False) -> list[float]:
-        """The end score of each sequence, in the order given: ceil(len / batch_size) forwards."""
-        return self.score_all(sequences, progress)[0].tolist()
+    def check_lengths(self, encoded: Encoded) -> None:
+        """A length-calibrated reward needs each answer's length, which whole texts without their prompt
+        do not give."""
+        if self.length_calibration is not None and encoded.answer_lengths is None:
+            raise UserError("this reward is length-calibrated (the manifest's length_calibration), so it needs "
+                            "each answer's length: score prompt and answer apart, not whole texts")
 
-    def score_all(self, sequences: list[np.ndarray], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Each sequence's end score and `[sequences, attributes]` attribute scores (no columns for a
-        model without attributes), in the order given."""
+    def score_ids(self, encoded: Encoded, progress: bool = False) -> list[float]:
+        """The reward of each sequence, in the order given: ceil(len / batch_size) forwards."""
+        return self.score_all(encoded, progress)[0].tolist()
+
+    def score_all(self, encoded: Encoded, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Each sequence's reward (its end score, length-calibrated when the model is) and
+        `[sequences, attributes]` attribute scores (no columns for a model without attributes), in the
+        order given."""
         from tqdm import tqdm
 
+        self.check_lengths(encoded)
+        sequences = encoded.sequences
         order = np.argsort([-len(sequence) for sequence in sequences], kind="stable")
         scores = np.zeros(len(sequences))
         attributes = np.zeros((len(sequences), len(self.attribute_names)))
@@ -123,6 +153,8 @@ class Scorer:
                 attributes[chunk] = out["end_attributes"].detach().float().cpu().numpy()
         if self.scale is not None and attributes.shape[1]:
             attributes = self.scale.invert(attributes)
+        if self.length_calibration is not None:
+            scores = self.length_calibration.apply(scores, encoded.answer_lengths)
         return scores, attributes
 
     def score_answers(self, prompt: str, answers: list[str]) -> list[float]:
@@ -166,4 +198,5 @@ def load_scorer(model_path: str, tokenizer_path: str | None = None, max_seq_len:
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return Scorer(model.to(where), tokenizer, max_seq_len,
                   manifest.get("end_of_conversation_token", END_OF_CONVERSATION_TOKEN), batch_size=batch_size,
-                  device=where, scale=AttributeScale.from_manifest(manifest))
+                  device=where, scale=AttributeScale.from_manifest(manifest),
+                  length_calibration=LengthCalibration.from_manifest(manifest))

@@ -6,14 +6,16 @@ Protocol (JSON in and out; every response carries Content-Type: application/json
                       -> 200 {"rewards": [float, ...]}, one per item, in request order; a multi-attribute
                          model adds "attributes": [{name: float, ...}, ...], one object per item
     POST /get_reward  {"query": [str, ...], "prompts": [str, ...], "labels": [...]}   (OpenRLHF's remote
-                      reward model; "prompts" and "labels" optional and not used)
+                      reward model; "prompts" optional, "labels" optional and not used)
                       -> 200 {"rewards": [float, ...], "scores": [float, ...]}, one per query
     GET  /health      -> 200 {"status": "ok", "max_seq_len": N, "max_items": N, "batch_size": N}
 
 Pairs are tokenised exactly as in training (prompt, then answer + end-of-conversation token, the prompt
 cut from the left when too long); texts are scored as given, cut from the left to max_seq_len. A query
 is a whole conversation as a PPO step decodes its sequence (`Scorer.encode_rendered`: the end-of-sequence
-and pad tokens the policy left at its end become the template's end of an assistant turn). With
+and pad tokens the policy left at its end become the template's end of an assistant turn). A model with a
+length calibration (`export.py --length_calibration`) needs each answer's length: it takes pairs, and
+queries with their "prompts"; whole texts, or queries without prompts, are a 400. With
 `normalize`, every reward is (reward - mean) / std of the held-out rewards training measured. When the
 server has a token, every request (/health too) needs `Authorization: Bearer TOKEN` (or HTTP Basic with the
 token as password: `http://rm:TOKEN@host:port/get_reward` for OpenRLHF, whose client sends no header). Errors are
@@ -55,7 +57,7 @@ import numpy as np
 from rlhf_reward.utils.data.fields import describe
 from rlhf_reward.utils.errors import UserError, first_line
 
-from step2_reward_model.scoring import Scorer
+from step2_reward_model.scoring import Encoded, Scorer
 
 BATCH_FACTOR = 4  # a model call takes up to this many scorer batches of queued requests
 HANDLER_TIMEOUT_S = 30.0  # a client silent this long on its connection is dropped
@@ -111,8 +113,9 @@ def parse_body(request: object, max_items: int) -> tuple[str, list]:
     return kind, check_texts(items) if kind == "texts" else check_pairs(items)
 
 
-def parse_queries(request: object, max_items: int) -> list[str]:
-    """The queries of an OpenRLHF remote-reward request; a RequestError naming the first thing wrong."""
+def parse_queries(request: object, max_items: int) -> tuple[list[str], list[str] | None]:
+    """The queries of an OpenRLHF remote-reward request and their prompts (when sent); a RequestError
+    naming the first thing wrong."""
     if not isinstance(request, dict) or "query" not in request:
         raise RequestError(400, 'the body must be a JSON object with "query" (a list of texts)')
     unknown = sorted(set(request) - set(OPENRLHF_FIELDS))
@@ -128,7 +131,7 @@ def parse_queries(request: object, max_items: int) -> list[str]:
     prompts = request.get("prompts")
     if prompts is not None and (not isinstance(prompts, list) or len(prompts) != len(queries)):
         raise RequestError(400, f"prompts must be an array of one text per query ({len(queries)})")
-    return check_texts(queries, "query")
+    return check_texts(queries, "query"), None if prompts is None else check_texts(prompts, "prompts")
 
 
 def check_texts(items: list, name: str = "texts") -> list[str]:
@@ -159,6 +162,7 @@ class _Job:
     """One request's sequences, waiting in the queue for the batcher."""
 
     sequences: list[np.ndarray]
+    answer_lengths: np.ndarray | None = None
     done: threading.Event = field(default_factory=threading.Event)
     rewards: list[float] = field(default_factory=list)
     attributes: np.ndarray | None = None
@@ -176,10 +180,10 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="reward-batcher", daemon=True)
         self._thread.start()
 
-    def score(self, sequences: list[np.ndarray]) -> _Job:
-        """The rewards (and attribute scores) of `sequences`, scored together with whatever else is
+    def score(self, encoded: Encoded) -> _Job:
+        """The rewards (and attribute scores) of the encoded items, scored together with whatever else is
         queued meanwhile."""
-        job = _Job(sequences)
+        job = _Job(*encoded)
         with self._lock:  # nothing is queued after stop()'s end marker, so every job gets an answer
             if self._stopped:
                 raise RequestError(503, "the server is shutting down")
@@ -219,7 +223,10 @@ class Batcher:
 
     def _score(self, batch: list[_Job]) -> None:
         try:
-            rewards, attributes = self.scorer.score_all([sequence for job in batch for sequence in job.sequences])
+            lengths = [job.answer_lengths for job in batch]
+            rewards, attributes = self.scorer.score_all(Encoded(
+                [sequence for job in batch for sequence in job.sequences],
+                None if any(part is None for part in lengths) else np.concatenate(lengths)))
         except Exception as err:  # fail this batch's requests, keep the thread for the next ones
             for job in batch:
                 job.error = f"scoring failed: {type(err).__name__}: {first_line(err)}"
@@ -285,7 +292,7 @@ class _Handler(BaseHTTPRequestHandler):
             return {"status": "ok", "max_seq_len": scorer.max_seq_len, "max_items": self.server.max_items,
                     "batch_size": scorer.batch_size}
         if path == "/get_reward":
-            rewards = self._rewards("query", parse_queries(self._read_json(), self.server.max_items)).rewards
+            rewards = self._rewards("query", *parse_queries(self._read_json(), self.server.max_items)).rewards
             return {"rewards": rewards, "scores": rewards}
         return self._score(self._read_json())
 
@@ -340,24 +347,26 @@ class _Handler(BaseHTTPRequestHandler):
         return {"rewards": job.rewards,
                 "attributes": [dict(zip(names, row, strict=True)) for row in job.attributes.tolist()]}
 
-    def _rewards(self, kind: str, items: list) -> _Job:
-        """Tokenise the items of one kind ("pairs", "texts" or "query") and score them with whatever else
-        is queued; the rewards normalised when the server normalises."""
+    def _rewards(self, kind: str, items: list, prompts: list[str] | None = None) -> _Job:
+        """Tokenise the items of one kind ("pairs", "texts" or "query", with the queries' prompts) and score
+        them with whatever else is queued; the rewards normalised when the server normalises."""
         scorer = self.server.scorer
         with self.server.encode_lock:  # a fast tokenizer fails ("Already borrowed") when called concurrently
             try:
                 if kind == "pairs":
-                    sequences = scorer.encode_pairs([prompt for prompt, _ in items], [answer for _, answer in items])
+                    encoded = scorer.encode_pairs([prompt for prompt, _ in items], [answer for _, answer in items])
                 elif kind == "texts":
-                    sequences = scorer.encode_texts(items)
+                    encoded = scorer.encode_texts(items)
                 else:
-                    sequences = scorer.encode_rendered(items)
+                    # the prompts say where each answer starts, which only a length calibration needs
+                    encoded = scorer.encode_rendered(items, prompts if scorer.length_calibration else None)
+                scorer.check_lengths(encoded)
             except UserError as err:
                 raise RequestError(400, f"{kind}: {err}") from None
-        empty = [index for index, sequence in enumerate(sequences) if not len(sequence)]
+        empty = [index for index, sequence in enumerate(encoded.sequences) if not len(sequence)]
         if empty:
             raise RequestError(400, f"{kind}[{empty[0]}] has no tokens to score")
-        job = self.server.batcher.score(sequences)
+        job = self.server.batcher.score(encoded)
         if not all(math.isfinite(reward) for reward in job.rewards) or not np.isfinite(job.attributes).all():
             raise RequestError(500, "the model returned a reward that is not a finite number")
         if self.server.normalize is not None:

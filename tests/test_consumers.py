@@ -146,7 +146,7 @@ def test_a_length_head_model_serves_its_quality_head_alone(outputs):
     model = load_reward_model(out).double()
     assert model.attributes == QUALITY_AND_LENGTH and model.v_head.weight.shape[0] == 2
     scorer = Scorer(model, load_hf_tokenizer(out), 128, END_OF_CONVERSATION_TOKEN)
-    ids = scorer.encode_pairs(*conversations())
+    ids = scorer.encode_pairs(*conversations()).sequences
     step3 = step3_load(out).double()
     with torch.no_grad():
         heads = torch.stack([model.forward_value(torch.as_tensor(row)[None])["end_attributes"][0] for row in ids])

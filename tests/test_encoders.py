@@ -188,7 +188,7 @@ def test_scored_at_the_pooled_token_whatever_the_padding(family, encoder_dirs):
     score the same, training's forward scores as the PPO step's forward_value does, and the value
     there sees every token (attention both ways), so the prompt moves the score."""
     model, scorer = untrained_model(encoder_dirs[family])
-    sequences = scorer.encode_pairs(PROMPTS, ANSWERS)
+    sequences = scorer.encode_pairs(PROMPTS, ANSWERS).sequences
     assert len({len(row) for row in sequences}) == len(sequences)
     right = model.forward_value(*pad_right(sequences, 0))["chosen_end_scores"]
     input_ids, attention_mask = pad_left(sequences, 0)
@@ -220,8 +220,8 @@ def test_length_chunks_give_the_same_loss_scores_and_gradients(family, encoder_d
     chosen = [ANSWERS[1], ANSWERS[2], ANSWERS[0], ANSWERS[2]]
     rejected = [ANSWERS[0], ANSWERS[1], ANSWERS[2], ANSWERS[1]]
     items = []
-    for better, worse in zip(scorer.encode_pairs(prompts, chosen), scorer.encode_pairs(prompts, rejected),
-                             strict=True):
+    chosen_ids = scorer.encode_pairs(prompts, chosen).sequences
+    for better, worse in zip(chosen_ids, scorer.encode_pairs(prompts, rejected).sequences, strict=True):
         shared = next(i for i, (a, b) in enumerate(zip(better, worse, strict=False)) if a != b)
         items.append({"prompt": better[:shared], "responses": [better[shared:], worse[shared:]],
                       "ranks": np.arange(2), "margin": 0.0, "source": 0})
@@ -240,7 +240,7 @@ def test_bert_scores_through_its_pooler(encoder_dirs):
     """BERT's score is the value head on its pooler's output (dense + tanh on [CLS]), which is what
     BertForSequenceClassification computes, so the export can reproduce it."""
     model, scorer = untrained_model(encoder_dirs["bert"])
-    for row in scorer.encode_pairs(PROMPTS, ANSWERS):
+    for row in scorer.encode_pairs(PROMPTS, ANSWERS).sequences:
         ids = torch.as_tensor(row)[None]
         pooled = model.rwtransformer(input_ids=ids, attention_mask=torch.ones_like(ids)).pooler_output
         expected = model.v_head(pooled)[0, 0]
@@ -302,7 +302,7 @@ def test_bert_export_logits_equal_our_scores(trained):
     assert type(classifier).__name__ == "BertForSequenceClassification"
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     ours = load_reward_model(out).double()
-    sequences = Scorer(ours, tokenizer, 64, end_text).encode_pairs(PROMPTS, ANSWERS)
+    sequences = Scorer(ours, tokenizer, 64, end_text).encode_pairs(PROMPTS, ANSWERS).sequences
     batch = tokenizer.pad({"input_ids": [row.tolist() for row in sequences]}, return_tensors="pt")
     expected = ours.forward_value(batch["input_ids"], batch["attention_mask"])["chosen_end_scores"]
     logits = classifier(**batch).logits[:, 0]
@@ -367,5 +367,5 @@ def test_rw_eval_scores_an_encoder_output(trained):
     with torch.no_grad():
         expected = [model.forward_value(torch.as_tensor(row)[None])["chosen_end_scores"].item()
                     for pair in BUILT_IN_EXAMPLES
-                    for row in scorer.encode_pairs([pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]])]
+                    for row in scorer.encode_pairs([pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]]).sequences]
     assert printed == pytest.approx(expected, abs=5e-5 + rounding_tolerance(expected))

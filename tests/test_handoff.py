@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from step2_reward_model.model import RewardModel
 from step2_reward_model.output import load_manifest, load_reward_model, load_scoring_tokenizer
-from step2_reward_model.scoring import Scorer
+from step2_reward_model.scoring import Encoded, Scorer
 
 # DeepSpeed-Chat's layout: the prompt ends at "Assistant:" and the answer starts with its space, so the
 # prompt's tokens are the same whether it is tokenised alone (as PPO's prompt) or with the answer.
@@ -49,7 +49,7 @@ def test_hf_export_logits_equal_end_scores(family, saved_models):
     assert tokenizer.pad_token_id not in (tokenizer.eos_token_id, tokenizer.bos_token_id)
 
     scorer = scorer_for(out)
-    sequences = scorer.encode_pairs(PROMPTS, ANSWERS)  # token ids exactly as training makes them
+    sequences = scorer.encode_pairs(PROMPTS, ANSWERS).sequences  # token ids exactly as training makes them
     # OUTPUT's tokenizer is the export's: the same pad id, which no scored text contains
     assert scorer.tokenizer.pad_token_id == tokenizer.pad_token_id == load_manifest(out)["pad_token_id"]
     config = AutoConfig.from_pretrained(out)  # an added pad beyond the step-3 embedding stays out of its config
@@ -61,7 +61,7 @@ def test_hf_export_logits_equal_end_scores(family, saved_models):
     with torch.no_grad():
         logits = classifier(**batch).logits
     assert logits.shape == (len(sequences), 1)
-    expected = scorer.score_ids(sequences)
+    expected = scorer.score_ids(Encoded(sequences))
     assert logits[:, 0].tolist() == pytest.approx(expected, abs=rounding_tolerance(expected))
 
     # the export's own tokenizer on the whole texts, as a transformers user would call it
@@ -70,7 +70,7 @@ def test_hf_export_logits_equal_end_scores(family, saved_models):
     with torch.no_grad():
         logits = classifier(**batch).logits[:, 0]
     ids = [row[mask.bool()] for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
-    expected = scorer.score_ids([row.numpy() for row in ids])
+    expected = scorer.score_ids(Encoded([row.numpy() for row in ids]))
     assert logits.tolist() == pytest.approx(expected, abs=rounding_tolerance(expected))
 
 
@@ -185,11 +185,11 @@ def test_converter_rewrites_a_deepspeed_chat_folder(saved_models, model_dirs, sy
     assert stats["pairs"] == 300 and stats["all"]["count"] == 600
     assert stats["all"]["q05"] <= stats["all"]["median"] <= stats["all"]["q95"]
     ours = scorer_for(saved_models["opt"])
-    sequences = ours.encode_pairs(PROMPTS, ANSWERS)
+    sequences = ours.encode_pairs(PROMPTS, ANSWERS).sequences
     classifier = AutoModelForSequenceClassification.from_pretrained(os.path.join(folder, "hf")).eval()
     batch = AutoTokenizer.from_pretrained(os.path.join(folder, "hf")).pad(
         {"input_ids": [seq.tolist() for seq in sequences]}, return_tensors="pt")
-    expected = ours.score_ids(sequences)
+    expected = ours.score_ids(Encoded(sequences))
     with torch.no_grad():
         assert classifier(**batch).logits[:, 0].tolist() == pytest.approx(expected, abs=rounding_tolerance(expected))
 

@@ -135,7 +135,7 @@ def test_concurrent_requests_are_batched(scorer):
     expected = [offline_pairs(scorer, pairs) for pairs in requests]
     calls = []
     counting = dataclasses.replace(scorer)
-    counting.score_all = lambda sequences: calls.append(len(sequences)) or scorer.score_all(sequences)
+    counting.score_all = lambda encoded: calls.append(len(encoded.sequences)) or scorer.score_all(encoded)
     answers, start = {}, threading.Barrier(16)
 
     def client(index: int, port: int) -> None:

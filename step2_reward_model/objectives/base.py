@@ -73,6 +73,9 @@ class Objective(Protocol):
     name: str  # its --objective value, recorded in the manifest
     unit: str  # what one held-out example is, for log lines: "pairs", "solutions", "prompts"
     columns: int  # the held-out table's width
+    # The table's (reward, answer length) columns, where its rows are answers: what a length calibration
+    # (`export.py --length_calibration`) is fitted on and applied to; None where rewards have no answer length.
+    length_columns: tuple[int, int] | None
 
     def check_backbone(self, config) -> None:
         """Refuse a backbone that cannot learn this objective (an encoder for token-level values)."""

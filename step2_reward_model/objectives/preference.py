@@ -65,6 +65,7 @@ class Preference:
     name = "preference"
     unit = "pairs"
     columns = 6
+    length_columns = (SCORE, LENGTH)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Preference:

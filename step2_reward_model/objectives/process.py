@@ -36,6 +36,7 @@ class Process:
     name = "process"
     unit = "solutions"
     columns = 4
+    length_columns = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Process:

@@ -47,6 +47,7 @@ class Regression:
 
     name = "regression"
     unit = "prompts"
+    length_columns = None
 
     @property
     def columns(self) -> int:

@@ -92,16 +92,17 @@ def make_pairs(count: int, seed: int, held_out: bool = False) -> list[dict]:
 FILLER = " I hope this helps, and let me know if there is anything else."
 
 
-def make_length_confounded_pairs(count: int, seed: int, chosen_longer: float, held_out: bool = False) -> list[dict]:
-    """`make_pairs` rows padded with sentences of `FILLER`, which says nothing of quality: 0 to 4 after both
-    answers (lengths vary from prompt to prompt, as in real data), then 1 or 2 more after one of them, the
+def make_length_confounded_pairs(count: int, seed: int, chosen_longer: float, held_out: bool = False,
+                                 shared: int = 4) -> list[dict]:
+    """`make_pairs` rows padded with sentences of `FILLER`, which says nothing of quality: 0 to `shared` after
+    both answers (lengths vary from prompt to prompt, as in real data), then 1 or 2 more after one of them, the
     chosen one in a `chosen_longer` share of the rows (exactly, in a shuffled order), the rejected one in the rest."""
     rng = random.Random(seed + 1)
     rows = make_pairs(count, seed, held_out)
     longer = [i < round(chosen_longer * count) for i in range(count)]
     rng.shuffle(longer)
     for row, chosen in zip(rows, longer, strict=True):
-        both = FILLER * rng.randint(0, 4)
+        both = FILLER * rng.randint(0, shared)
         row["chosen"] += both
         row["rejected"] += both
         row["chosen" if chosen else "rejected"] += FILLER * rng.randint(1, 2)

@@ -152,7 +152,7 @@ def _fitting_responses(responses: list[list[int]], ranks: list[int], room: int, 
     return []
 
 
-def _shared_length(prompt: list[int], sequences: list[list[int]]) -> int:
+def shared_length(prompt: list[int], sequences: list[list[int]]) -> int:
     """How many of the prompt's ids begin every sequence: all of them, unless a token spans the end of
     the prompt text (a byte-level BPE merges "Assistant: " and "A" into ":", " A")."""
     shared = len(prompt)
@@ -206,7 +206,7 @@ def encode_examples(examples: list[Example], tokenizer, max_seq_len: int, end_of
     cannot_fit = [0] * (max_seq_len + 1)
     for (index, prompt, _, lead, trail), ids, sequences in zip(texts, prompt_ids, whole, strict=True):
         together = len(prompt) <= limit  # else only the prompt's tail was tokenised, and responses alone
-        shared = _shared_length(ids, [seq for seq in sequences if seq is not None]) if together else 0
+        shared = shared_length(ids, [seq for seq in sequences if seq is not None]) if together else 0
         encoded[index] = (lead, ids[:shared] if together else ids,
                           [(seq[shared:] if seq is not None else cannot_fit) + trail for seq in sequences])
     return encoded
