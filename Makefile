@@ -29,7 +29,7 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	bash training_scripts/cpu/run_demo.sh $(OUTPUT)
 
-# SmolLM2-135M-Instruct (from PyPI) on real HH-RLHF pairs, about 14 minutes on 2 cores.
+# all-MiniLM-L6-v2 (from PyPI) on real HH-RLHF pairs, about 8 minutes on 2 cores.
 demo-real: install
 	bash training_scripts/cpu/run_real_demo.sh $(OUTPUT)
 

@@ -4,13 +4,14 @@ baseline with a post-hoc length calibration (`export.py --length_calibration`), 
 length is confounded with preference, and on real pairs.
 
     python benchmarks/length.py                          # synthetic: a tiny model, about 10 minutes on 2 cores
-    python benchmarks/length.py --seeds 3 --epochs 4
+    python benchmarks/length.py --seeds 3 --chosen_longer 0.75
     python benchmarks/length.py --data hh                # the HH-RLHF sample, MiniLM-L6 as the quality benchmark
-    python benchmarks/length.py -- --length_loss_coefficient 0.5   # flags after -- go to every run's main.py
+    python benchmarks/length.py --odin_length_loss 0.3 -- --orthogonality_loss_coefficient 0.5   # after --: main.py
 
 Synthetic data (`make_length_confounded_pairs`): prompts whose better answer is decided by its content
-(a right sum, the asked-for topic, politeness), padded with filler sentences that say nothing of quality.
-In training the chosen answer is the longer one in --chosen_longer of the pairs; two held-out sets are
+(a right sum, the asked-for topic, politeness), padded with filler sentences that say nothing of quality:
+up to --shared_filler after both answers, 1 or 2 more after one of them, the chosen one in
+--chosen_longer of the training pairs. Two held-out sets are
 scored: one drawn as training is (`confounded`) and one where chosen and rejected are the longer answer
 equally often (`balanced`), on which a reward that counts tokens is at chance. The calibration is fitted
 on a third set drawn as training is (its labels are not used: the fit reads rewards and lengths only).
@@ -40,7 +41,7 @@ import subprocess
 import sys
 import time
 
-from rlhf_reward.utils.data.synthetic import make_length_confounded_pairs, write_jsonl
+from rlhf_reward.utils.data.synthetic import kind_of, make_length_confounded_pairs, write_jsonl
 from rlhf_reward.utils.files import REPO_ROOT
 from rlhf_reward.utils.tiny import save_tiny_model
 
@@ -57,23 +58,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--output", default=None, help="Where data, models and results go (default /tmp/length-DATA).")
     p.add_argument("--train_pairs", type=int, default=None, help="Default: 2000 synthetic, 400 hh.")
     p.add_argument("--eval_pairs", type=int, default=400)
-    p.add_argument("--chosen_longer", type=float, default=0.75, help="Share of synthetic training pairs whose "
+    p.add_argument("--chosen_longer", type=float, default=0.9, help="Share of synthetic training pairs whose "
                                                                      "chosen answer is the longer one.")
-    p.add_argument("--shared_filler", type=int, default=4, help="Synthetic: up to this many filler sentences "
+    p.add_argument("--shared_filler", type=int, default=8, help="Synthetic: up to this many filler sentences "
                                                                 "after both answers of a pair.")
-    p.add_argument("--hidden", type=int, default=64, help="The tiny model's width (synthetic).")
+    p.add_argument("--hidden", type=int, default=128, help="The tiny model's width (synthetic).")
     p.add_argument("--backbone", default="minilm", help="hh: smollm2 | minilm | a model folder.")
-    p.add_argument("--epochs", type=int, default=None, help="Default: 3 synthetic, 1 hh.")
+    p.add_argument("--epochs", type=int, default=None, help="Default: 4 synthetic, 1 hh.")
     p.add_argument("--learning_rate", type=float, default=None, help="Default: 1e-3 synthetic, the backbone's hh.")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--odin_length_loss", type=float, nargs="+", default=[1.0, 0.1],
+                   help="ODIN's --length_loss_coefficient: one ODIN run per value.")
     args = p.parse_args(argv)
     if "calibrated" in args.methods and "baseline" not in args.methods:
         p.error("the calibrated method calibrates the baseline: --methods needs baseline too")
     hh = args.data == "hh"
     args.output = args.output or f"/tmp/length-{args.data}"
     args.train_pairs = args.train_pairs or (400 if hh else 2000)
-    args.epochs = args.epochs or (1 if hh else 3)
+    args.epochs = args.epochs or (1 if hh else 4)
     return args, extra
 
 
@@ -129,10 +132,23 @@ def run(command: list[str], log_path: str, what: str) -> str:
     return text
 
 
-def train(args: argparse.Namespace, extra: list[str], folders: dict, method: str, seed: int) -> dict:
+def runs(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
+    """Each run's name -> (its method, its own main.py flags): ODIN once per length-loss coefficient."""
+    named = {}
+    for method in args.methods:
+        if method == "odin":
+            named.update({f"odin λ_L={value:g}": (method, ["--length_loss_coefficient", f"{value:g}"])
+                          for value in args.odin_length_loss})
+        else:
+            named[method] = (method, [])
+    return named
+
+
+def train(args: argparse.Namespace, extra: list[str], folders: dict, name: str, method: str, flags: list[str],
+          seed: int) -> dict:
     """One run: trained (or, for the calibrated method, the baseline's model calibrated), then scored on
     every held-out set; with the training loop's seconds (plus the export's)."""
-    out = os.path.join(args.output, "runs", method, str(seed))
+    out = os.path.join(args.output, "runs", name.replace(" ", "_"), str(seed))
     cache = os.path.join(args.output, "cache")
     if METHODS[method] is None:
         shutil.rmtree(out, ignore_errors=True)
@@ -147,8 +163,8 @@ def train(args: argparse.Namespace, extra: list[str], folders: dict, method: str
         started = time.time()
         text = run([sys.executable, "step2_reward_model/main.py", "--model_name_or_path", folders["model"],
                     "--data_path", folders["train"], "--data_split", "0,1,0", "--data_output_path", cache,
-                    "--output_dir", out, "--seed", str(seed), *settings(args), *METHODS[method], *extra],
-                   os.path.join(out, "training.log"), f"{method} seed {seed}")
+                    "--output_dir", out, "--seed", str(seed), *settings(args), *METHODS[method], *flags, *extra],
+                   os.path.join(out, "training.log"), f"{name} seed {seed}")
         seconds = sum(float(m.group(1)) for m in EPOCH_LINE.finditer(text)) or time.time() - started
     result = {"train_s": seconds}
     for name, folder in folders["held_out"].items():
@@ -160,9 +176,28 @@ def train(args: argparse.Namespace, extra: list[str], folders: dict, method: str
         result[f"{name}/accuracy"] = held_out["accuracy"]
         for key in ("balanced_accuracy", "pearson", "length_head_pearson"):
             result[f"{name}/{key}"] = held_out.get(f"length/{key}")
+    if args.data == "synthetic":
+        result["kinds"] = accuracy_by_kind(out, folders["held_out"]["balanced"])
     with open(os.path.join(out, "result.json"), "w") as handle:
         json.dump(result, handle, indent=1)
     return result
+
+
+def accuracy_by_kind(out: str, folder: str) -> dict[str, float]:
+    """Accuracy on the balanced held-out pairs of each kind, apart for the chosen answer longer and shorter:
+    where a method's balanced accuracy comes from (a kind the model cannot learn is at chance either way)."""
+    from step2_reward_model.scoring import load_scorer
+
+    rows = [json.loads(line) for line in open(os.path.join(folder, "eval.jsonl"))]
+    scorer = load_scorer(out, device="cpu")
+    prompts = [row["prompt"] for row in rows]
+    chosen, rejected = (scorer.score_ids(scorer.encode_pairs(prompts, [row[key] for row in rows]))
+                        for key in ("chosen", "rejected"))
+    right: dict[str, list[bool]] = {}
+    for index, (row, good, bad) in enumerate(zip(rows, chosen, rejected, strict=True)):
+        longer = "longer" if len(row["chosen"]) > len(row["rejected"]) else "shorter"
+        right.setdefault(f"{kind_of(index)}, chosen {longer}", []).append(good > bad)
+    return {name: sum(values) / len(values) for name, values in sorted(right.items())}
 
 
 def cell(values: list, digits: int = 3) -> str:
@@ -194,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parse_args(argv)
     folders = make_data(args)
     seeds = range(1234, 1234 + args.seeds)
-    results = {method: [train(args, extra, folders, method, seed) for seed in seeds] for method in args.methods}
+    results = {name: [train(args, extra, folders, name, method, flags, seed) for seed in seeds]
+               for name, (method, flags) in runs(args).items()}
     with open(os.path.join(args.output, "results.json"), "w") as handle:
         json.dump({"settings": vars(args), "extra": extra, "results": results}, handle, indent=1)
     if args.data == "hh":
@@ -204,6 +240,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"train pairs {args.train_pairs} (chosen longer in {args.chosen_longer:.0%}), held out "
               f"{args.eval_pairs} each, tiny OPT width {args.hidden}, {args.epochs} epochs, {args.seeds} seed(s)")
     print(table(args, results))
+    if args.data == "synthetic":
+        kinds = list(next(iter(results.values()))[0]["kinds"])
+        print("\nbalanced held-out accuracy by kind of pair:\n| method | " + " | ".join(kinds) + " |\n"
+              + "|---" * (len(kinds) + 1) + "|")
+        for name, seeded in results.items():
+            print(f"| {name} | " + " | ".join(cell([run["kinds"][kind] for run in seeded], 2) for kind in kinds) + " |")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,11 @@ def _manners(rng: random.Random) -> dict:
 KINDS = (_arithmetic, _topic, _manners)
 
 
+def kind_of(index: int) -> str:
+    """The kind of `make_pairs`' row `index` (they come in turn): arithmetic, topic or manners."""
+    return KINDS[index % len(KINDS)].__name__.strip("_")
+
+
 def is_held_out(row: dict) -> bool:
     """One row in ten, decided by the row's text alone: the evaluation side of the split."""
     return zlib.crc32(json.dumps(row, sort_keys=True).encode()) % 10 == 0
