@@ -39,4 +39,3 @@ def test_gpu_table_runs_every_preset_length_and_mix(capsys):
     assert [line.split()[:4] for line in summary] == [["tiny", "256", mix, mode] for mix in ("hh", "long_tail")
                                                       for mode in throughput.GPU_TABLE_MODES]
     assert "bf16" in out and "gradient checkpointing" in out
-
