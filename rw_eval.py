@@ -26,12 +26,12 @@ import sys
 from rlhf_reward.utils.errors import UserError, exit_status
 
 from step2_reward_model.flags import EVAL_FLAGS, EVAL_OVERRIDES, add_flags
-from step2_reward_model.heldout import length_columns, score_split
+from step2_reward_model.heldout import score_split
 from step2_reward_model.objectives import saved_objective
 from step2_reward_model.objectives.base import DataRequest
 from step2_reward_model.output import load_manifest, reward_mean_std
 from step2_reward_model.public_benchmarks import BENCHMARKS, format_result, read_items, score_items
-from step2_reward_model.report import calibration_effect, format_calibration_effect, length_bias
+from step2_reward_model.report import correlation_table, length_bias
 from step2_reward_model.scoring import Scorer, load_scorer
 
 # Pairs of the kinds the HH-RLHF harmless data holds (a harmful request declined or carried out, an insult,
@@ -130,11 +130,10 @@ def evaluate_data(scorer: Scorer, args: argparse.Namespace) -> dict:
                        "too_long": getattr(held_out.dataset.data, "too_long", 0)}}
     print(result.text)
     if held_out.uncalibrated is not None:  # a length-calibrated model: what the calibration did on this data
-        reward, length = length_columns(objective)
-        effect = calibration_effect(held_out.uncalibrated, table[:, reward], table[:, length])
+        effect = held_out.calibration_effect()
         report["length_calibration"] = {**effect, "fitted_on": scorer.length_calibration.data,
                                         "answers": scorer.length_calibration.answers}
-        print(format_calibration_effect(effect))
+        print(correlation_table("Length calibration", "reward", effect))
     if args.report:
         write_report(args.report, report)
     if args.plots and result.pairs is not None:

@@ -41,7 +41,7 @@ from step2_reward_model.output import (
     load_stats,
     save_reward_model,
 )
-from step2_reward_model.report import calibration_effect, format_calibration_effect
+from step2_reward_model.report import correlation_table
 from step2_reward_model.scoring import Scorer
 
 
@@ -125,12 +125,10 @@ def score_held_out(model, tokenizer, manifest: dict, args: argparse.Namespace) -
 def calibrate(held_out: HeldOut, label: str) -> LengthCalibration:
     """Fit the length calibration on a held-out table of uncalibrated rewards and calibrate the table."""
     reward, length = length_columns(held_out.objective)
-    table = held_out.table
-    calibration = fit_length_calibration(table[:, length], table[:, reward], label)
-    held_out.uncalibrated = table[:, reward].copy()
-    table[:, reward] = calibration.apply(held_out.uncalibrated, table[:, length])
+    calibration = fit_length_calibration(held_out.table[:, length], held_out.table[:, reward], label)
+    held_out.calibrate(calibration)
     print(f"length calibration: fitted on {calibration.answers} answers ({label}), {len(calibration.lengths)} knots")
-    print(format_calibration_effect(calibration_effect(held_out.uncalibrated, table[:, reward], table[:, length])))
+    print(correlation_table("Length calibration", "reward", held_out.calibration_effect()))
     return calibration
 
 

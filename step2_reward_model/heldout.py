@@ -25,8 +25,10 @@ from rlhf_reward.utils.errors import UserError
 from rlhf_reward.utils.runtime import gather_uneven
 from torch.utils.data import DataLoader, Subset
 
+from step2_reward_model.calibration import LengthCalibration
 from step2_reward_model.model import RewardModel, RowValues
 from step2_reward_model.objectives.base import DataRequest, Objective
+from step2_reward_model.report import calibration_effect
 from step2_reward_model.scoring import Scorer
 
 
@@ -73,6 +75,17 @@ class HeldOut:
     objective: Objective
     uncalibrated: np.ndarray | None = None
 
+    def calibrate(self, calibration: LengthCalibration) -> None:
+        """Calibrate the table's rewards in place, keeping those before in `uncalibrated`."""
+        reward, length = length_columns(self.objective)
+        self.uncalibrated = self.table[:, reward].copy()
+        self.table[:, reward] = calibration.apply(self.uncalibrated, self.table[:, length])
+
+    def calibration_effect(self) -> dict:
+        """The rewards' correlation with answer length before and after `calibrate`."""
+        reward, length = length_columns(self.objective)
+        return calibration_effect(self.uncalibrated, self.table[:, reward], self.table[:, length])
+
 
 def length_columns(objective: Objective) -> tuple[int, int]:
     """The table's (reward, answer length) columns; a UserError for an objective whose rewards have none."""
@@ -103,7 +116,5 @@ def score_split(scorer: Scorer, objective: Objective, request: DataRequest, spli
                            progress=True)
     held_out = HeldOut(held_out_table(local), dataset, data.source_names, data.objective)
     if scorer.length_calibration is not None:
-        reward, length = length_columns(data.objective)
-        held_out.uncalibrated = held_out.table[:, reward].copy()
-        held_out.table[:, reward] = scorer.length_calibration.apply(held_out.uncalibrated, held_out.table[:, length])
+        held_out.calibrate(scorer.length_calibration)
     return held_out

@@ -228,10 +228,11 @@ def calibration_effect(uncalibrated: ArrayLike, calibrated: ArrayLike, lengths: 
     return with_length({"before calibration": uncalibrated, "after calibration (the reward)": calibrated}, lengths)
 
 
-def format_calibration_effect(effect: dict) -> str:
-    return "\n".join(["== Length calibration: correlation with answer length over every answer =="]
-                     + text_table(["reward", "pearson", "spearman"],
-                                  [[name, row["pearson"], row["spearman"]] for name, row in effect.items()]))
+def correlation_table(title: str, label: str, correlations: dict) -> str:
+    """A titled text table of `with_length`'s correlations, one row per named array."""
+    return "\n".join([f"== {title}: correlation with answer length over every answer =="]
+                     + text_table([label, "pearson", "spearman"],
+                                  [[name, row["pearson"], row["spearman"]] for name, row in correlations.items()]))
 
 
 def pair_report(chosen: ArrayLike, rejected: ArrayLike, chosen_lengths: ArrayLike, rejected_lengths: ArrayLike,

@@ -37,11 +37,11 @@ from step2_reward_model.metrics import ranking_accuracies, ranking_counts
 from step2_reward_model.model import ENCODERS, QUALITY_AND_LENGTH, RewardModel, RowValues
 from step2_reward_model.objectives.base import DataRequest, Datasets, Loss, Report
 from step2_reward_model.report import (
+    correlation_table,
     format_report,
     length_bias,
     pair_report,
     reward_statistics,
-    text_table,
     with_length,
 )
 
@@ -239,9 +239,7 @@ class Preference:
                                                  "length head": table[:, LENGTH_REWARD],
                                                  "sum (trained on)": table[:, SCORE] + table[:, LENGTH_REWARD]},
                                                 table[:, LENGTH])
-            text += "\n== Length head (ODIN): correlation with answer length over every answer ==\n" + "\n".join(
-                text_table(["head", "pearson", "spearman"],
-                           [[name, row["pearson"], row["spearman"]] for name, row in report["length_head"].items()]))
+            text += "\n" + correlation_table("Length head (ODIN)", "head", report["length_head"])
         return Report(report, text, (chosen, rejected, chosen_lengths, rejected_lengths))
 
 

@@ -7,9 +7,10 @@ prompt, each with a better and a worse answer that differ in one learnable way:
 - topic: an answer about the asked-for topic vs one about another topic;
 - manners: a polite answer vs a rude one with the same content.
 
-`make_length_confounded_pairs` pads one answer of each of those pairs with polite filler: in training
-mostly the chosen one, so that length predicts the preference without deciding it; held out, the
-chosen and the rejected answer are the longer one equally often (a length-balanced set).
+`make_length_confounded_pairs` pads both answers of each of those pairs with polite filler, then one of
+them with more: in training mostly the chosen one, so that length predicts the preference without
+deciding it; held out, the chosen and the rejected answer are the longer one equally often (a
+length-balanced set).
 
 `make_ranked_rows` grades answers to the manners prompts on two learnable axes (politeness, then
 whether the content answers the request) for ranked-list objectives, in the `responses` + `ranks`
