@@ -245,7 +245,7 @@ def run_mode(mode: str, args: argparse.Namespace, data, vocab: int, pad_token_id
     import torch
     from deepspeed.accelerator import get_accelerator
     from rlhf_reward.utils.data.collate import PairDataset
-    from rlhf_reward.utils.runtime import init_single_process_env
+    from rlhf_reward.utils.runtime import init_single_process_env, release_allreduce_buffer
     from torch.utils.data import DataLoader
 
     from step2_reward_model.objectives.preference import Preference
@@ -254,6 +254,7 @@ def run_mode(mode: str, args: argparse.Namespace, data, vocab: int, pad_token_id
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     init_single_process_env()
     deepspeed.init_distributed(verbose=False)
+    release_allreduce_buffer()
     device = get_accelerator().device_name()
     baseline = rss_mib()
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's and the optimizer's start-up lines

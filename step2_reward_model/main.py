@@ -34,7 +34,12 @@ from rlhf_reward.utils.data.sampler import (
 )
 from rlhf_reward.utils.errors import UserError, exit_status
 from rlhf_reward.utils.model_files import load_hf_tokenizer
-from rlhf_reward.utils.runtime import init_single_process_env, print_rank_0, set_random_seed
+from rlhf_reward.utils.runtime import (
+    init_single_process_env,
+    print_rank_0,
+    release_allreduce_buffer,
+    set_random_seed,
+)
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import SchedulerType
 
@@ -135,6 +140,7 @@ def start_distributed(args: argparse.Namespace) -> tuple[Placement, int]:
     its local rank."""
     init_single_process_env()
     deepspeed.init_distributed()
+    release_allreduce_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
     accelerator = get_accelerator()
     device = torch.device("cpu")

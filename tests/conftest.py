@@ -147,6 +147,16 @@ def launcher(ranks: int) -> list[str]:
             "--master_port", str(free_port())]
 
 
+def shared_memory_left(command: list[str]) -> list[str]:
+    """DeepSpeed all-reduce buffers in /dev/shm left behind by the `launcher` run `command` (named after
+    its rendezvous port); main.py removes its ranks' names as soon as they have joined."""
+    port = command[command.index("--master_port") + 1]
+    if not os.path.isdir("/dev/shm"):
+        return []
+    return [name for name in os.listdir("/dev/shm")
+            if name.startswith("deepspeed_allreduce_buffer_") and name.split("_")[-2] == port]
+
+
 def training_device(ranks: int = 1) -> str:
     """Where a training subprocess of `ranks` processes runs: 'cuda' or 'cpu' (see launcher_env)."""
     import torch

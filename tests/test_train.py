@@ -19,6 +19,7 @@ from conftest import (
     rounding_tolerance,
     run_cli,
     rw_eval_output,
+    shared_memory_left,
     training_device,
 )
 from rlhf_reward.utils.data.build import DataSource, create_reward_datasets
@@ -53,6 +54,8 @@ def train(tmp_path, model_dir: str, data_dir: str, *extra: str, ranks: int | Non
         command = [sys.executable, "step2_reward_model/main.py", *args]
     result = run_cli(command, env={"PATH": f"{VENV_BIN}:{os.environ['PATH']}", **launcher_env(ranks or 1)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if ranks:
+        assert shared_memory_left(command) == []
     with open(out / "reward_model.json") as handle:
         return out, json.load(handle), result.stdout + result.stderr
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -67,3 +68,19 @@ def init_single_process_env() -> None:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                            "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(free_port())})
+
+
+def release_allreduce_buffer() -> None:
+    """Remove this rank's name of DeepSpeed's shared-memory all-reduce buffer, right after joining.
+
+    On the CPU, DeepSpeed gives each rank a buffer in /dev/shm (66 MiB) that every rank maps while
+    joining the group, and never removes it: each run left its buffers in the machine's memory until
+    a reboot. Once every rank is past the barrier every mapping is made, so the names can go; the
+    memory is freed when the last rank exits, however it exits (a kill included)."""
+    if not dist.is_initialized():
+        return
+    barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
