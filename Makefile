@@ -48,7 +48,7 @@ NUMERICS_ISAS := "avx2:avx512f|avx_vnni|avx_vnni_int8|avx_ne_convert|amx_[a-z0-9
 # One pytest process per core (pytest-xdist), each with its share of the threads (tests/conftest.py);
 # a test file stays in one process, so the runs its tests share are trained once.
 test: install-dev
-	$(BIN)/python -m pytest -q --durations=15 -n auto --dist loadfile
+	$(BIN)/python -m pytest -q --durations=15 -n auto --dist loadfile --no-loadscope-reorder
 	$(MAKE) --no-print-directory test-numerics
 
 test-numerics: install-dev

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,29 +172,31 @@ def test_rw_eval_benchmark_scores_each_answer_as_laid_out_and_reports_every_item
     assert [entry["chosen"][0] for entry in saved["items"]] == pytest.approx(firsts, abs=rounding_tolerance(firsts))
 
 
-def test_training_scores_a_benchmark_on_two_zero3_ranks_as_rw_eval_scores_the_saved_model(
-        model_dirs, synthetic_dir, tmp_path, capsys):
-    """--eval_benchmark at every evaluation, each rank scoring every second sequence (an odd count:
-    one rank pads with a repeat): the final scores equal rw_eval.py's on the saved model."""
-    from test_train import train, trained_dtype
-
+def small_rewardbench2(folder: Path) -> str:
+    """Seven RewardBench 2 items in three subsets with 2 to 4 answers each: an odd count, so that one of two
+    ranks scoring every second sequence pads with a repeat."""
     rows = [{"id": i, "prompt": f"What is {i} + {i}?", "chosen": [f"It is {2 * i}."],
              "rejected": [f"It is {2 * i + 1}.", f"Maybe {i}.", "No idea."][:1 + i % 3], "num_correct": 1,
              "subset": ["Math", "Focus", "Safety"][i % 3]} for i in range(7)]
-    path = write_jsonl(tmp_path / "rb2.jsonl", rows)
-    out, meta, log = train(tmp_path, model_dirs["opt"], synthetic_dir, "--zero_stage", "3", "--eval_benchmark",
-                           f"rewardbench2:{path}", "--eval_interval", "40", ranks=2)
+    return write_jsonl(folder / "rb2.jsonl", rows)
+
+
+def check_training_scores_benchmark_as_rw_eval(out, meta: dict, log: str, path: str, trained_dtype: torch.dtype,
+                                               folder: Path, capsys) -> None:
+    """A run trained with `--eval_benchmark rewardbench2:path` scored it at every evaluation, and its final
+    scores equal rw_eval.py's on the saved model. Called by test_train.py's two-rank ZeRO-3 run, which
+    trains with this flag so that one run of two ranks checks both."""
     assert log.count("benchmark/rewardbench2/Math") >= 3  # before training, at step 40, after the epoch
     final = {key: value for key, value in meta["final_eval"].items() if key.startswith("benchmark/")}
-    report = tmp_path / "report.json"
+    report = folder / "report.json"
     rw_eval_output(["--model_path", str(out), "--benchmark", "rewardbench2", "--benchmark_path", path, "--report",
                     str(report)], capsys)
     offline = json.loads(report.read_text())
     assert set(final) == {f"benchmark/rewardbench2/{name}" for name in ("Math", "Focus", "Safety")}
     # Training evaluated in its own dtype (fp16 on a GPU): an item whose best answers lie within that
     # rounding of each other may order differently offline, so only subsets without one are compared.
-    slack = 64 * torch.finfo(trained_dtype(2)).eps * max(abs(r) for item in offline["items"]
-                                                         for r in item["chosen"] + item["rejected"])
+    slack = 64 * torch.finfo(trained_dtype).eps * max(abs(r) for item in offline["items"]
+                                                      for r in item["chosen"] + item["rejected"])
     close = {item["subset"] for item in offline["items"]
              if abs(item["chosen"][0] - max(item["rejected"])) <= slack}
     compared = [name for name in ("Math", "Focus", "Safety") if name not in close]

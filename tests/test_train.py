@@ -153,15 +153,23 @@ def test_zero2_end_token_loss_with_accumulation_and_checkpointing(tmp_path, mode
     assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), trained_dtype())
 
 
-def test_zero3_two_ranks_through_the_launcher(tmp_path, model_dirs, synthetic_dir):
+def test_zero3_two_ranks_through_the_launcher(tmp_path, model_dirs, synthetic_dir, capsys):
+    """Two ranks under ZeRO-3 learn, gather and save weights that reload and score as in training; the
+    run also scores a public benchmark at every evaluation, as rw_eval.py scores it on the saved model
+    (test_public_benchmarks.py's checks, on this run so that one two-rank run serves both)."""
+    from test_public_benchmarks import check_training_scores_benchmark_as_rw_eval, small_rewardbench2
+
+    benchmark = small_rewardbench2(tmp_path)
     out, meta, log = train(tmp_path, model_dirs["opt"], synthetic_dir, "--zero_stage", "3",
-                           "--per_device_train_batch_size", "8", ranks=2)
+                           "--per_device_train_batch_size", "8", "--eval_benchmark", f"rewardbench2:{benchmark}",
+                           "--eval_interval", "40", ranks=2)
     assert "2 rank(s)" in log and "ZeRO stage 3" in log and PACKED in log
     assert meta["final_eval"]["pairs"] == 300  # each eval pair counted once across the two ranks
     assert meta["final_eval"]["accuracy"] >= MIN_ACCURACY, log[-2000:]
     # Gathered from both ranks' shards: full-size tensors that reload and score as in training.
     assert_reproduces(meta["final_eval"], rescore(out, synthetic_dir, str(tmp_path / "cache")), trained_dtype(2))
     assert_hf_export_matches(out)
+    check_training_scores_benchmark_as_rw_eval(out, meta, log, benchmark, trained_dtype(2), tmp_path, capsys)
 
 
 def test_unshared_plain_batches_reach_the_same_accuracy(zero0_run, tmp_path, model_dirs, synthetic_dir):
