@@ -40,3 +40,32 @@ def test_gpu_table_runs_the_presets_lengths_and_mixes_asked_for(capsys):
     assert [line.split()[:4] for line in summary] == [["tiny", "256", "long_tail", mode]
                                                       for mode in throughput.GPU_TABLE_MODES]
     assert "bf16" in out and "gradient checkpointing" in out
+
+
+def test_probe_finds_a_linear_direction_and_counts_ties_half():
+    """On differences that all lie on the chosen side of one direction, the probe fits and generalises; on
+    features that never differ (an encoder's [CLS] embedding) every pair is a tie, scored half."""
+    import torch
+    from rlhf_reward.benchmarks.probe import probe
+
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(16, generator=generator, dtype=torch.float64)
+
+    def differences(count: int) -> torch.Tensor:
+        rows = torch.randn(count, 16, generator=generator, dtype=torch.float64)
+        return rows * (rows @ direction).sign()[:, None]
+
+    fit, held_out = probe(differences(200), differences(200), 1e-3)
+    assert fit > 0.95 and held_out > 0.95
+    assert probe(torch.zeros(40, 16, dtype=torch.float64), torch.zeros(20, 16, dtype=torch.float64), 1e-2) == (0.5, 0.5)
+
+
+def test_probe_runs_on_the_shipped_sample(model_dirs):
+    result = run_cli([sys.executable, "benchmarks/probe.py", "--model", model_dirs["llama"], "--train_pairs", "40",
+                      "--layers", "2", "--max_seq_len", "64"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "40 pairs to fit, 200 held out" in lines[0]
+    rows = [line.split() for line in lines[2:]]
+    assert [row[0] for row in rows] == ["0", "2"]  # the embeddings and the last of the tiny model's 2 layers
+    assert all(0 <= float(value) <= 1 for row in rows for value in row[1:] if value != "/")
