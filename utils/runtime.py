@@ -79,7 +79,9 @@ def release_allreduce_buffer() -> None:
     memory is freed when the last rank exits, however it exits (a kill included)."""
     if not dist.is_initialized():
         return
-    barrier()
+    barrier()  # on every rank alike (the file's existence may differ: a stale one from an old run)
+    if not os.path.isdir("/dev/shm"):
+        return
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
     with contextlib.suppress(FileNotFoundError):
