@@ -39,7 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train_pairs", type=int, default=600, help="Pairs to fit on, at most 800.")
     p.add_argument("--max_seq_len", type=int, default=256)
     p.add_argument("--layers", type=int, default=8, help="About this many layers, evenly spaced.")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 < args.train_pairs <= 800:
+        p.error(f"--train_pairs {args.train_pairs}: the split has 800 pairs to fit on (pairs 800-1000 are held out)")
+    return args
 
 
 def split(train_pairs: int) -> tuple[list[dict], list[dict]]:
