@@ -241,20 +241,17 @@ def rss_mib() -> float:
 
 def run_mode(mode: str, args: argparse.Namespace, data, vocab: int, pad_token_id: int) -> dict:
     """One timed pass over the data in `mode`; runs in its own process."""
-    import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
     from rlhf_reward.utils.data.collate import PairDataset
-    from rlhf_reward.utils.runtime import init_single_process_env, release_allreduce_buffer
+    from rlhf_reward.utils.runtime import join_process_group
     from torch.utils.data import DataLoader
 
     from step2_reward_model.objectives.preference import Preference
     from step2_reward_model.training import Placement, train_step
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    init_single_process_env()
-    deepspeed.init_distributed(verbose=False)
-    release_allreduce_buffer()
+    join_process_group(verbose=False)
     device = get_accelerator().device_name()
     baseline = rss_mib()
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's and the optimizer's start-up lines

@@ -17,7 +17,6 @@ import json
 import os
 import sys
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -34,12 +33,7 @@ from rlhf_reward.utils.data.sampler import (
 )
 from rlhf_reward.utils.errors import UserError, exit_status
 from rlhf_reward.utils.model_files import load_hf_tokenizer
-from rlhf_reward.utils.runtime import (
-    init_single_process_env,
-    print_rank_0,
-    release_allreduce_buffer,
-    set_random_seed,
-)
+from rlhf_reward.utils.runtime import join_process_group, print_rank_0, set_random_seed
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import SchedulerType
 
@@ -138,9 +132,7 @@ def train(args: argparse.Namespace) -> None:
 def start_distributed(args: argparse.Namespace) -> tuple[Placement, int]:
     """Join the process group (one rank of its own without a launcher): where this process runs, and
     its local rank."""
-    init_single_process_env()
-    deepspeed.init_distributed()
-    release_allreduce_buffer()
+    join_process_group()
     local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
     accelerator = get_accelerator()
     device = torch.device("cpu")

@@ -12,7 +12,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from rlhf_reward.utils.data.collate import PairCollator
-from rlhf_reward.utils.runtime import release_allreduce_buffer
+from rlhf_reward.utils.runtime import join_process_group
 from test_packing import END_TOKEN, budget_parts, packing_items, reward_model
 
 WORLD_SIZE, ACCUMULATION, BUDGET = 2, 2, 70
@@ -24,8 +24,7 @@ def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main(path: str) -> None:
-    deepspeed.init_distributed()
-    release_allreduce_buffer()
+    join_process_group()
     rank = dist.get_rank()
     model = reward_model("llama").float().train()
     before = {name: param.detach().clone() for name, param in model.named_parameters()}

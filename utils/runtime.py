@@ -70,6 +70,16 @@ def init_single_process_env() -> None:
                            "MASTER_PORT": str(free_port())})
 
 
+def join_process_group(verbose: bool = True) -> None:
+    """Join DeepSpeed's process group (a one-rank group of its own without a launcher), then release the
+    shared-memory name DeepSpeed made for this rank: every entry point that trains joins through here."""
+    import deepspeed
+
+    init_single_process_env()
+    deepspeed.init_distributed(verbose=verbose)
+    release_allreduce_buffer()
+
+
 def release_allreduce_buffer() -> None:
     """Remove this rank's name of DeepSpeed's shared-memory all-reduce buffer, right after joining.
 
