@@ -33,7 +33,7 @@ from rlhf_reward.utils.data.sampler import (
 )
 from rlhf_reward.utils.errors import UserError, exit_status
 from rlhf_reward.utils.model_files import load_hf_tokenizer
-from rlhf_reward.utils.runtime import join_process_group, print_rank_0, set_random_seed
+from rlhf_reward.utils.runtime import join_process_group, print_rank_0, process_group_scope, set_random_seed
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import SchedulerType
 
@@ -262,12 +262,8 @@ def dry_run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_training_args(argv)
     resolve_dtype(args)
-    status = exit_status(lambda: dry_run(args) if args.dry_run else train(args))
-    # One rank on its own (no launcher): Gloo's threads can otherwise abort the interpreter's exit
-    # ("terminate called without an active exception", seen once in 40 runs). Launched ranks keep
-    # their groups to the end, as before: one that exits first would take the store the others use.
-    if dist.is_initialized() and dist.get_world_size() == 1:
-        dist.destroy_process_group()
+    with process_group_scope():
+        status = exit_status(lambda: dry_run(args) if args.dry_run else train(args))
     return status
 
 

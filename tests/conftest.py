@@ -45,6 +45,7 @@ if _INSTALLED is None or Path(_INSTALLED.origin).resolve().parent != REPO_ROOT /
                             f"utils/: run `pip install --no-deps -e {REPO_ROOT}` (make install does)")
 
 from rlhf_reward.utils.data.synthetic import make_pairs, write_dataset  # noqa: E402
+from rlhf_reward.utils.runtime import SINGLE_PROCESS_ENV  # noqa: E402
 from rlhf_reward.utils.tiny import save_tiny_model, train_tokenizer  # noqa: E402
 
 FAMILIES = ("opt", "gpt2", "gpt_neox", "llama")
@@ -52,6 +53,19 @@ FAMILIES = ("opt", "gpt2", "gpt_neox", "llama")
 # code path, another CPU's kernels) agree to a few float32 epsilons of the magnitudes involved; 64
 # leaves room for sums over a tiny model's widths and lengths, and is far below any real error.
 ROUNDING_SLACK = 64
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left():
+    """A test that runs main() in this process leaves no process group and no rendezvous variables
+    behind: every later command this worker starts would inherit the port, which another worker's run
+    may hold by then (EADDRINUSE, seen in CI)."""
+    before = {key: os.environ.get(key) for key in SINGLE_PROCESS_ENV}
+    yield
+    import torch.distributed as dist
+
+    after = {key: os.environ.get(key) for key in SINGLE_PROCESS_ENV}
+    assert after == before and not dist.is_initialized(), f"left behind: {after}, group {dist.is_initialized()}"
 
 
 def rounding_tolerance(*values, dtype=None, slack: int = ROUNDING_SLACK) -> float:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import socket
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -62,12 +63,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+SINGLE_PROCESS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def init_single_process_env() -> None:
     """Let `python main.py` (no launcher) start a one-rank process group."""
     if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(free_port())})
+        os.environ.update(dict(zip(SINGLE_PROCESS_ENV, ("0", "0", "1", "1", "127.0.0.1", str(free_port())),
+                                   strict=True)))
+
+
+@contextlib.contextmanager
+def process_group_scope() -> Iterator[None]:
+    """The span in which `join_process_group` may be called. On leaving it, a one-rank group is
+    destroyed and the variables that made it are removed, so that `main()` called in a process that
+    goes on (a notebook, a test) leaves no rendezvous port behind for the next run or a child process
+    to inherit. Launched ranks keep their groups to the end: one that left first would take the
+    store the others use."""
+    added = [key for key in SINGLE_PROCESS_ENV if key not in os.environ]
+    try:
+        yield
+    finally:
+        if dist.is_initialized() and dist.get_world_size() == 1:
+            # Also keeps Gloo's threads from aborting the interpreter's exit ("terminate called
+            # without an active exception", seen once in 40 runs).
+            dist.destroy_process_group()
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def join_process_group(verbose: bool = True) -> None:
