@@ -360,7 +360,10 @@ def measure(args: argparse.Namespace, peak_flops: float) -> list[dict]:
           f"{preset['hidden']}), {args.batch_size} pairs per step, max_seq_len {args.max_seq_len}, {args.dtype}, "
           f"ZeRO {args.zero_stage}{', gradient checkpointing' if args.gradient_checkpointing else ''}, "
           f"{torch.get_num_threads()} threads; matmul peak {peak_flops / 1e9:.1f} GFLOP/s", flush=True)
-    context = multiprocessing.get_context("spawn")
+    # Each mode in a process of its own (its own peak memory), forked from a server that has imported
+    # torch and transformers once rather than importing them again for every mode.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers.modeling_utils"])
     results = []
     for mode in args.modes:
         with context.Pool(1) as pool:
