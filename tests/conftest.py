@@ -39,11 +39,15 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_ex
 # those ops with the virtualenv's ninja, and a build by the system's ninja, whose log it cannot
 # read, would make the next one compile them again.
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+# The commands the tests start print as they go, and never reach for the Hugging Face hub (there is
+# none here: every model and data set is built by the tests or lies beside the repository).
+os.environ.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
 _INSTALLED = importlib.util.find_spec("rlhf_reward.utils")
 if _INSTALLED is None or Path(_INSTALLED.origin).resolve().parent != REPO_ROOT / "utils":
     raise pytest.UsageError(f"rlhf_reward.utils is {_INSTALLED and _INSTALLED.origin}, not this checkout's "
                             f"utils/: run `pip install --no-deps -e {REPO_ROOT}` (make install does)")
 
+import forked_cli  # noqa: E402
 from rlhf_reward.utils.data.synthetic import make_pairs, write_dataset  # noqa: E402
 from rlhf_reward.utils.runtime import SINGLE_PROCESS_ENV  # noqa: E402
 from rlhf_reward.utils.tiny import save_tiny_model, train_tokenizer  # noqa: E402
@@ -222,10 +226,25 @@ def synthetic_dir(tmp_path_factory) -> str:
     return str(folder)
 
 
+def run_ranks(ranks: int, args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus RANKS ARGS` (`launcher`) from the repository root: its ranks forked as
+    run_cli forks a Python command, where the environment allows, else through the launcher. The
+    result's args are the launcher command. (test_train.py's two-rank test runs the launcher itself.)"""
+    command = [*launcher(ranks), *args]
+    full_env = {**os.environ, **(env or {})}
+    if forked_cli.eligible([sys.executable, args[0]], full_env):
+        port = int(command[command.index("--master_port") + 1])
+        return forked_cli.launch(ranks, port, args, REPO_ROOT, full_env, timeout, command)
+    return run_cli(command, timeout, env)
+
+
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a command from the repository root, as a user would, and capture its output."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-                **(env or {})}
+    """Run a command from the repository root, as a user would, and capture its output. A Python
+    command runs in a fresh process forked from one that has imported torch and transformers
+    (tests/forked_cli.py), where its environment allows."""
+    full_env = {**os.environ, **(env or {})}
+    if forked_cli.eligible(args, full_env):
+        return forked_cli.run(args, REPO_ROOT, full_env, timeout)
     return subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 

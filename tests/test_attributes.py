@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, launcher, launcher_env, objective_forward, rounding_tolerance, run_cli, rw_eval_output
+from conftest import (
+    REPO_ROOT,
+    launcher_env,
+    objective_forward,
+    rounding_tolerance,
+    run_cli,
+    run_ranks,
+    rw_eval_output,
+)
 from rlhf_reward.utils.data.attributes import (
     AttributeDataset,
     AttributeScale,
@@ -297,14 +305,13 @@ def rated_source(rated_dir: str, cache) -> DataSource:
 
 
 def train(tmp_path, model_dir: str, rated_dir: str, *extra: str, ranks: int = 0):
-    """A regression run as a user starts it (through the deepspeed launcher with `ranks`): its
+    """A regression run as a user starts it (on `ranks` ranks, as the deepspeed launcher starts them): its
     OUTPUT, manifest and log."""
     out = tmp_path / "out"
-    command = launcher(ranks) if ranks \
-        else [sys.executable]
-    result = run_cli([*command, "step2_reward_model/main.py", "--model_name_or_path", model_dir, "--data_path",
-                      rated_dir, "--data_output_path", str(tmp_path / "cache"), "--output_dir", str(out), *COMMON,
-                      *extra], env=launcher_env(ranks or 1))
+    script = ["step2_reward_model/main.py", "--model_name_or_path", model_dir, "--data_path", rated_dir,
+              "--data_output_path", str(tmp_path / "cache"), "--output_dir", str(out), *COMMON, *extra]
+    env = launcher_env(ranks or 1)
+    result = run_ranks(ranks, script, env=env) if ranks else run_cli([sys.executable, *script], env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, load_manifest(str(out)), result.stdout + result.stderr
 
@@ -355,7 +362,7 @@ def test_a_tiny_model_learns_attributes_to_held_out_spearman(regression_run, rat
 
 @torch.no_grad()
 def test_zero3_two_ranks_with_token_budgets(tmp_path, model_dirs, rated_dir):
-    """ZeRO-3 on two ranks through the launcher, packed token-budget batches: each held-out answer
+    """ZeRO-3 on two ranks, packed token-budget batches: each held-out answer
     is counted once across the ranks, the model learns as on one rank, and the head gathered from
     the shards saves whole (loading checks its collapse against the step-3 head)."""
     out, manifest, log = train(tmp_path, model_dirs["opt"], rated_dir, "--zero_stage", "3",

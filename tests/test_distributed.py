@@ -1,4 +1,4 @@
-"""Two ranks under ZeRO-3 with `--eval_interval`, through the deepspeed launcher: evaluation runs
+"""Two ranks under ZeRO-3 with `--eval_interval`, as the deepspeed launcher starts them: evaluation runs
 mid-training (under no_grad, since inference mode breaks ZeRO-3's parameter gathering) and
 training goes on; on ranked lists of mixed lengths and on step-labelled solutions the two ranks
 score different numbers of rows, and the gathered metrics count every held-out example once,

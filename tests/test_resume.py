@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, launcher, launcher_env, run_cli, shared_memory_left
+from conftest import REPO_ROOT, launcher, launcher_env, run_cli, run_ranks, shared_memory_left
 from rlhf_reward.utils.errors import UserError
 
 from step2_reward_model import checkpoints
@@ -63,7 +63,10 @@ def ranks(cmd: list[str]) -> int:
 
 
 def run(cmd: list[str], expect: int = 0) -> str:
-    result = run_cli(cmd, env={**ENV, **launcher_env(ranks(cmd))})
+    """`cmd` run to its end (a launcher command as the ranks it starts, run_ranks); its output."""
+    env = {**ENV, **launcher_env(ranks(cmd))}
+    result = run_ranks(ranks(cmd), cmd[cmd.index("--master_port") + 2:], env) if "--num_gpus" in cmd \
+        else run_cli(cmd, env=env)
     log = result.stdout + result.stderr
     assert result.returncode == expect, log[-4000:]
     return log

@@ -18,6 +18,7 @@ from conftest import (
     objective_forward,
     rounding_tolerance,
     run_cli,
+    run_ranks,
     rw_eval_output,
     shared_memory_left,
     training_device,
@@ -44,18 +45,22 @@ def trained_dtype(ranks: int = 1) -> torch.dtype:
     return torch.float16 if training_device(ranks) == "cuda" else torch.float32
 
 
-def train(tmp_path, model_dir: str, data_dir: str, *extra: str, ranks: int | None = None):
+def train(tmp_path, model_dir: str, data_dir: str, *extra: str, ranks: int | None = None,
+          through_launcher: bool = False):
+    """main.py on one rank, or on `ranks` (through the deepspeed launcher itself if asked, else as the
+    ranks it starts, run_ranks): OUTPUT, its manifest and the log."""
     out = tmp_path / "out"
-    args = ["--model_name_or_path", model_dir, "--data_path", data_dir, "--data_output_path",
-            str(tmp_path / "cache"), "--output_dir", str(out), *COMMON, *extra]
+    script = ["step2_reward_model/main.py", "--model_name_or_path", model_dir, "--data_path", data_dir,
+              "--data_output_path", str(tmp_path / "cache"), "--output_dir", str(out), *COMMON, *extra]
+    env = {"PATH": f"{VENV_BIN}:{os.environ['PATH']}", **launcher_env(ranks or 1)}
     if ranks:
-        command = [*launcher(ranks), "step2_reward_model/main.py", *args]
+        result = run_cli([*launcher(ranks), *script], env=env) if through_launcher else \
+            run_ranks(ranks, script, env=env)
     else:
-        command = [sys.executable, "step2_reward_model/main.py", *args]
-    result = run_cli(command, env={"PATH": f"{VENV_BIN}:{os.environ['PATH']}", **launcher_env(ranks or 1)})
+        result = run_cli([sys.executable, *script], env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     if ranks:
-        assert shared_memory_left(command) == []
+        assert shared_memory_left(result.args) == []
     with open(out / "reward_model.json") as handle:
         return out, json.load(handle), result.stdout + result.stderr
 
@@ -162,7 +167,7 @@ def test_zero3_two_ranks_through_the_launcher(tmp_path, model_dirs, synthetic_di
     benchmark = small_rewardbench2(tmp_path)
     out, meta, log = train(tmp_path, model_dirs["opt"], synthetic_dir, "--zero_stage", "3",
                            "--per_device_train_batch_size", "8", "--eval_benchmark", f"rewardbench2:{benchmark}",
-                           "--eval_interval", "40", ranks=2)
+                           "--eval_interval", "40", ranks=2, through_launcher=True)
     assert "2 rank(s)" in log and "ZeRO stage 3" in log and PACKED in log
     assert meta["final_eval"]["pairs"] == 300  # each eval pair counted once across the two ranks
     assert meta["final_eval"]["accuracy"] >= MIN_ACCURACY, log[-2000:]

@@ -1,4 +1,4 @@
-"""Run by tests/test_packing.py under the deepspeed launcher on two ranks: one optimizer step of
+"""Run by tests/test_packing.py on two ranks (as the deepspeed launcher starts them): one optimizer step of
 ZeRO-3, with gradient checkpointing and two accumulated micro-batches of token-budget packed rows,
 through SGD at learning rate 1, so each weight moves by exactly its gradient. Rank 0 saves the
 weights before and after the step to the file named by the last argument."""
