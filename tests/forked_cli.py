@@ -130,19 +130,21 @@ def _run_all(commands: list[list[str]], cwd: str, envs: list[dict[str, str]], ti
                      for args, env, pair in zip(commands, envs, files, strict=True)]
         for process in processes:
             process.start()
-        deadline, failed = time.monotonic() + timeout, None
-        while failed is None and any(p.exitcode is None for p in processes) and time.monotonic() < deadline:
-            connection.wait([p.sentinel for p in processes if p.exitcode is None], deadline - time.monotonic())
-            failed = next((p.exitcode for p in processes if p.exitcode), None)
-        timed_out = failed is None and any(p.exitcode is None for p in processes)
+        deadline = time.monotonic() + timeout
+        while True:
+            failed = next((p.exitcode for p in processes if p.exitcode), None)  # a failed one's status
+            running = [p.sentinel for p in processes if p.exitcode is None]
+            if failed is not None or not running or time.monotonic() >= deadline:
+                break
+            connection.wait(running, deadline - time.monotonic())
+        timed_out = failed is None and bool(running)
         for process in processes:
             if process.exitcode is None:
                 process.kill()
             process.join()
-        codes = [process.exitcode for process in processes]
         for process in processes:
             process.close()
         stdout, stderr = ("".join(_read(pair[i]) for pair in files) for i in (0, 1))
     if timed_out:
         raise subprocess.TimeoutExpired(shown, timeout, stdout, stderr)
-    return subprocess.CompletedProcess(shown, failed if failed is not None else max(codes, key=abs), stdout, stderr)
+    return subprocess.CompletedProcess(shown, failed or 0, stdout, stderr)
