@@ -226,15 +226,16 @@ def synthetic_dir(tmp_path_factory) -> str:
     return str(folder)
 
 
-def run_ranks(ranks: int, args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus RANKS ARGS` (`launcher`) from the repository root: its ranks forked as
-    run_cli forks a Python command, where the environment allows, else through the launcher. The
-    result's args are the launcher command. (test_train.py's two-rank test runs the launcher itself.)"""
-    command = [*launcher(ranks), *args]
+def run_ranks(command: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `command`, a `launcher` command, from the repository root as the ranks it starts: forked as
+    run_cli forks a Python command, where the environment allows, else through the launcher itself.
+    (test_train.py's two-rank test and the SIGTERM tests always run the launcher.)"""
+    ranks = int(command[command.index("--num_gpus") + 1])
+    port_at = command.index("--master_port") + 1
+    args = command[port_at + 1:]
     full_env = {**os.environ, **(env or {})}
     if forked_cli.eligible([sys.executable, args[0]], full_env):
-        port = int(command[command.index("--master_port") + 1])
-        return forked_cli.launch(ranks, port, args, REPO_ROOT, full_env, timeout, command)
+        return forked_cli.launch(ranks, int(command[port_at]), args, REPO_ROOT, full_env, timeout, command)
     return run_cli(command, timeout, env)
 
 

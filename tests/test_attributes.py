@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     REPO_ROOT,
+    launcher,
     launcher_env,
     objective_forward,
     rounding_tolerance,
@@ -311,7 +312,7 @@ def train(tmp_path, model_dir: str, rated_dir: str, *extra: str, ranks: int = 0)
     script = ["step2_reward_model/main.py", "--model_name_or_path", model_dir, "--data_path", rated_dir,
               "--data_output_path", str(tmp_path / "cache"), "--output_dir", str(out), *COMMON, *extra]
     env = launcher_env(ranks or 1)
-    result = run_ranks(ranks, script, env=env) if ranks else run_cli([sys.executable, *script], env=env)
+    result = run_ranks([*launcher(ranks), *script], env=env) if ranks else run_cli([sys.executable, *script], env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, load_manifest(str(out)), result.stdout + result.stderr
 

@@ -55,7 +55,7 @@ def test_forked_ranks_get_what_the_launcher_gives_them(tmp_path):
     script.write_text(REPORT)
     env = dict(os.environ)  # (outside pytest-xdist, launcher_env(2)'s threads differ: a real launch)
     assert forked_cli.eligible([sys.executable, str(script)], env)
-    forked = run_ranks(2, [str(script), "--flag"], env=env)
+    forked = run_ranks([*launcher(2), str(script), "--flag"], env=env)
     real = run_cli([*launcher(2), str(script), "--flag"], env=env)
     assert "launch.py" in real.stdout + real.stderr and "launch.py" not in forked.stdout + forked.stderr
     assert forked.returncode == real.returncode == 0, real.stdout[-2000:] + real.stderr[-2000:]
@@ -64,5 +64,5 @@ def test_forked_ranks_get_what_the_launcher_gives_them(tmp_path):
     assert sorted(r["env"]["RANK"] for r in reports(forked.stdout)) == ["0", "1"]
     assert forked.args[:2] == [launcher(2)[0], "--num_gpus"]
     # A rank that fails ends the run with its status, as under the launcher
-    failed = run_ranks(2, [str(script), "--fail=1"], env=env)
+    failed = run_ranks([*launcher(2), str(script), "--fail=1"], env=env)
     assert failed.returncode == 3

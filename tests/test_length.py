@@ -144,7 +144,7 @@ def test_zero3_two_ranks_with_token_budgets_train_and_hand_on_the_quality_head(t
     beside it; rw_eval.py reports both heads; training's and rw_eval.py's metrics agree."""
     import json
 
-    from conftest import launcher_env, run_ranks, rw_eval_output
+    from conftest import launcher, launcher_env, run_ranks, rw_eval_output
     from rlhf_reward.utils.data.synthetic import write_jsonl
     from safetensors.torch import load_file
 
@@ -152,7 +152,7 @@ def test_zero3_two_ranks_with_token_budgets_train_and_hand_on_the_quality_head(t
     write_jsonl(make_length_confounded_pairs(600, seed=0, chosen_longer=0.75), str(data / "train.jsonl"))
     write_jsonl(make_length_confounded_pairs(200, seed=1, chosen_longer=0.5, held_out=True), str(data / "eval.jsonl"))
     out = tmp_path / "out"
-    result = run_ranks(2, ["step2_reward_model/main.py", "--model_name_or_path", model_dirs["opt"],
+    result = run_ranks([*launcher(2), "step2_reward_model/main.py", "--model_name_or_path", model_dirs["opt"],
                        "--data_path", str(data), "--data_split", "0,1,0", "--data_output_path", str(tmp_path / "cache"),
                        "--output_dir", str(out), "--zero_stage", "3", "--max_tokens_per_batch", "1536",
                        "--max_seq_len", "192", "--loss", "end_token", "--length_head", "--learning_rate", "1e-3",

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import forward_backward, launcher_env, objective_forward, rounding_tolerance, run_ranks
+from conftest import forward_backward, launcher, launcher_env, objective_forward, rounding_tolerance, run_ranks
 from rlhf_reward.utils.data.batch import Batch
 from rlhf_reward.utils.data.collate import PairCollator
 from rlhf_reward.utils.data.packing import first_fit
@@ -322,7 +322,7 @@ def test_zero3_two_ranks_with_checkpointing_step_by_the_global_mean_gradient(tmp
     from zero3_packed_step import ACCUMULATION, BUDGET, WORLD_SIZE
 
     path = tmp_path / "weights.pt"
-    result = run_ranks(WORLD_SIZE, [os.path.join(TESTS, "zero3_packed_step.py"), str(path)],
+    result = run_ranks([*launcher(WORLD_SIZE), os.path.join(TESTS, "zero3_packed_step.py"), str(path)],
                        env={"PATH": f"{VENV_BIN}:{os.environ['PATH']}", **launcher_env(WORLD_SIZE)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = torch.load(path, weights_only=True)

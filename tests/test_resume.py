@@ -65,8 +65,7 @@ def ranks(cmd: list[str]) -> int:
 def run(cmd: list[str], expect: int = 0) -> str:
     """`cmd` run to its end (a launcher command as the ranks it starts, run_ranks); its output."""
     env = {**ENV, **launcher_env(ranks(cmd))}
-    result = run_ranks(ranks(cmd), cmd[cmd.index("--master_port") + 2:], env) if "--num_gpus" in cmd \
-        else run_cli(cmd, env=env)
+    result = run_ranks(cmd, env) if "--num_gpus" in cmd else run_cli(cmd, env=env)
     log = result.stdout + result.stderr
     assert result.returncode == expect, log[-4000:]
     return log

@@ -47,20 +47,17 @@ def trained_dtype(ranks: int = 1) -> torch.dtype:
 
 def train(tmp_path, model_dir: str, data_dir: str, *extra: str, ranks: int | None = None,
           through_launcher: bool = False):
-    """main.py on one rank, or on `ranks` (through the deepspeed launcher itself if asked, else as the
-    ranks it starts, run_ranks): OUTPUT, its manifest and the log."""
+    """main.py on one rank, or through the deepspeed launcher on `ranks` (forked as the ranks it starts,
+    run_ranks, unless the launcher itself is asked for): OUTPUT, its manifest and the log."""
     out = tmp_path / "out"
     script = ["step2_reward_model/main.py", "--model_name_or_path", model_dir, "--data_path", data_dir,
               "--data_output_path", str(tmp_path / "cache"), "--output_dir", str(out), *COMMON, *extra]
     env = {"PATH": f"{VENV_BIN}:{os.environ['PATH']}", **launcher_env(ranks or 1)}
-    if ranks:
-        result = run_cli([*launcher(ranks), *script], env=env) if through_launcher else \
-            run_ranks(ranks, script, env=env)
-    else:
-        result = run_cli([sys.executable, *script], env=env)
+    command = [*launcher(ranks), *script] if ranks else [sys.executable, *script]
+    result = run_ranks(command, env=env) if ranks and not through_launcher else run_cli(command, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     if ranks:
-        assert shared_memory_left(result.args) == []
+        assert shared_memory_left(command) == []
     with open(out / "reward_model.json") as handle:
         return out, json.load(handle), result.stdout + result.stderr
 
