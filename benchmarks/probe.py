@@ -17,7 +17,6 @@ pairs one accuracy has a standard error of about 0.035, and the best of many cel
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -48,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def split(train_pairs: int) -> tuple[list[dict], list[dict]]:
     with tempfile.TemporaryDirectory() as folder:
         paths = write_split(read_pairs(SAMPLE), 800, 200, folder, seed=0)
-        train, held_out = ([json.loads(line) for line in open(path, encoding="utf-8")] for path in paths)
+        train, held_out = (read_pairs(path) for path in paths)
     return train[:train_pairs], held_out
 
 
@@ -96,16 +95,16 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).float().eval()
     train, held_out = split(args.train_pairs)
     start = time.perf_counter()
-    diffs, lengths = [], []
+    diffs = []
     for rows in (train, held_out):
         chosen, rejected = ([row["prompt"] + row[key] for row in rows] for key in ("chosen", "rejected"))
         diffs.append(features(model, tokenizer, chosen, args.max_seq_len)
                      - features(model, tokenizer, rejected, args.max_seq_len))
-        lengths.append([len(tokenizer(row["chosen"])["input_ids"]) < len(tokenizer(row["rejected"])["input_ids"])
-                        for row in rows])
+    shorter = sum(len(tokenizer(row["chosen"])["input_ids"]) < len(tokenizer(row["rejected"])["input_ids"])
+                  for row in held_out)
     print(f"{os.path.basename(path)}: {len(train)} pairs to fit, {len(held_out)} held out, forward passes "
           f"{time.perf_counter() - start:.0f} s; the shorter answer is the chosen one in "
-          f"{sum(lengths[1]) / len(held_out):.3f} of the held-out pairs")
+          f"{shorter / len(held_out):.3f} of the held-out pairs")
     print("layer  " + "  ".join(f"L2 {penalty:g}: train / held-out" for penalty in PENALTIES))
     count = diffs[0].shape[1]
     for layer in sorted({round(i * (count - 1) / max(1, args.layers - 1)) for i in range(args.layers)}):
